@@ -1,0 +1,120 @@
+"""Log-probabilities under the constrained distribution, computed in chunks so 300k-wide logits stay affordable.
+
+TRL's GRPO trainer asks the model for per-token log-probs and entropies with
+`model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)` and reads `log_probs` and
+`entropy` from the result. `constrained_forward` answers that call with the thought mask applied, so the
+policy, old-policy and reference log-probs come from exactly the distribution that sampling used
+(invariant 4); every other call goes to the model's own forward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from trl.trainer.utils import FusedCausalLMOutput
+
+# Logit elements materialised per chunk (fp32): 2**28 is 1 GiB, ~880 tokens of a 303k-row vocabulary.
+CHUNK_ELEMENTS = int(os.environ.get("RLVR_LOGPROB_CHUNK_ELEMENTS", 2**28))
+
+
+def _chunk_logprobs(hidden, weight, bias, labels, forbidden, inv_temperature: float, with_entropy: bool):
+    logits = F.linear(hidden, weight, bias).float() * inv_temperature
+    logits = logits.masked_fill(forbidden, torch.finfo(torch.float32).min)
+    log_z = logits.logsumexp(-1)
+    log_probs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_z
+    if not with_entropy:
+        return log_probs, None
+    probs = torch.softmax(logits, -1)  # masked ids get exactly 0, so entropies stay finite
+    return log_probs, log_z - (probs * logits).sum(-1)
+
+
+def constrained_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    forbidden_rows: torch.Tensor,
+    inside: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each label (T,) and the entropy of its masked, temperature-scaled distribution.
+
+    `hidden` (T, H) are final hidden states, `inside` (T,) the thought state before each label and
+    `forbidden_rows` the (2, V) table of `ReasoningVocab.forbidden_table`. Chunks are recomputed in the
+    backward pass rather than stored, so peak memory is one chunk of logits.
+    """
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    log_probs, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        end = start + chunk
+        args = (
+            hidden[start:end],
+            weight,
+            bias,
+            labels[start:end],
+            forbidden_rows[inside[start:end].long()],
+            1.0 / temperature,
+            with_entropy,
+        )
+        if recompute:
+            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        log_probs.append(lp)
+        entropies.append(ent)
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    log_probs = torch.cat(log_probs) if log_probs else empty
+    if not with_entropy:
+        return log_probs, None
+    return log_probs, torch.cat(entropies) if entropies else empty
+
+
+def _check_plain_head(model) -> None:
+    config = model.config.get_text_config()
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"):
+        if getattr(config, name, None) not in (None, 1.0):
+            raise NotImplementedError(
+                f"{type(model).__name__} transforms its logits ({name}); the constrained log-prob head supports "
+                "models whose logits are a plain linear unembedding."
+            )
+
+
+def constrained_forward(self, *args, fused_lm_head: bool = False, labels=None, **kwargs):
+    """The model's forward; with `fused_lm_head=True`, TRL's per-token log-prob contract under the constraint."""
+    if not fused_lm_head:
+        if labels is not None:
+            kwargs["labels"] = labels
+        return type(self).forward(self, *args, **kwargs)
+    if args:
+        raise TypeError("fused_lm_head=True expects keyword arguments (input_ids=..., attention_mask=...)")
+    _check_plain_head(self)
+    kwargs.pop("num_items_in_batch", None)
+    if kwargs.pop("shift_labels", None) is not None:
+        raise NotImplementedError("pre-shifted labels (sequence parallelism) are not supported with a reasoning vocabulary")
+    input_ids = kwargs["input_ids"]
+    kwargs["use_cache"] = False
+    hidden = self.base_model(**kwargs).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    valid = targets != -100
+    vocab = self.reasoning_vocab
+    inside = vocab.thought_state(input_ids)[:, :-1]
+    head = self.get_output_embeddings()
+    log_probs, entropy = constrained_token_logprobs(
+        hidden[valid].to(head.weight.device),
+        head.weight,
+        getattr(head, "bias", None),
+        targets[valid],
+        vocab.forbidden_table(head.weight.device),
+        inside[valid],
+        temperature=self.reasoning_temperature,
+    )
+    # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero)
+    log_probs = log_probs.new_zeros(valid.shape).masked_scatter(valid, log_probs)
+    entropy = entropy.new_zeros(valid.shape).masked_scatter(valid, entropy)
+    loss = -log_probs.sum() / valid.sum().clamp(min=1)
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=valid)

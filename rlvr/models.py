@@ -1,0 +1,113 @@
+"""Load a model from wherever a researcher names it, with its reasoning vocabulary attached; save it back.
+
+A model is named by an offline preset, a local Hugging Face directory, an MLflow model URI (`runs:/...`,
+`models:/name@alias`, ...) or a hub id, all through `load_model`. A directory that carries
+`reasoning_token_map.json` restores its constraint; any other model gets the `N` rows asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlvr.presets import PRESETS, build_preset
+from rlvr.tokenizer import make_faithful
+from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError, attach, expand_model
+
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "dbfs:/", "s3://", "gs://", "file://")
+
+
+class ModelSourceError(ValueError):
+    """A model name that resolves to nothing loadable; the message says what was tried and how to fix it."""
+
+
+def resolve_model_dir(source: str) -> Path | None:
+    """The local Hugging Face directory behind `source` (downloading MLflow artifacts), or None for presets/hub ids."""
+    if source.startswith(MLFLOW_SCHEMES):
+        import mlflow
+
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+        except Exception as error:  # MLflow raises several types for a missing run, model or alias
+            raise ModelSourceError(
+                f"model {source!r} could not be fetched from MLflow ({type(error).__name__}: {error}); check the "
+                "URI and that MLFLOW_TRACKING_URI points at the server that holds it."
+            ) from error
+        return _find_hf_dir(local, source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _find_hf_dir(path, source)
+    return None
+
+
+def _find_hf_dir(root: Path, source: str) -> Path:
+    if (root / "config.json").exists():
+        return root
+    found = sorted(p.parent for p in root.rglob("config.json") if (p.parent / "tokenizer_config.json").exists())
+    if not found:
+        raise ModelSourceError(
+            f"model {source!r} holds no Hugging Face model directory (config.json with a tokenizer); point at a "
+            "directory written by save_pretrained or an rlvr checkpoint."
+        )
+    return found[0]
+
+
+def _load_base(source: str, dtype: torch.dtype, device, seed: int):
+    if source in PRESETS:
+        return build_preset(source, seed=seed, dtype=dtype, device=device)
+    directory = resolve_model_dir(source)
+    target = str(directory) if directory is not None else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(
+            f"model {source!r} is not a preset ({', '.join(sorted(PRESETS))}), a local model directory, an MLflow "
+            f"model URI or a reachable hub id ({type(error).__name__}: {str(error).splitlines()[0]}). Fix the name, "
+            "or download the model where the hub is reachable and pass its directory."
+        ) from error
+    return model.to(device) if device is not None else model, tokenizer
+
+
+def load_model(
+    source: str,
+    reasoning_vocab_size: int | None = None,
+    standard_token_ids: Sequence[int] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`(model, tokenizer)` with the reasoning-vocabulary constraint active and faithful decoding.
+
+    A source that carries a token map keeps it (`reasoning_vocab_size`, if given, must agree). Any other
+    source is expanded by `reasoning_vocab_size` rows (default 0, the baseline) copied from
+    `standard_token_ids` (default 0..N-1).
+    """
+    model, tokenizer = _load_base(source, dtype, device, seed)
+    directory = resolve_model_dir(source) if source not in PRESETS else None
+    if directory is not None and (directory / TOKEN_MAP_FILE).exists():
+        vocab = ReasoningVocab.load(directory)
+        if reasoning_vocab_size is not None and reasoning_vocab_size != vocab.size:
+            raise ReasoningVocabError(
+                f"model {source!r} already has a reasoning vocabulary of {vocab.size} rows, but "
+                f"reasoning_vocab_size={reasoning_vocab_size} was asked for; pass {vocab.size} or start from the base model."
+            )
+        attach(model, vocab)
+    else:
+        rows = model.get_input_embeddings().weight.shape[0]
+        vocab = ReasoningVocab.for_tokenizer(tokenizer, rows, reasoning_vocab_size or 0, standard_token_ids)
+        expand_model(model, vocab)
+    return model, make_faithful(tokenizer, vocab)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> Path:
+    """A standard Hugging Face directory (safetensors) plus the token map."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

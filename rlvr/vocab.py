@@ -1,0 +1,304 @@
+"""The reasoning vocabulary: N extra embedding/unembedding rows that may be sampled only inside a thought.
+
+Row `E + i` of an expanded model starts as a copy of standard row `s_i`. Inside `<think> ... </think>` the
+sampler may pick standard or reasoning ids; outside only standard ids. Ids that are no token (padding rows
+past the tokenizer) and reasoning copies of control tokens are never sampled, so a thought ends only with the
+standard `</think>` and an answer only with the standard EOS. `N = 0` is the baseline and runs the same code.
+
+The thought state is read from ids alone: after position t a sequence is inside a thought iff the last
+`<think>` at or before t comes after the last `</think>`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
+
+TOKEN_MAP_FILE = "reasoning_token_map.json"
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+class ReasoningVocabError(ValueError):
+    """A reasoning-vocabulary request that cannot be honoured; the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class ReasoningVocab:
+    """The token map of a model with `N = len(standard_token_ids)` reasoning rows appended after `base_vocab_size`.
+
+    `tokenizer_size` is the number of real token ids; rows `tokenizer_size .. base_vocab_size - 1` are padding.
+    `control_token_ids` are the tokenizer's added/special ids, whose reasoning copies are never sampled.
+    """
+
+    base_vocab_size: int
+    tokenizer_size: int
+    think_start_id: int
+    think_end_id: int
+    standard_token_ids: tuple[int, ...] = ()
+    control_token_ids: tuple[int, ...] = ()
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def for_tokenizer(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        base_vocab_size: int,
+        size: int,
+        standard_token_ids: Sequence[int] | None = None,
+    ) -> ReasoningVocab:
+        """Validate a request for `size` reasoning rows copied from `standard_token_ids` (default: 0..size-1)."""
+        tokenizer_size = len(tokenizer)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ReasoningVocabError(
+                f"reasoning_vocab_size must be a non-negative integer (0 for the baseline), got {size!r}."
+            )
+        if tokenizer_size > base_vocab_size:
+            raise ReasoningVocabError(
+                f"the tokenizer has {tokenizer_size} ids but the model only {base_vocab_size} embedding rows; "
+                "load a tokenizer that matches the model."
+            )
+        if standard_token_ids is None:
+            if size > tokenizer_size:
+                raise ReasoningVocabError(
+                    f"reasoning_vocab_size={size} exceeds the {tokenizer_size} standard token ids; use at most "
+                    f"{tokenizer_size}, or pass standard_token_ids that repeat ids to get copies of multiplicity > 1."
+                )
+            standard_token_ids = range(size)
+        standard_token_ids = tuple(int(i) for i in standard_token_ids)
+        if len(standard_token_ids) != size:
+            raise ReasoningVocabError(
+                f"standard_token_ids has {len(standard_token_ids)} entries but reasoning_vocab_size is {size}; "
+                "give one standard id per reasoning row."
+            )
+        bad = [i for i in standard_token_ids if not 0 <= i < tokenizer_size]
+        if bad:
+            raise ReasoningVocabError(
+                f"standard_token_ids {bad[:5]} are not token ids of the tokenizer (valid: 0..{tokenizer_size - 1}; "
+                f"rows {tokenizer_size}..{base_vocab_size - 1} are padding); choose ids of real tokens."
+            )
+        think_ids = tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
+        unk = tokenizer.unk_token_id
+        if any(i is None or (unk is not None and i == unk) for i in think_ids):
+            raise ReasoningVocabError(
+                f"the tokenizer has no single-token {THINK_START!r}/{THINK_END!r}; add both as tokens "
+                "(and resize the model) before using a reasoning vocabulary."
+            )
+        control = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        return cls(
+            base_vocab_size=base_vocab_size,
+            tokenizer_size=tokenizer_size,
+            think_start_id=think_ids[0],
+            think_end_id=think_ids[1],
+            standard_token_ids=standard_token_ids,
+            control_token_ids=tuple(sorted(control)),
+        )
+
+    # --- sizes and the map -------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return len(self.standard_token_ids)
+
+    @property
+    def total_size(self) -> int:
+        return self.base_vocab_size + self.size
+
+    @property
+    def multiplicities(self) -> tuple[int, ...]:
+        """Per reasoning row: 1 for the first copy of its standard id, 2 for the second, ..."""
+        cached = self._tables.get("multiplicities")
+        if cached is None:
+            seen: dict[int, int] = {}
+            out = []
+            for s in self.standard_token_ids:
+                seen[s] = seen.get(s, 0) + 1
+                out.append(seen[s])
+            cached = self._tables["multiplicities"] = tuple(out)
+        return cached
+
+    def to_standard(self, ids: Sequence[int]) -> list[int]:
+        """Each reasoning id replaced by its standard twin; other ids unchanged."""
+        base, twins = self.base_vocab_size, self.standard_token_ids
+        return [twins[i - base] if i >= base else i for i in map(int, ids)]
+
+    def multiplicity_of(self, token_id: int) -> int:
+        return self.multiplicities[token_id - self.base_vocab_size] if token_id >= self.base_vocab_size else 0
+
+    def is_reasoning(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids >= self.base_vocab_size
+
+    # --- thought state --------------------------------------------------------------------------------------
+    def thought_state(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`(B, L)` bool: inside a thought after each position, by a vectorised scan over the ids."""
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        none = torch.full_like(positions, -1)
+        last_open = torch.where(input_ids == self.think_start_id, positions, none).cummax(-1).values
+        last_close = torch.where(input_ids == self.think_end_id, positions, none).cummax(-1).values
+        return last_open > last_close
+
+    def advance(self, inside: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
+        """The state after appending `new_ids` (B,) to sequences whose state was `inside` (B,): O(1) per token."""
+        inside = torch.where(new_ids == self.think_start_id, True, inside)
+        return torch.where(new_ids == self.think_end_id, False, inside)
+
+    # --- the sampling mask ----------------------------------------------------------------------------------
+    def forbidden_table(self, device: torch.device | str) -> torch.Tensor:
+        """`(2, E + N)` bool: row 0 the ids forbidden outside a thought, row 1 those forbidden inside."""
+        device = torch.device(device)
+        table = self._tables.get(device)
+        if table is None:
+            table = torch.zeros(2, self.total_size, dtype=torch.bool)
+            table[:, self.tokenizer_size : self.base_vocab_size] = True  # padding rows: no token
+            table[0, self.base_vocab_size :] = True  # confinement: reasoning ids only inside a thought
+            if self.size:
+                twins = torch.tensor(self.standard_token_ids)
+                control = torch.tensor(self.control_token_ids, dtype=twins.dtype)
+                table[1, self.base_vocab_size :] = torch.isin(twins, control)  # copies of control tokens
+            table = self._tables[device] = table.to(device)
+        return table
+
+    def mask_logits(self, logits: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        """`logits` (..., E + N) with forbidden ids set to the dtype's most negative finite value."""
+        forbidden = self.forbidden_table(logits.device)[inside.long()]
+        return logits.masked_fill(forbidden, torch.finfo(logits.dtype).min)
+
+    # --- persistence ----------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "standard_token_ids": list(self.standard_token_ids),
+            "multiplicities": list(self.multiplicities),
+            "base_vocab_size": self.base_vocab_size,
+            "tokenizer_size": self.tokenizer_size,
+            "think_start_id": self.think_start_id,
+            "think_end_id": self.think_end_id,
+            "control_token_ids": list(self.control_token_ids),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / TOKEN_MAP_FILE
+        path.write_text(json.dumps(self.to_json()))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ReasoningVocab:
+        path = Path(directory) / TOKEN_MAP_FILE
+        try:
+            data = json.loads(path.read_text())
+            vocab = cls(
+                base_vocab_size=int(data["base_vocab_size"]),
+                tokenizer_size=int(data["tokenizer_size"]),
+                think_start_id=int(data["think_start_id"]),
+                think_end_id=int(data["think_end_id"]),
+                standard_token_ids=tuple(int(i) for i in data["standard_token_ids"]),
+                control_token_ids=tuple(int(i) for i in data["control_token_ids"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ReasoningVocabError(f"{path} is not a readable reasoning token map ({error}).") from error
+        if list(vocab.multiplicities) != list(data.get("multiplicities", vocab.multiplicities)):
+            raise ReasoningVocabError(f"{path}: multiplicities disagree with standard_token_ids; the file is corrupt.")
+        return vocab
+
+
+class ThoughtConstraint(LogitsProcessor):
+    """Masks each generation step's scores by the thought state, which it carries from step to step.
+
+    One instance serves one `generate` call. The first call scans the prompt; each later call reads only the
+    newest token. Beam search reorders sequences between steps, so with beams every step rescans.
+    """
+
+    def __init__(self, vocab: ReasoningVocab, rescan_every_step: bool = False):
+        self.vocab = vocab
+        self.rescan_every_step = rescan_every_step
+        self._inside: torch.Tensor | None = None
+        self._length = -1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        length = input_ids.shape[-1]
+        incremental = (
+            not self.rescan_every_step
+            and self._inside is not None
+            and length == self._length + 1
+            and self._inside.shape[0] == input_ids.shape[0]
+        )
+        if incremental:
+            self._inside = self.vocab.advance(self._inside, input_ids[:, -1])
+        else:
+            self._inside = self.vocab.thought_state(input_ids)[:, -1]
+        self._length = length
+        return self.vocab.mask_logits(scores, self._inside)
+
+
+def _constrained_logits_processor(self, generation_config, *args, **kwargs):
+    """`generate`'s processor list with the thought constraint first, ahead of temperature and top-k/p."""
+    processors = type(self)._get_logits_processor(self, generation_config, *args, **kwargs)
+    beams = (getattr(generation_config, "num_beams", 1) or 1) > 1
+    processors.insert(0, ThoughtConstraint(self.reasoning_vocab, rescan_every_step=beams))
+    return processors
+
+
+def _save_with_token_map(self, save_directory, *args, **kwargs):
+    """`save_pretrained` that also writes the token map, so every checkpoint carries it."""
+    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        self.reasoning_vocab.save(save_directory)
+    return result
+
+
+def expand_model(model: PreTrainedModel, vocab: ReasoningVocab) -> PreTrainedModel:
+    """Append `vocab.size` rows to the input and output embeddings, row `E + i` a copy of row `s_i`."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows != vocab.base_vocab_size:
+        raise ReasoningVocabError(
+            f"the model has {rows} embedding rows but the token map expects {vocab.base_vocab_size}; "
+            "expand the unexpanded base model, or load the expanded directory with rlvr.load_model."
+        )
+    if vocab.size:
+        model.resize_token_embeddings(vocab.total_size, mean_resizing=False)
+        twins = torch.tensor(vocab.standard_token_ids, device=model.get_input_embeddings().weight.device)
+        with torch.no_grad():
+            embeddings = model.get_input_embeddings().weight
+            embeddings[vocab.base_vocab_size :] = embeddings[twins]
+            output = model.get_output_embeddings()
+            if output is not None and output.weight.data_ptr() != embeddings.data_ptr():
+                output.weight[vocab.base_vocab_size :] = output.weight[twins]
+                if getattr(output, "bias", None) is not None:
+                    output.bias[vocab.base_vocab_size :] = output.bias[twins]
+    return attach(model, vocab)
+
+
+def attach(model: PreTrainedModel, vocab: ReasoningVocab, temperature: float = 1.0) -> PreTrainedModel:
+    """Make `model` obey `vocab` (in place): in every `generate`, in the training log-prob head, and on save.
+
+    Idempotent; call again after anything that replaces `model.forward` (TRL's trainers do) to put the
+    constrained head back, with the trainer's sampling temperature.
+    """
+    from rlvr.logprobs import constrained_forward
+
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows != vocab.total_size:
+        raise ReasoningVocabError(
+            f"the model has {rows} output rows but the token map describes {vocab.total_size} "
+            f"({vocab.base_vocab_size} + {vocab.size}); the model and {TOKEN_MAP_FILE} do not belong together."
+        )
+    model.reasoning_vocab = vocab
+    model.reasoning_temperature = float(temperature)
+    model._get_logits_processor = types.MethodType(_constrained_logits_processor, model)
+    model.save_pretrained = types.MethodType(_save_with_token_map, model)
+    model.forward = types.MethodType(_with_signature_of(type(model).forward, constrained_forward), model)
+    return model
+
+
+def _with_signature_of(original, replacement):
+    """`replacement` advertising `original`'s signature: `generate` validates its kwargs against it."""
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        return replacement(self, *args, **kwargs)
+
+    return forward
