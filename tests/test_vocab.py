@@ -1,0 +1,331 @@
+"""The seven invariants of the reasoning vocabulary, on tiny models with the real Qwen3 tokenizer."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import QWEN3_N
+from rlvr import ReasoningVocab, ReasoningVocabError, load_model, save_model
+from rlvr.models import ModelSourceError
+from rlvr.tokenizer import make_faithful
+from rlvr.vocab import TOKEN_MAP_FILE, ThoughtConstraint, attach, expand_model
+
+THINK, END_THINK, IM_END = 151667, 151668, 151645
+
+
+def reference_states(ids: list[int]) -> list[bool]:
+    """Inside-a-thought after each position, the slow obvious way."""
+    inside, out = False, []
+    for token in ids:
+        if token == THINK:
+            inside = True
+        elif token == END_THINK:
+            inside = False
+        out.append(inside)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_reasoning():
+    return load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
+
+
+def bias_towards_forbidden(model, vocab: ReasoningVocab) -> None:
+    """Make padding rows and control copies the likeliest tokens, reasoning ids next, and the think tags likely."""
+    head = model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[vocab.base_vocab_size :] = 10.0
+    bias[vocab.tokenizer_size : vocab.base_vocab_size] = 20.0
+    control_copies = vocab.base_vocab_size + torch.nonzero(
+        torch.isin(torch.tensor(vocab.standard_token_ids), torch.tensor(vocab.control_token_ids))
+    ).flatten()
+    bias[control_copies] = 20.0
+    bias[THINK] = 22.0  # outside, likelier than </think>; inside, about as likely as all reasoning ids together
+    bias[END_THINK] = 20.0  # inside, closes a thought every ~15 tokens
+    head.bias = torch.nn.Parameter(bias)
+
+
+def prompts(tokenizer, count: int):
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i} + {i}?"}], tokenize=False,
+                                      add_generation_prompt=True)
+        for i in range(count)
+    ]
+    tokenizer.padding_side = "left"
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+# --- validation -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "size, ids, fragment",
+    [
+        (-1, None, "non-negative"),
+        (151670, None, "exceeds the 151669 standard token ids"),
+        (2, [5, 151700], "not token ids"),
+        (2, [5, 151669], "padding"),
+        (3, [5, 6], "has 2 entries"),
+        (True, None, "non-negative integer"),
+    ],
+)
+def test_bad_requests_are_refused_with_the_fix(qwen_tok, size, ids, fragment):
+    with pytest.raises(ReasoningVocabError, match=fragment):
+        ReasoningVocab.for_tokenizer(qwen_tok, 151936, size, ids)
+
+
+def test_multiplicities_count_repeated_twins(qwen_tok):
+    vocab = ReasoningVocab.for_tokenizer(qwen_tok, 151936, 5, [7, 7, 9, 7, 9])
+    assert vocab.multiplicities == (1, 2, 1, 3, 2)
+    assert vocab.multiplicity_of(151936 + 3) == 3 and vocab.multiplicity_of(7) == 0
+    assert vocab.to_standard([1, 151936, 151940]) == [1, 7, 9]
+
+
+# --- expansion ----------------------------------------------------------------------------------------------
+def test_expansion_copies_rows_of_a_tied_qwen3(tiny_reasoning):
+    model, _ = tiny_reasoning
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == model.config.vocab_size == 151936 + QWEN3_N
+    assert torch.equal(emb[151936:], emb[:QWEN3_N])
+    assert model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()
+
+
+def test_expansion_copies_both_matrices_of_an_untied_llama(qwen_tok, tiny_llama_factory):
+    model = tiny_llama_factory()
+    before_in = model.get_input_embeddings().weight.detach().clone()
+    before_out = model.get_output_embeddings().weight.detach().clone()
+    twins = [3, 3, 151667, 42]
+    vocab = ReasoningVocab.for_tokenizer(qwen_tok, len(qwen_tok), 4, twins)
+    expand_model(model, vocab)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.data_ptr() != head.data_ptr()
+    assert torch.equal(emb[len(qwen_tok):], before_in[twins]) and torch.equal(head[len(qwen_tok):], before_out[twins])
+    assert torch.equal(emb[: len(qwen_tok)], before_in) and torch.equal(head[: len(qwen_tok)], before_out)
+    assert not torch.equal(before_in[twins], before_out[twins])  # the two copies really are distinct
+
+
+def test_expanding_an_expanded_model_is_refused(tiny_reasoning, qwen_tok):
+    model, _ = tiny_reasoning
+    vocab = ReasoningVocab.for_tokenizer(qwen_tok, 151936, 1)
+    with pytest.raises(ReasoningVocabError, match="embedding rows"):
+        expand_model(model, vocab)
+
+
+# --- thought state and mask (invariants 2, 3, 5) --------------------------------------------------------------
+def test_vectorised_state_matches_the_obvious_scan(tiny_reasoning):
+    vocab = tiny_reasoning[0].reasoning_vocab
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (32, 50), generator=generator)
+    ids = torch.where(ids == 0, THINK, torch.where(ids == 1, END_THINK, ids + 100))
+    states = vocab.thought_state(ids)
+    for row, state in zip(ids.tolist(), states.tolist()):
+        assert state == reference_states(row)
+    # the O(1) update reproduces the scan one token at a time
+    inside = torch.zeros(32, dtype=torch.bool)
+    for t in range(ids.shape[1]):
+        inside = vocab.advance(inside, ids[:, t])
+        assert torch.equal(inside, states[:, t])
+
+
+def test_forbidden_table_encodes_confinement_and_never_sampled_rows(tiny_reasoning):
+    vocab = tiny_reasoning[0].reasoning_vocab
+    table = vocab.forbidden_table("cpu")
+    outside, inside = table[0], table[1]
+    assert not outside[:151669].any() and outside[151669:].all()
+    assert inside[151669:151936].all()  # Qwen3's padding rows: no token
+    copies = inside[151936:]
+    assert copies.sum() == 3 and copies[[151643, 151644, 151645]].all()  # copies of <|endoftext|> <|im_start|> <|im_end|>
+    assert not inside[:151669].any()
+
+
+def test_mask_uses_the_most_negative_finite_value(tiny_reasoning):
+    vocab = tiny_reasoning[0].reasoning_vocab
+    logits = torch.zeros(2, vocab.total_size, dtype=torch.bfloat16)
+    masked = vocab.mask_logits(logits, torch.tensor([False, True]))
+    assert torch.isfinite(masked).all()
+    assert masked[0, 151936] == torch.finfo(torch.bfloat16).min and masked[1, 151936] == 0
+
+
+def test_sampling_never_leaves_reasoning_ids_outside_thoughts(tiny_reasoning):
+    """A model biased towards forbidden ids: 210 sampled sequences, none of them breaks invariant 2 or 3."""
+    model, tokenizer = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
+    vocab = model.reasoning_vocab
+    bias_towards_forbidden(model, vocab)
+    batch = prompts(tokenizer, 70)
+    control_copies = {vocab.base_vocab_size + i for i, s in enumerate(vocab.standard_token_ids)
+                      if s in set(vocab.control_token_ids)}
+    counts = {"reasoning_inside": 0, "closed_thoughts": 0, "sequences": 0}
+    for seed in range(3):
+        torch.manual_seed(seed)
+        out = model.generate(**batch, max_new_tokens=20, do_sample=True, top_k=0, top_p=1.0)
+        for row in out.tolist():
+            states = reference_states(row)
+            prompt_len = batch["input_ids"].shape[1]
+            for position in range(prompt_len, len(row)):
+                token, inside_before = row[position], states[position - 1]
+                assert not (151669 <= token < 151936), "a padding row was sampled"
+                assert token not in control_copies, "a copy of a control token was sampled"
+                if token >= vocab.base_vocab_size:
+                    assert inside_before, "a reasoning id was sampled outside a thought"
+                    counts["reasoning_inside"] += 1
+            counts["closed_thoughts"] += sum(
+                row[p] == END_THINK and states[p - 1] for p in range(prompt_len, len(row))
+            )
+            counts["sequences"] += 1
+    assert counts["sequences"] == 210
+    assert counts["closed_thoughts"] > 30 and counts["reasoning_inside"] > 1000  # the bias really pushed
+
+
+def test_constraint_costs_one_scan_then_one_token_per_step(tiny_reasoning, monkeypatch):
+    """Invariant 5: the prompt is scanned once, each later step reads only the newest id (no re-decoding)."""
+    model, tokenizer = tiny_reasoning
+    scans, advances = [], []
+    scan, advance = ReasoningVocab.thought_state, ReasoningVocab.advance
+    monkeypatch.setattr(ReasoningVocab, "thought_state", lambda self, ids: scans.append(ids.shape) or scan(self, ids))
+    monkeypatch.setattr(
+        ReasoningVocab, "advance", lambda self, inside, new: advances.append(new.shape) or advance(self, inside, new)
+    )
+    monkeypatch.setattr(type(tokenizer), "_decode", lambda *a, **k: pytest.fail("decoded during generation"))
+    batch = prompts(tokenizer, 4)
+    model.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=True)
+    assert scans == [batch["input_ids"].shape]
+    assert len(advances) == 11 and all(shape == (4,) for shape in advances)
+
+
+# --- one distribution (invariant 4) ---------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generate_time_logprobs_equal_training_time_logprobs(temperature):
+    model, tokenizer = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
+    vocab = model.reasoning_vocab
+    bias_towards_forbidden(model, vocab)
+    attach(model, vocab, temperature=temperature)
+    batch = prompts(tokenizer, 6)
+    torch.manual_seed(0)
+    out = model.generate(**batch, max_new_tokens=24, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
+                         output_scores=True, return_dict_in_generate=True)
+    prompt_len = batch["input_ids"].shape[1]
+    completion = out.sequences[:, prompt_len:]
+    # float64: torch's fp32 CPU log_softmax drops the many tiny terms of a 300k-wide sum (~1e-4 error)
+    generated = torch.stack([torch.log_softmax(s.double(), -1) for s in out.scores], 1).float()
+    generated = generated.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    attention = torch.cat([batch["attention_mask"], torch.ones_like(completion)], 1)
+    labels = out.sequences.masked_fill(attention == 0, -100)
+    labels[:, :prompt_len] = -100
+    trained = model(input_ids=out.sequences, attention_mask=attention, labels=labels, fused_lm_head=True)
+    training = trained.log_probs[:, prompt_len - 1 :]
+    assert torch.isfinite(generated).all()
+    torch.testing.assert_close(training, generated, atol=2e-5, rtol=1e-5)
+    assert torch.isfinite(trained.entropy).all()
+    assert (completion >= vocab.base_vocab_size).any()  # reasoning ids were scored, not only standard ones
+
+
+def test_training_logprobs_have_finite_gradients():
+    model, tokenizer = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
+    bias_towards_forbidden(model, model.reasoning_vocab)
+    ids = torch.tensor([[1, 2, THINK, 151936 + 5, 7, END_THINK, 9, IM_END]])
+    labels = ids.clone()
+    labels[:, :2] = -100
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
+    (out.log_probs.sum() + out.entropy.sum()).backward()
+    grad = model.get_output_embeddings().weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert grad[151669:151936].abs().max() == 0  # padding rows: probability exactly 0, no gradient
+
+
+# --- same path for both arms (invariant 1) --------------------------------------------------------------------
+def test_baseline_takes_the_same_path_and_equals_a_plain_model(qwen_tok, tiny_llama_factory):
+    plain = tiny_llama_factory(seed=3)
+    constrained, _ = tiny_llama_factory(seed=3), None
+    vocab = ReasoningVocab.for_tokenizer(qwen_tok, len(qwen_tok), 0)
+    expand_model(constrained, vocab)
+    assert isinstance(constrained._get_logits_processor.__self__, type(plain))  # the constrained path is active
+    batch = prompts(qwen_tok, 3)
+    outputs = []
+    for model in (plain, constrained):
+        torch.manual_seed(7)
+        outputs.append(model.generate(**batch, max_new_tokens=16, do_sample=True, top_k=0))
+    assert torch.equal(outputs[0], outputs[1])
+    ids = outputs[0]
+    labels = ids.masked_fill(torch.cat([batch["attention_mask"], torch.ones_like(ids[:, batch["input_ids"].shape[1]:])], 1) == 0, -100)
+    logits = plain(input_ids=ids, attention_mask=(labels != -100).long()).logits[:, :-1]
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    got = constrained(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels, fused_lm_head=True)
+    valid = labels[:, 1:] != -100
+    torch.testing.assert_close(got.log_probs[valid], expected[valid], atol=1e-5, rtol=1e-5)
+
+
+# --- faithful decoding (invariant 6) --------------------------------------------------------------------------
+def test_batch_decode_renders_reasoning_ids_as_their_twins(qwen_tok):
+    vocab = ReasoningVocab.for_tokenizer(qwen_tok, 151936, QWEN3_N)
+    tokenizer = make_faithful(qwen_tok.__class__.from_pretrained(qwen_tok.name_or_path), vocab)
+    standard = tokenizer.encode("<think>Let x = 12, so 2x = 24.</think> The answer is \\boxed{24}.")
+    start, end = standard.index(THINK), standard.index(END_THINK)
+    mixed = [i + 151936 if start < k < end and k % 2 else i for k, i in enumerate(standard)]
+    assert mixed != standard
+    text = tokenizer.batch_decode([mixed, standard], skip_special_tokens=True)
+    assert text[0] == text[1] == "<think>Let x = 12, so 2x = 24.</think> The answer is \\boxed{24}."
+    assert tokenizer.convert_ids_to_tokens(mixed) == tokenizer.convert_ids_to_tokens(standard)
+
+
+def test_decode_with_spans_marks_each_token_and_its_multiplicity(qwen_tok):
+    x, y = qwen_tok.encode(" x")[0], qwen_tok.encode(" y")[0]
+    vocab = ReasoningVocab.for_tokenizer(qwen_tok, 151936, 3, [x, x, y])
+    tokenizer = make_faithful(qwen_tok.__class__.from_pretrained(qwen_tok.name_or_path), vocab)
+    emoji = qwen_tok.encode("🫠")
+    assert len(emoji) > 1  # one character over several byte tokens
+    ids = qwen_tok.encode("<think>a") + [151936, 151937] + emoji + [151938] + qwen_tok.encode("</think>b")
+    text, spans = tokenizer.decode_with_spans(ids)
+    assert text == tokenizer.decode(ids) == "<think>a x x🫠 y</think>b"
+    assert len(spans) == len(ids)
+    pieces = [(text[s.start : s.end], s.multiplicity) for s in spans]
+    assert pieces[2:4] == [(" x", 1), (" x", 2)]
+    assert pieces[4 : 4 + len(emoji)] == [("", 0)] * (len(emoji) - 1) + [("🫠", 0)]  # credited to the last byte
+    assert pieces[4 + len(emoji)] == (" y", 1)
+    assert "".join(piece for piece, _ in pieces) == text
+    assert all(a.end == b.start for a, b in zip(spans, spans[1:]))
+
+
+# --- round trip (invariant 7) -------------------------------------------------------------------------------
+def test_save_and_load_restore_the_constraint_and_identical_logits(tmp_path, tiny_reasoning):
+    model, tokenizer = tiny_reasoning
+    directory = save_model(model, tokenizer, tmp_path / "model")
+    files = {p.name for p in directory.iterdir()}
+    assert {"config.json", "model.safetensors", TOKEN_MAP_FILE, "tokenizer.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    saved = json.loads((directory / TOKEN_MAP_FILE).read_text())
+    assert saved["standard_token_ids"][:3] == [0, 1, 2] and saved["multiplicities"][:3] == [1, 1, 1]
+    assert json.loads((directory / "config.json").read_text())["vocab_size"] == 151936 + QWEN3_N
+    assert "model.embed_tokens.weight" in load_file(directory / "model.safetensors")
+
+    loaded, loaded_tok = load_model(str(directory))
+    assert loaded.reasoning_vocab == model.reasoning_vocab
+    ids = torch.tensor([tokenizer.encode("<think>1+1=2</think> \\boxed{2}")])
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert loaded_tok.decode([151936 + 16]) == tokenizer.decode([16]) == "1"
+    # a standard Hugging Face directory: plain transformers loads it too
+    assert AutoModelForCausalLM.from_pretrained(directory).config.vocab_size == 151936 + QWEN3_N
+
+
+def test_loading_with_a_conflicting_size_is_refused(tmp_path, tiny_reasoning):
+    directory = save_model(*tiny_reasoning, tmp_path / "model")
+    with pytest.raises(ReasoningVocabError, match="already has a reasoning vocabulary of 151646 rows"):
+        load_model(str(directory), reasoning_vocab_size=8)
+
+
+def test_a_corrupt_token_map_is_a_clear_error(tmp_path, tiny_reasoning):
+    directory = save_model(*tiny_reasoning, tmp_path / "model")
+    (directory / TOKEN_MAP_FILE).write_text("{not json")
+    with pytest.raises(ReasoningVocabError, match="not a readable reasoning token map"):
+        load_model(str(directory))
+
+
+def test_an_unknown_model_is_a_clear_error():
+    with pytest.raises(ModelSourceError, match="not a preset"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+def test_thought_constraint_rescans_under_beam_search(tiny_reasoning):
+    model, tokenizer = tiny_reasoning
+    processors = model._get_logits_processor(model.generation_config.__class__(num_beams=2), 0)
+    assert isinstance(processors[0], ThoughtConstraint) and processors[0].rescan_every_step
