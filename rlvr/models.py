@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlvr.errors import InputError
 from rlvr.presets import PRESETS, build_preset
 from rlvr.tokenizer import make_faithful
 from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError, attach, expand_model
@@ -21,7 +22,7 @@ from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError, atta
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "dbfs:/", "s3://", "gs://", "file://")
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(InputError):
     """A model name that resolves to nothing loadable; the message says what was tried and how to fix it."""
 
 

@@ -21,11 +21,13 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlvr.errors import InputError
+
 TOKEN_MAP_FILE = "reasoning_token_map.json"
 THINK_START, THINK_END = "<think>", "</think>"
 
 
-class ReasoningVocabError(ValueError):
+class ReasoningVocabError(InputError):
     """A reasoning-vocabulary request that cannot be honoured; the message names the input and the fix."""
 
 
