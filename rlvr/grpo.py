@@ -1,0 +1,369 @@
+"""GRPO with TRL's `GRPOTrainer`, sampling and scoring under the reasoning-vocabulary constraint.
+
+`train(settings)` is the whole job behind `train_baseline` and `train_reasoning`: one code path, the baseline
+being `reasoning_vocab_size = 0`. It validates everything it can before a model is loaded, keeps every
+checkpoint (`checkpoint-0` is the expanded starting point) with its token map, resumes a killed job into the
+same MLflow run, and logs and registers the final model as an MLflow pyfunc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+import yaml
+from accelerate import PartialState
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from rlvr import rewards, tracking
+from rlvr.data import load_split
+from rlvr.errors import InputError
+from rlvr.models import load_model, save_model
+from rlvr.rendering import marked_text
+from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, attach
+
+log = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# GRPOConfig fields whose value a rollout path needs that cannot apply the constraint
+UNCONSTRAINED_ROLLOUTS = {
+    "use_vllm": "vLLM samples outside this process, where the thought mask cannot be applied",
+    "use_transformers_continuous_batching": "paged generation (generate_batch) bypasses the thought mask",
+    "use_liger_kernel": "Liger's fused loss computes log-probs without the thought mask",
+}
+
+
+def _param(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainSettings:
+    """Every parameter of the training entry points, with its one default."""
+
+    model: str = _param("Qwen/Qwen3-0.6B", "hub id, local directory, preset (tiny-qwen3, micro, ...) or MLflow model URI")
+    data: str = _param("data/deepscaler", "preprocess output: its output_dir or a runs:/<run_id>/<path> URI")
+    reasoning_vocab_size: int = _param(0, "N reasoning rows appended (0 = baseline)")
+    learning_rate: float = _param(1e-6, "peak learning rate")
+    num_train_epochs: float = _param(1.0, "passes over the training prompts (ignored when max_steps > 0)")
+    max_steps: int = _param(-1, "optimizer steps to run (-1: from num_train_epochs)")
+    per_device_train_batch_size: int = _param(8, "completions per device per micro-batch")
+    gradient_accumulation_steps: int = _param(8, "micro-batches per optimizer step")
+    num_generations: int = _param(8, "completions sampled per prompt (the GRPO group)")
+    max_prompt_length: int = _param(512, "prompts longer than this many tokens are left out")
+    max_completion_length: int = _param(1024, "tokens sampled per completion at most")
+    temperature: float = _param(1.0, "sampling temperature (also used to score log-probs)")
+    beta: float = _param(0.0, "KL coefficient against the starting policy (0: no reference model)")
+    loss_type: str = _param("dapo", "GRPO loss normalisation: grpo, dr_grpo, dapo, bnpo, ...")
+    seed: int = _param(42, "random seed")
+    bf16: str = _param("auto", "bf16 autocast: true, false or auto (on when a GPU supports it)")
+    gradient_checkpointing: str = _param("false", "recompute activations in backward: true or false")
+    save_steps: int = _param(50, "save a checkpoint every this many optimizer steps")
+    output_dir: str = _param("outputs/train", "checkpoints go here; rerunning with the same directory resumes")
+    registered_model_name: str = _param("rlvr", "register the final model under this name ('' to skip)")
+    accuracy_weight: float = _param(1.0, "weight of the math-verify accuracy reward")
+    format_weight: float = _param(0.0, "weight of the format reward (one closed thought, one boxed answer)")
+    log_completions_steps: int = _param(10, "log a table of sample completions every this many steps (0: never)")
+    grpo_config: str = _param("", "YAML file of further GRPOConfig fields")
+    grpo_args: str = _param("", "further GRPOConfig fields as 'key=value key=value'")
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+
+def _flag(name: str, value: str) -> bool | None:
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    if lowered == "auto":
+        return None
+    raise InputError(f"{name}={value!r} is not a switch; use true, false or auto.")
+
+
+def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
+    """The pass-through GRPOConfig fields from `grpo_config` (YAML) and `grpo_args` (key=value), validated."""
+    extra: dict[str, Any] = {}
+    if settings.grpo_config:
+        path = Path(settings.grpo_config)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise InputError(f"grpo_config {path} is not a readable YAML file ({error}).") from error
+        if not isinstance(loaded, dict):
+            raise InputError(f"grpo_config {path} must hold a mapping of GRPOConfig fields, not {type(loaded).__name__}.")
+        extra.update(loaded)
+    for item in settings.grpo_args.replace(",", " ").split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"grpo_args entry {item!r} is not key=value; write e.g. grpo_args='num_iterations=2'.")
+        extra[key] = yaml.safe_load(value)
+    known = {f.name for f in dataclasses.fields(GRPOConfig)}
+    own = {f.name for f in TrainSettings.fields()}
+    for key, value in extra.items():
+        if key in own:
+            raise InputError(f"{key} is a parameter of its own; pass it as -P {key}=... instead of in grpo_config/grpo_args.")
+        if key not in known:
+            raise InputError(f"{key} is not a GRPOConfig field; check its spelling against TRL's GRPOConfig.")
+        if key in UNCONSTRAINED_ROLLOUTS and value:
+            raise InputError(
+                f"{key}=true is refused: {UNCONSTRAINED_ROLLOUTS[key]}, so the model would train unconstrained. "
+                "Use the default transformers generation."
+            )
+    return extra
+
+
+def validate(settings: TrainSettings, world_size: int) -> None:
+    """Checks that need no model or data, so a bad request fails in seconds."""
+    if settings.reasoning_vocab_size < 0:
+        raise InputError(f"reasoning_vocab_size={settings.reasoning_vocab_size} is negative; use 0 for the baseline.")
+    positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
+                "max_prompt_length", "max_completion_length", "save_steps")
+    for name in positive:
+        if getattr(settings, name) < 1:
+            raise InputError(f"{name}={getattr(settings, name)} must be at least 1.")
+    if settings.num_generations < 2:
+        raise InputError("num_generations must be at least 2: GRPO compares completions within a group.")
+    batch = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * world_size
+    if batch % settings.num_generations:
+        raise InputError(
+            f"num_generations={settings.num_generations} does not divide the generation batch of {batch} completions "
+            f"(per_device_train_batch_size {settings.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{settings.gradient_accumulation_steps} x {world_size} processes); pick sizes so that it does."
+        )
+    if settings.temperature <= 0:
+        raise InputError(f"temperature={settings.temperature} must be positive for GRPO sampling.")
+    _flag("bf16", settings.bf16)
+    _flag("gradient_checkpointing", settings.gradient_checkpointing)
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def resumable_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint the Trainer can resume from (it has trainer state), if any."""
+    for step, path in reversed(checkpoints(output_dir)):
+        if step > 0 and (path / "trainer_state.json").exists() and (path / TOKEN_MAP_FILE).exists():
+            return path
+    return None
+
+
+def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
+    cuda = torch.cuda.is_available()
+    bf16 = _flag("bf16", settings.bf16)
+    bf16 = (cuda and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    report_to = [r for r in extra.pop("report_to", []) or [] if r != "mlflow"]  # MLflow is logged by rlvr itself
+    kwargs = dict(
+        output_dir=settings.output_dir,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+        beta=settings.beta,
+        loss_type=settings.loss_type,
+        seed=settings.seed,
+        bf16=bf16,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        logging_steps=1,
+        reward_weights=[settings.accuracy_weight, settings.format_weight],
+        report_to=report_to,
+        use_cpu=not cuda,
+        save_only_model=False,
+        **{checkpointing: bool(_flag("gradient_checkpointing", settings.gradient_checkpointing))},
+    )
+    kwargs.update(extra)
+    try:
+        return GRPOConfig(**kwargs)
+    except ValueError as error:
+        raise InputError(f"the GRPO settings are inconsistent: {error}") from error
+
+
+class ReasoningGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` whose policy and reference score log-probs under the thought mask, plus vocabulary metrics.
+
+    TRL installs its own fused log-prob head on both models during `__init__`; attaching the vocabulary
+    afterwards puts the constrained head back, at the trainer's temperature. Sampling is constrained by the
+    model's own `generate`, which TRL calls unchanged.
+    """
+
+    def __init__(self, *args, completions_every: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vocab: ReasoningVocab = self.model.reasoning_vocab
+        attach(self.model, self.vocab, temperature=self.temperature)
+        if self.ref_model is not None:
+            attach(self.ref_model, self.vocab, temperature=self.temperature)
+        self.completions_every = completions_every
+        self._tabled_steps: set[int] = set()
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        stats = thought_statistics(self.vocab, output["prompt_ids"], output["completion_ids"], output["completion_mask"])
+        completions, tokens, thought, reasoning, closed = self.accelerator.gather(stats.unsqueeze(0)).sum(0).tolist()
+        completions = max(completions, 1.0)
+        self._metrics[mode]["reasoning/token_share"].append(reasoning / max(thought, 1.0))
+        self._metrics[mode]["reasoning/thought_length"].append(thought / completions)
+        self._metrics[mode]["reasoning/answer_length"].append((tokens - thought) / completions)
+        self._metrics[mode]["reasoning/closed_thought_rate"].append(closed / completions)
+        if mode == "train":
+            self._maybe_log_samples(inputs, output)
+        return output
+
+    def _maybe_log_samples(self, inputs, output) -> None:
+        step = self.state.global_step
+        if not self.completions_every or step % self.completions_every or step in self._tabled_steps:
+            return
+        self._tabled_steps.add(step)
+        if not self.accelerator.is_main_process or mlflow.active_run() is None:
+            return
+        rows = []
+        for example, ids, mask in zip(inputs, output["completion_ids"], output["completion_mask"]):
+            token_ids = ids[mask.bool()].tolist()
+            text, spans = self.processing_class.decode_with_spans(token_ids, skip_special_tokens=True)
+            rows.append({
+                "step": step,
+                "prompt": example["prompt"][-1]["content"],
+                "completion": marked_text(text, spans),
+                "solution": example["solution"],
+                "correct": rewards.is_correct(text, example["solution"]),
+                "reasoning_tokens": sum(1 for s in spans if s.multiplicity),
+            })
+        mlflow.log_table(data=rows, artifact_file=f"completions/step_{step:06d}.json")
+
+
+def thought_statistics(vocab: ReasoningVocab, prompt_ids, completion_ids, completion_mask) -> torch.Tensor:
+    """Counts over a batch: [completions, tokens, thought tokens, reasoning tokens, completions that closed a thought]."""
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    inside = vocab.thought_state(ids)
+    start = prompt_ids.shape[1]
+    before = inside[:, start - 1 : -1]
+    mask = completion_mask.bool()
+    in_thought = (before | (completion_ids == vocab.think_start_id)) & mask
+    reasoning = vocab.is_reasoning(completion_ids) & mask
+    closed = ((completion_ids == vocab.think_end_id) & before & mask).any(1)
+    return torch.tensor(
+        [mask.shape[0], mask.sum().item(), in_thought.sum().item(), reasoning.sum().item(), closed.sum().item()],
+        dtype=torch.float32, device=completion_ids.device,
+    )
+
+
+def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, int]:
+    """TRL's conversational prompt dataset, without prompts longer than `max_prompt_length` tokens."""
+    lengths = [
+        len(tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True)) for p in frame["prompt"]
+    ]
+    keep = [n <= max_prompt_length for n in lengths]
+    kept = frame.loc[keep, ["prompt", "solution", "id"]].reset_index(drop=True)
+    if kept.empty:
+        raise InputError(
+            f"every training prompt is longer than max_prompt_length={max_prompt_length} tokens (shortest: "
+            f"{min(lengths)}); raise max_prompt_length."
+        )
+    records = [{"prompt": [dict(m) for m in row.prompt], "solution": row.solution, "id": row.id}
+               for row in kept.itertuples()]
+    return Dataset.from_list(records), len(frame) - len(kept)
+
+
+def train(settings: TrainSettings) -> str | None:
+    """Run GRPO as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
+    state = PartialState()
+    main = state.is_main_process
+    validate(settings, state.num_processes)
+    extra = extra_grpo_fields(settings)
+    output_dir = Path(settings.output_dir)
+    if (output_dir / FINAL_DIR / TOKEN_MAP_FILE).exists():
+        raise InputError(
+            f"output_dir {output_dir} already holds a finished training ({FINAL_DIR}/); choose a new output_dir, "
+            "or delete it to train again."
+        )
+    if main:
+        tracking.check_tracking_server()
+    split = load_split(settings.data, "train")
+    resume_from = resumable_checkpoint(output_dir)
+    arm = "reasoning" if settings.reasoning_vocab_size else "baseline"
+    run_context = (
+        tracking.resumable_run(output_dir, resume_from is not None, run_name=f"train_{arm}",
+                               tags={"rlvr.step": "train", "rlvr.arm": arm})
+        if main else _no_run()
+    )
+    with run_context:
+        if main:
+            mlflow.log_input(split.mlflow_dataset(), context="train")
+        start = output_dir / "checkpoint-0"
+        if resume_from is not None:
+            model, tokenizer = load_model(str(start))
+        else:
+            model, tokenizer = load_model(settings.model, settings.reasoning_vocab_size, seed=settings.seed)
+            if main:
+                shutil.rmtree(start, ignore_errors=True)
+                save_model(model, tokenizer, start)
+            state.wait_for_everyone()
+        if model.reasoning_vocab.size != settings.reasoning_vocab_size:
+            raise InputError(
+                f"output_dir {output_dir} holds a run with reasoning_vocab_size={model.reasoning_vocab.size}, not "
+                f"{settings.reasoning_vocab_size}; resume with the same size or choose another output_dir."
+            )
+        model.config._name_or_path = str(start)  # TRL builds the reference model from this directory
+        dataset, too_long = _prompt_dataset(split.frame, tokenizer, settings.max_prompt_length)
+        config = grpo_config(settings, extra)
+        if main:
+            tracking.log_params({
+                **dataclasses.asdict(settings),
+                "arm": arm,
+                "base_vocab_size": model.reasoning_vocab.base_vocab_size,
+                "data_digest": split.digest,
+                "grpo": {k: v for k, v in config.to_dict().items() if k not in dataclasses.asdict(settings)},
+            })
+            mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
+        trainer = ReasoningGRPOTrainer(
+            model=model,
+            reward_funcs=[rewards.accuracy_reward, rewards.format_reward],
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[tracking.MlflowMetrics()],
+            completions_every=settings.log_completions_steps,
+        )
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        final = output_dir / FINAL_DIR
+        if not main:
+            return None
+        save_model(trainer.model, tokenizer, final)
+        tags = {
+            "base_model": settings.model,
+            "reasoning_vocab_size": str(settings.reasoning_vocab_size),
+            "data_digest": split.digest,
+            "arm": arm,
+        }
+        mlflow.set_tags({f"rlvr.{k}": v for k, v in tags.items()})
+        return tracking.log_model(final, settings.registered_model_name or None, tags)
+
+
+class _no_run:
+    """Ranks other than 0 take part in training but never talk to MLflow."""
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

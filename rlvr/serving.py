@@ -1,0 +1,58 @@
+"""The MLflow pyfunc of a trained model: prompts in, constrained completions out.
+
+Logged as "models from code": `rlvr/pyfunc_model.py` names this class, the Hugging Face directory (with its
+token map) travels as the artifact `model`, and loading goes through `rlvr.load_model`, so a served model
+samples under exactly the constraint it was trained with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+GENERATION_DEFAULTS = {"max_new_tokens": 512, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+
+
+def _prompts(model_input: Any) -> list:
+    if isinstance(model_input, pd.DataFrame):
+        if "prompt" not in model_input.columns:
+            raise ValueError(f"input DataFrame needs a 'prompt' column; it has {list(model_input.columns)}")
+        return list(model_input["prompt"])
+    if isinstance(model_input, str):
+        return [model_input]
+    return list(model_input)
+
+
+class ReasoningLM(mlflow.pyfunc.PythonModel):
+    """Input: a list of prompts (strings or chat messages) or a DataFrame with a `prompt` column.
+    Output: one row per prompt with `completion`, `thought`, `answer` and `reasoning_tokens`."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from rlvr.models import load_model
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.tokenizer = load_model(context.artifacts["model"], device=device)
+        self.model.eval()
+
+    def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
+        from rlvr.generation import generate
+
+        options = {**GENERATION_DEFAULTS, **(params or {})}
+        completions = generate(
+            self.model,
+            self.tokenizer,
+            _prompts(model_input),
+            max_new_tokens=int(options["max_new_tokens"]),
+            temperature=float(options["temperature"]),
+            top_p=float(options["top_p"]),
+            seed=int(options["seed"]),
+        )
+        rows = [
+            {"completion": c.text, "thought": c.thought, "answer": c.answer, "reasoning_tokens": c.reasoning_tokens}
+            for (c,) in completions
+        ]
+        return pd.DataFrame(rows, columns=["completion", "thought", "answer", "reasoning_tokens"])

