@@ -1,7 +1,8 @@
 """Offline model presets: architectures built from configs with seeded random weights, no hub needed.
 
 `tiny-qwen3` is Qwen3 at toy width for fast tests; `qwen3-0.6b-shape` is Qwen3-0.6B's published architecture
-(random weights) for GPU benchmarks. Both use the offline Qwen3 tokenizer.
+(random weights) for GPU benchmarks. Both use the offline Qwen3 tokenizer. `micro` is a ~1M-parameter Qwen3
+with its own small tokenizer, small enough to learn the synthetic task on a laptop CPU in minutes.
 """
 
 from __future__ import annotations
@@ -9,9 +10,17 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
-from rlvr.tokenizer import qwen3_tokenizer
+from rlvr.tokenizer import CHATML_TEMPLATE, qwen3_tokenizer
 
 QWEN3_EMBEDDING_ROWS = 151936
 _QWEN3_IDS = {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}
@@ -30,6 +39,79 @@ def _qwen3(**shape) -> Callable[[], tuple[Qwen3Config, PreTrainedTokenizerBase]]
         return config, qwen3_tokenizer()
 
     return build
+
+
+# The micro tokenizer's added tokens, in Qwen3's roles: pad, ChatML control tokens (special), thought tags
+# (non-special, so `skip_special_tokens=True` keeps them).
+MICRO_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<think>", False),
+    ("</think>", False),
+)
+_MICRO_MAX_TOKENS = 512
+_MICRO_PAD_ROWS_TO = 64  # embedding rows past the tokenizer, as Qwen3 has: ids that are no token
+
+
+def _micro_corpus() -> list[str]:
+    """Chats of the synthetic task with the default instruction: the words whose merges the tokenizer learns."""
+    from rlvr.data import DEFAULT_INSTRUCTION
+    from rlvr.synthetic import generate
+
+    return [
+        f"system\nuser\n{problem.question} {DEFAULT_INSTRUCTION}\nassistant\n{problem.reference}\n"
+        for problem in generate(64, seed=0)
+    ]
+
+
+def micro_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE over the synthetic task's chats: any text encodes without unknowns, digits stay single
+    tokens (so numbers are spelled digit by digit), and the task's few words become single tokens.
+
+    The BPE trainer is deterministic for a fixed corpus, so the same code always yields the same ids.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_MICRO_MAX_TOKENS, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(_micro_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
+        chat_template=CHATML_TEMPLATE,
+    )
+    for content, special in MICRO_ADDED_TOKENS:
+        tokenizer.add_tokens([AddedToken(content, special=special, normalized=False)], special_tokens=special)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    return tokenizer
+
+
+def _micro() -> tuple[Qwen3Config, PreTrainedTokenizerBase]:
+    tokenizer = micro_tokenizer()
+    rows = -(-len(tokenizer) // _MICRO_PAD_ROWS_TO) * _MICRO_PAD_ROWS_TO
+    config = Qwen3Config(
+        vocab_size=rows,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return config, tokenizer
 
 
 PRESETS: dict[str, Callable[[], tuple[Qwen3Config, PreTrainedTokenizerBase]]] = {
@@ -51,6 +133,7 @@ PRESETS: dict[str, Callable[[], tuple[Qwen3Config, PreTrainedTokenizerBase]]] = 
         head_dim=128,
         max_position_embeddings=40960,
     ),
+    "micro": _micro,
 }
 
 
@@ -66,6 +149,6 @@ def build_preset(
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
         pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=_QWEN3_IDS["bos_token_id"],
+        bos_token_id=config.bos_token_id,
     )
     return model, tokenizer

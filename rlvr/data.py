@@ -1,0 +1,624 @@
+"""Sources -> normalised parquet that training and evaluation read, and reading that parquet back with lineage.
+
+A source is a hub dataset, a local `.jsonl`/`.json`/`.parquet`/`.csv` file, or `synthetic`. Each row becomes
+one problem, its ground-truth final answer (`solution`, the string the reward checks) and, where the source
+has one, a worked solution (`reference`). The columns holding them are detected from the names that the usual
+datasets use (DeepScaleR, DeepMath-103K, RLVR-GSM, GSM8K, MATH, MATH-500, AIME, TRL's conversational
+`prompt`) or named explicitly. A worked solution is never taken as the answer: where there is no answer
+column, the answer is the last `\\boxed{}` of the worked solution.
+
+Rows that cannot be rewarded (no problem, no answer, an answer math-verify cannot parse) are dropped and
+counted, and so are repeats of a problem or id, which would otherwise leak between train and test. Too many
+unusable rows means the mapping is wrong, so that is an error rather than a silently small dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import urlparse
+
+import mlflow
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from math_verify import parse
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import register_dataset_source
+from mlflow.data.pandas_dataset import PandasDataset
+
+from rlvr import synthetic
+from rlvr.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+DEFAULT_SOURCE = "agentica-org/DeepScaleR-Preview-Dataset"
+DEFAULT_OUTPUT_DIR = "outputs/data"
+DATA_ARTIFACT_PATH = "data"  # where preprocess logs its parquet files in its MLflow run
+SPLITS = ("train", "test")
+FILE_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
+SYNTHETIC = "synthetic"
+SYNTHETIC_COUNT = 5000
+
+_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("prompt", pa.list_(_MESSAGE), nullable=False),
+        pa.field("solution", pa.string(), nullable=False),
+        pa.field("reference", pa.string(), nullable=False),
+    ]
+)
+_METADATA_KEY = b"rlvr.dataset"
+
+# Column names in the order they are tried. Beside TRL's chat columns (`prompt`, `messages`), `solution` is
+# the final answer, as in TRL's datasets and in our own output; elsewhere it is a worked solution.
+_PROBLEM_COLUMNS = ("problem", "question", "prompt", "messages")
+_ANSWER_COLUMNS = ("answer", "final_answer", "ground_truth")
+_REFERENCE_COLUMNS = ("reference", "solution", "r1_solution_1")
+_ID_COLUMNS = ("id", "unique_id")
+_CHAT_COLUMNS = ("prompt", "messages")
+
+# Why a row was dropped. All but `duplicate` count against `max_invalid_fraction`.
+MISSING_PROBLEM, MISSING_ANSWER = "missing_problem", "missing_answer"
+NON_STRING_ANSWER, UNPARSEABLE_ANSWER, DUPLICATE = "non_string_answer", "unparseable_answer", "duplicate"
+DROP_REASONS = (MISSING_PROBLEM, MISSING_ANSWER, NON_STRING_ANSWER, UNPARSEABLE_ANSWER, DUPLICATE)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything preprocess takes besides the source and output directory; the one home of the defaults.
+
+    `split`, `config` and `revision` select a hub dataset. `test_size` below 1 is a fraction of the usable
+    rows, from 1 up a row count, 0 no test rows. `max_samples` caps the usable rows before the split (0: all).
+    Empty `*_field` values mean: detect the column from its name.
+    """
+
+    split: str = "train"
+    config: str = ""
+    revision: str = ""
+    test_size: float = 0.1
+    max_samples: int = 0
+    seed: int = 0
+    system_prompt: str = ""
+    instruction: str = DEFAULT_INSTRUCTION
+    max_invalid_fraction: float = 0.1
+    problem_field: str = ""
+    answer_field: str = ""
+    reference_field: str = ""
+    id_field: str = ""
+
+    def __post_init__(self):
+        if self.test_size < 0 or (self.test_size >= 1 and not float(self.test_size).is_integer()):
+            raise InputError(
+                f"test_size={self.test_size} is neither a fraction in [0, 1) nor a whole row count; pass e.g. 0.1 or 500."
+            )
+        if self.max_samples < 0:
+            raise InputError(f"max_samples={self.max_samples} is negative; pass 0 to keep every row, or a positive cap.")
+        if not 0 <= self.max_invalid_fraction <= 1:
+            raise InputError(f"max_invalid_fraction={self.max_invalid_fraction} is not in [0, 1]; pass e.g. 0.1.")
+
+
+# --- reading sources ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Table:
+    """A source's column names, and its rows restricted to the columns asked for (large sources stay lazy)."""
+
+    name: str
+    columns: list[str]
+    rows: Callable[[Sequence[str]], list[dict]]
+
+
+def read_source(source: str, options: Options = Options()) -> Table:
+    """The table behind `source`: `synthetic[:key=value,...]`, a local file, or a hub dataset id."""
+    if source == SYNTHETIC or source.startswith(SYNTHETIC + ":"):
+        return _synthetic_table(source, options.seed)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _file_table(path)
+    if path.exists():
+        raise InputError(f"source {source!r} is a directory; pass one {'/'.join(FILE_FORMATS)} file inside it.")
+    if path.suffix.lower() in FILE_FORMATS:
+        raise InputError(f"source file {source!r} does not exist; check the path (relative paths start at the project).")
+    return _hub_table(source, options)
+
+
+def _synthetic_table(source: str, seed: int) -> Table:
+    _, _, spec = source.partition(":")
+    try:
+        options = dict(item.split("=", 1) for item in spec.split(",") if item)
+    except ValueError:
+        raise InputError(f"source {source!r} is malformed; write options as synthetic:digits=3,max_ops=3.") from None
+    count = options.pop("count", str(SYNTHETIC_COUNT))
+    if not count.isdigit():
+        raise InputError(f"synthetic count={count!r} is not a whole number; pass e.g. synthetic:count=2000.")
+    problems = synthetic.generate(int(count), seed, synthetic.Difficulty.from_options(options))
+    rows = [{"problem": p.question, "answer": p.solution, "reference": p.reference} for p in problems]
+    return Table(source, ["problem", "answer", "reference"], lambda columns: rows)
+
+
+def _file_table(path: Path) -> Table:
+    suffix = path.suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise InputError(f"source file {str(path)!r} has an unknown extension; convert it to one of {', '.join(FILE_FORMATS)}.")
+    if suffix == ".parquet":
+        try:
+            columns = pq.read_schema(path).names
+        except (pa.ArrowException, OSError) as error:
+            raise InputError(f"source file {str(path)!r} is not readable parquet ({error}); re-export it.") from error
+        return Table(path.name, columns, lambda selected: pq.read_table(path, columns=list(selected)).to_pylist())
+    records = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix](path)
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    return Table(path.name, columns, lambda selected: records)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"line {number} of {str(path)!r} is not JSON ({error}); fix or remove it.") from error
+            if not isinstance(record, dict):
+                raise InputError(f"line {number} of {str(path)!r} is not a JSON object; write one object per line.")
+            records.append(record)
+    return records
+
+
+def _read_json(path: Path) -> list[dict]:
+    """A list of objects, or an object of equal-length columns (pandas' `orient="list"`)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") or "[]")
+    except json.JSONDecodeError as error:
+        raise InputError(f"source file {str(path)!r} is not JSON ({error}); fix it or use .jsonl.") from error
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()) and len({len(v) for v in data.values()}) <= 1:
+        return [dict(zip(data, values)) for values in zip(*data.values())]
+    if isinstance(data, list) and all(isinstance(record, dict) for record in data):
+        return data
+    raise InputError(f"source file {str(path)!r} is neither a list of objects nor an object of equal-length columns.")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _hub_table(source: str, options: Options) -> Table:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(
+            source, options.config or None, split=options.split, revision=options.revision or None
+        )
+    except Exception as error:  # the hub client raises many types: offline, missing repo, config, split
+        raise InputError(
+            f"source {source!r} is not a local file and could not be loaded as a hub dataset "
+            f"(config={options.config!r}, split={options.split!r}; {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); check the id, config and split and that the hub is "
+            f"reachable, or download the data and pass a {'/'.join(FILE_FORMATS)} file."
+        ) from error
+    return Table(source, list(dataset.column_names), lambda selected: dataset.select_columns(list(selected)).to_list())
+
+
+# --- field mapping ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fields:
+    """Which columns hold the problem, the final answer, the worked solution and the id.
+
+    `answer=None`: the answer is the last `\\boxed{}` of `reference`. `reference`/`id` None: the source has none.
+    """
+
+    problem: str
+    answer: str | None
+    reference: str | None
+    id: str | None
+
+    @property
+    def columns(self) -> list[str]:
+        return [c for c in dict.fromkeys((self.problem, self.answer, self.reference, self.id)) if c is not None]
+
+
+def detect_fields(table: Table, options: Options = Options()) -> Fields:
+    """The columns to use: those named in `options`, else the first conventional name present."""
+    named = {
+        "problem_field": options.problem_field,
+        "answer_field": options.answer_field,
+        "reference_field": options.reference_field,
+        "id_field": options.id_field,
+    }
+    for parameter, column in named.items():
+        if column and column not in table.columns:
+            raise InputError(
+                f"{parameter}={column!r} is not a column of {table.name!r} (columns: {table.columns}); name one of those."
+            )
+    problem = options.problem_field or _first(_PROBLEM_COLUMNS, table.columns)
+    if problem is None:
+        raise InputError(
+            f"{table.name!r} has no problem column (looked for {list(_PROBLEM_COLUMNS)}; columns: {table.columns}); "
+            "pass problem_field=<column>."
+        )
+    answer = options.answer_field or _first(_ANSWER_COLUMNS, table.columns)
+    if answer is None and problem in _CHAT_COLUMNS and "solution" in table.columns:
+        answer = "solution"
+    candidates = [c for c in _REFERENCE_COLUMNS if c != answer]
+    reference = options.reference_field or _first(candidates, table.columns)
+    if answer is None and reference is None:
+        raise InputError(
+            f"{table.name!r} has no answer column (looked for {list(_ANSWER_COLUMNS)}) and no worked solution to take "
+            f"the last \\boxed{{}} from (columns: {table.columns}); pass answer_field=<column>."
+        )
+    return Fields(problem, answer, reference, options.id_field or _first(_ID_COLUMNS, table.columns))
+
+
+def _first(names: Sequence[str], columns: Sequence[str]) -> str | None:
+    return next((name for name in names if name in columns), None)
+
+
+# --- one row ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Example:
+    """One usable row before the prompt is built: earlier chat turns, the problem, its answer and worked solution."""
+
+    id: str
+    context: tuple[dict, ...]
+    problem: str
+    solution: str
+    reference: str
+
+
+class Dropped(Exception):
+    """A row that cannot be used, with the reason counted in the report."""
+
+    def __init__(self, reason: str, detail: Any = None):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` in `text` (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for position in range(begin - 1, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[position], 0)
+        if depth == 0:
+            return text[begin:position]
+    return None
+
+
+def parse_answer(answer: str) -> list:
+    """math-verify's reading of a final answer, as a completion would box it; empty when it means nothing."""
+    parsed = parse(f"\\boxed{{{answer}}}")
+    return parsed if any(not isinstance(value, str) for value in parsed) else []
+
+
+def _problem(value: Any) -> tuple[tuple[dict, ...], str]:
+    """Earlier turns and the problem text; a chat's problem is its last user message."""
+    if isinstance(value, str) and value.strip():
+        return (), value.strip()
+    if isinstance(value, list) and value and all(_is_message(m) for m in value):
+        last_user = max((i for i, m in enumerate(value) if m["role"] == "user"), default=None)
+        if last_user is not None and value[last_user]["content"].strip():
+            context = tuple({"role": m["role"], "content": m["content"]} for m in value[:last_user])
+            return context, value[last_user]["content"].strip()
+    raise Dropped(MISSING_PROBLEM, value)
+
+
+def _is_message(message: Any) -> bool:
+    return isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+
+
+def _answer_text(value: Any) -> tuple[str, str]:
+    """The answer string, plus any worked solution it carried (GSM8K writes `steps #### answer`)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise Dropped(MISSING_ANSWER, value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise Dropped(NON_STRING_ANSWER, value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    worked, _, answer = str(value).rpartition("####")
+    answer = answer.strip()
+    answer = last_boxed(answer) if "\\boxed{" in answer else answer
+    if not answer:
+        raise Dropped(MISSING_ANSWER, value)
+    return answer.strip(), _clean_gsm8k(worked)
+
+
+def _clean_gsm8k(worked: str) -> str:
+    """GSM8K's worked solutions carry calculator annotations like `<<48/2=24>>`; the reference drops them."""
+    return re.sub(r"<<[^<>]*>>", "", worked).strip()
+
+
+def to_example(row: dict, fields: Fields) -> Example:
+    """One source row as an `Example`, or `Dropped` with the reason."""
+    context, problem = _problem(row.get(fields.problem))
+    reference = row.get(fields.reference) if fields.reference else None
+    reference = reference.strip() if isinstance(reference, str) else ""
+    if fields.answer is None:
+        answer = last_boxed(reference)
+        if answer is None or not answer.strip():
+            raise Dropped(MISSING_ANSWER, reference[-80:])
+        answer = answer.strip()
+    else:
+        answer, worked = _answer_text(row.get(fields.answer))
+        reference = reference or worked
+    if not parse_answer(answer):
+        raise Dropped(UNPARSEABLE_ANSWER, answer)
+    raw_id = row.get(fields.id) if fields.id else None
+    has_id = raw_id is not None and str(raw_id).strip() != ""
+    identifier = str(raw_id).strip() if has_id else hashlib.sha256(problem.encode()).hexdigest()[:16]
+    return Example(identifier, context, problem, answer, reference)
+
+
+def make_prompt(example: Example, system_prompt: str = "", instruction: str = DEFAULT_INSTRUCTION) -> list[dict]:
+    """TRL's conversational prompt: optional system prompt, earlier turns, then the problem and the instruction."""
+    messages = list(example.context)
+    if system_prompt and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    content = example.problem
+    if instruction and not content.endswith(instruction):
+        content = f"{content} {instruction}"
+    return messages + [{"role": "user", "content": content}]
+
+
+# --- the whole source --------------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """Row counts of one preprocess, logged as metrics; `examples` keeps the first dropped value per reason."""
+
+    read: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    examples: dict[str, Any] = field(default_factory=dict)
+    train: int = 0
+    test: int = 0
+
+    @property
+    def invalid(self) -> int:
+        return sum(n for reason, n in self.dropped.items() if reason != DUPLICATE)
+
+    def metrics(self) -> dict[str, int]:
+        counts = {"rows_read": self.read, "rows_train": self.train, "rows_test": self.test}
+        counts |= {f"rows_dropped_{reason}": self.dropped[reason] for reason in DROP_REASONS}
+        return counts
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{reason} {n} (e.g. {self.examples[reason]!r:.80})" for reason, n in self.dropped.items() if n)
+        return f"{self.read} rows read, {self.train} train, {self.test} test; dropped: {drops or 'none'}"
+
+
+def collect(table: Table, fields: Fields) -> tuple[list[Example], Report]:
+    """Usable examples in source order, first occurrence of each problem and id kept."""
+    report = Report()
+    examples: list[Example] = []
+    seen_ids: set[str] = set()
+    seen_problems: set[str] = set()
+    for row in table.rows(fields.columns):
+        report.read += 1
+        try:
+            example = to_example(row, fields)
+            if example.id in seen_ids or example.problem in seen_problems:
+                raise Dropped(DUPLICATE, example.id)
+        except Dropped as drop:
+            report.dropped[drop.reason] += 1
+            report.examples.setdefault(drop.reason, drop.detail)
+            continue
+        seen_ids.add(example.id)
+        seen_problems.add(example.problem)
+        examples.append(example)
+    return examples, report
+
+
+def _check_usable(name: str, examples: list[Example], report: Report, options: Options) -> None:
+    if report.read == 0:
+        raise InputError(f"source {name!r} holds no rows; pass a source with data.")
+    if not examples:
+        raise InputError(f"no usable rows in {name!r} ({report.summary()}); fix the field mapping (problem_field, answer_field).")
+    if report.invalid > options.max_invalid_fraction * report.read:
+        raise InputError(
+            f"{report.invalid} of {report.read} rows of {name!r} are unusable, more than max_invalid_fraction="
+            f"{options.max_invalid_fraction} allows ({report.summary()}); fix the field mapping or raise max_invalid_fraction."
+        )
+
+
+def split_examples(examples: list[Example], options: Options) -> dict[str, list[Example]]:
+    """Seeded shuffle, `max_samples` cap, then the first `test_size` rows as the test split."""
+    rows = list(examples)
+    random.Random(options.seed).shuffle(rows)
+    if options.max_samples:
+        rows = rows[: options.max_samples]
+    test = options.test_size if options.test_size >= 1 else round(options.test_size * len(rows))
+    test = int(max(test, 1) if options.test_size > 0 else 0)
+    if test >= len(rows):
+        raise InputError(
+            f"test_size={options.test_size} asks for {test} test rows out of {len(rows)} usable ones, leaving none "
+            "for training; lower test_size or raise max_samples."
+        )
+    return {"train": rows[test:], "test": rows[:test]}
+
+
+def to_arrow(examples: list[Example], source: str, split: str, options: Options) -> pa.Table:
+    rows = [
+        {
+            "id": e.id,
+            "source": source,
+            "prompt": make_prompt(e, options.system_prompt, options.instruction),
+            "solution": e.solution,
+            "reference": e.reference,
+        }
+        for e in examples
+    ]
+    metadata = {_METADATA_KEY: json.dumps({"name": source, "split": split}).encode()}
+    return pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata))
+
+
+def _write_atomically(tables: dict[str, pa.Table], output_dir: Path) -> dict[str, Path]:
+    """Every file staged under a temporary name, then renamed: a reader sees all new files or the old ones."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, str] = {}
+    try:
+        for split, table in tables.items():
+            handle, staged[split] = tempfile.mkstemp(dir=output_dir, prefix=f".{split}.", suffix=".tmp")
+            os.close(handle)
+            pq.write_table(table, staged[split])
+        paths = {split: output_dir / f"{split}.parquet" for split in tables}
+        for split, temporary in staged.items():
+            os.replace(temporary, paths[split])
+        return paths
+    finally:
+        for temporary in staged.values():
+            Path(temporary).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    output_dir: Path
+    paths: dict[str, Path]
+    report: Report
+
+
+def preprocess(source: str, output_dir: str | os.PathLike, options: Options = Options()) -> PreprocessResult:
+    """Write `train.parquet` and `test.parquet` for `source` into `output_dir`, only once all checks passed."""
+    table = read_source(source, options)
+    examples, report = collect(table, detect_fields(table, options))
+    _check_usable(table.name, examples, report, options)
+    splits = split_examples(examples, options)
+    report.train, report.test = len(splits["train"]), len(splits["test"])
+    name = f"{table.name}:{options.config}" if options.config else table.name
+    tables = {split: to_arrow(rows, name, split, options) for split, rows in splits.items()}
+    paths = _write_atomically(tables, Path(output_dir))
+    logger.info("preprocessed %s: %s", source, report.summary())
+    return PreprocessResult(Path(output_dir), paths, report)
+
+
+# --- reading an output back, with lineage ------------------------------------------------------------------------
+class RunArtifactDatasetSource(DatasetSource):
+    """A dataset stored as an artifact of an MLflow run (`runs:/<run_id>/<path>`), as preprocess logs it."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "mlflow_run_artifact"
+
+    def load(self, dst_path: str | None = None) -> str:
+        return mlflow.artifacts.download_artifacts(artifact_uri=self.uri, dst_path=dst_path)
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return isinstance(raw_source, str) and raw_source.startswith("runs:/")
+
+    @classmethod
+    def _resolve(cls, raw_source: str) -> RunArtifactDatasetSource:
+        return cls(raw_source)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"uri": self.uri}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict) -> RunArtifactDatasetSource:
+        return cls(source_dict["uri"])
+
+
+register_dataset_source(RunArtifactDatasetSource)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a preprocess output: its rows, where it lives, and its identity for MLflow lineage.
+
+    The digest hashes the file's bytes, so the same data shows as the same dataset in every run that reads it,
+    whether from the output directory or from the preprocess run's artifacts.
+    """
+
+    name: str
+    split: str
+    path: Path
+    source_uri: str
+    digest: str
+    frame: pd.DataFrame = field(repr=False)
+
+    def mlflow_dataset(self) -> PandasDataset:
+        """For `mlflow.log_input(dataset, context=split)`."""
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            return mlflow.data.from_pandas(self.frame, source=self.source_uri, name=self.name, digest=self.digest)
+
+
+def load_split(data: str, split: str) -> Split:
+    """The `split` of a preprocess output named by its `output_dir` or a `runs:/<run_id>/<artifact_path>` URI."""
+    path, source_uri = _locate(str(data), split)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise InputError(f"{source_uri!r} is not readable parquet ({error}); rerun the preprocess entry point.") from error
+    if not table.schema.equals(SCHEMA):
+        raise InputError(
+            f"{source_uri!r} has columns {table.schema.names} ({table.schema.types}), not the preprocess schema "
+            f"{SCHEMA.names}; run the preprocess entry point on that data and pass its output_dir."
+        )
+    metadata = json.loads((table.schema.metadata or {}).get(_METADATA_KEY, b"{}"))
+    frame = table.to_pandas()
+    frame["prompt"] = table.column("prompt").to_pylist()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    name = f"{metadata.get('name', path.parent.name)}/{split}"
+    return Split(name, split, path, source_uri, digest, frame)
+
+
+def _locate(data: str, split: str) -> tuple[Path, str]:
+    if len(urlparse(data).scheme) > 1:  # a URI, not a path (nor a Windows drive letter)
+        uri = data.rstrip("/")
+        if uri.startswith("runs:/") and uri.count("/") == 1:
+            uri = f"{uri}/{DATA_ARTIFACT_PATH}"
+        uri = f"{uri}/{split}.parquet"
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)), uri
+        except Exception as error:  # MLflow raises several types for a missing run or artifact
+            raise InputError(
+                f"data {data!r} has no {split}.parquet that MLflow can fetch ({type(error).__name__}: {error}); pass "
+                "the runs:/<run_id>/data URI of a finished preprocess run and check MLFLOW_TRACKING_URI."
+            ) from error
+    path = Path(data).expanduser() / f"{split}.parquet"
+    if not path.is_file():
+        raise InputError(
+            f"data {data!r} has no {split}.parquet; pass the output_dir of a finished preprocess run (or its "
+            "runs:/<run_id>/data URI)."
+        )
+    return path, str(path.resolve())
+
+
+def log_preprocess(result: PreprocessResult, params: dict[str, Any]) -> str:
+    """Log a finished preprocess into the active MLflow run; returns the `runs:/` URI that training accepts.
+
+    `mlflow run` has already logged the parameters it was given (as typed); only the rest are logged here,
+    since MLflow refuses a parameter logged twice with different spellings of one value.
+    """
+    run_id = mlflow.active_run().info.run_id
+    logged = mlflow.MlflowClient().get_run(run_id).data.params
+    mlflow.log_params({key: value for key, value in params.items() if key not in logged})
+    mlflow.log_metrics(result.report.metrics())
+    data_uri = f"runs:/{run_id}/{DATA_ARTIFACT_PATH}"
+    for split, path in result.paths.items():
+        mlflow.log_artifact(str(path), DATA_ARTIFACT_PATH)
+        logged_split = replace(load_split(str(result.output_dir), split), source_uri=f"{data_uri}/{split}.parquet")
+        mlflow.log_input(logged_split.mlflow_dataset(), context=split)
+    mlflow.set_tag("rlvr.data_uri", data_uri)
+    return data_uri
