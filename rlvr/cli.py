@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -28,3 +29,27 @@ def friendly_errors(command: Callable) -> Callable:
             raise click.ClickException(str(error)) from error
 
     return wrapper
+
+
+def options_from(settings_class, exclude: tuple[str, ...] = (), **defaults) -> Callable:
+    """click options `--<field>` for every field of a settings dataclass, with its default (or the one given here).
+
+    Option names keep the underscores of the MLproject parameters, so `-P max_steps=5` and `--max_steps 5` name the
+    same thing.
+    """
+
+    def decorate(command: Callable) -> Callable:
+        for spec in reversed(dataclasses.fields(settings_class)):
+            if spec.name in exclude:
+                continue
+            default = defaults.get(spec.name, spec.default)
+            command = click.option(
+                f"--{spec.name}",
+                type=type(spec.default),
+                default=default,
+                show_default=True,
+                help=spec.metadata.get("help", ""),
+            )(command)
+        return command
+
+    return decorate

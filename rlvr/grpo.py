@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import torch
 import yaml
 from accelerate import PartialState
@@ -26,14 +25,14 @@ from trl import GRPOConfig, GRPOTrainer
 from rlvr import rewards, tracking
 from rlvr.data import load_split
 from rlvr.errors import InputError
-from rlvr.models import load_model, save_model
+from rlvr.models import load_model
 from rlvr.rendering import marked_text
-from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, attach
+from rlvr.training import Job, bf16_enabled, flag, param
+from rlvr.vocab import ReasoningVocab, attach
 
 log = logging.getLogger(__name__)
 
-FINAL_DIR = "final"
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+REASONING_VOCAB_SIZE = 151646  # train_reasoning's default: one copy of every Qwen3 token id below <|object_ref_start|>
 # GRPOConfig fields whose value a rollout path needs that cannot apply the constraint
 UNCONSTRAINED_ROLLOUTS = {
     "use_vllm": "vLLM samples outside this process, where the thought mask cannot be applied",
@@ -42,54 +41,39 @@ UNCONSTRAINED_ROLLOUTS = {
 }
 
 
-def _param(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainSettings:
     """Every parameter of the training entry points, with its one default."""
 
-    model: str = _param("Qwen/Qwen3-0.6B", "hub id, local directory, preset (tiny-qwen3, micro, ...) or MLflow model URI")
-    data: str = _param("data/deepscaler", "preprocess output: its output_dir or a runs:/<run_id>/<path> URI")
-    reasoning_vocab_size: int = _param(0, "N reasoning rows appended (0 = baseline)")
-    learning_rate: float = _param(1e-6, "peak learning rate")
-    num_train_epochs: float = _param(1.0, "passes over the training prompts (ignored when max_steps > 0)")
-    max_steps: int = _param(-1, "optimizer steps to run (-1: from num_train_epochs)")
-    per_device_train_batch_size: int = _param(8, "completions per device per micro-batch")
-    gradient_accumulation_steps: int = _param(8, "micro-batches per optimizer step")
-    num_generations: int = _param(8, "completions sampled per prompt (the GRPO group)")
-    max_prompt_length: int = _param(512, "prompts longer than this many tokens are left out")
-    max_completion_length: int = _param(1024, "tokens sampled per completion at most")
-    temperature: float = _param(1.0, "sampling temperature (also used to score log-probs)")
-    beta: float = _param(0.0, "KL coefficient against the starting policy (0: no reference model)")
-    loss_type: str = _param("dapo", "GRPO loss normalisation: grpo, dr_grpo, dapo, bnpo, ...")
-    seed: int = _param(42, "random seed")
-    bf16: str = _param("auto", "bf16 autocast: true, false or auto (on when a GPU supports it)")
-    gradient_checkpointing: str = _param("false", "recompute activations in backward: true or false")
-    save_steps: int = _param(50, "save a checkpoint every this many optimizer steps")
-    output_dir: str = _param("outputs/train", "checkpoints go here; rerunning with the same directory resumes")
-    registered_model_name: str = _param("rlvr", "register the final model under this name ('' to skip)")
-    accuracy_weight: float = _param(1.0, "weight of the math-verify accuracy reward")
-    format_weight: float = _param(0.0, "weight of the format reward (one closed thought, one boxed answer)")
-    log_completions_steps: int = _param(10, "log a table of sample completions every this many steps (0: never)")
-    grpo_config: str = _param("", "YAML file of further GRPOConfig fields")
-    grpo_args: str = _param("", "further GRPOConfig fields as 'key=value key=value'")
+    model: str = param("Qwen/Qwen3-0.6B", "hub id, local directory, preset (tiny-qwen3, micro, ...) or MLflow model URI")
+    data: str = param("outputs/data", "preprocess output: its output_dir or a runs:/<run_id>/<path> URI")
+    reasoning_vocab_size: int = param(0, "N reasoning rows appended (0 = baseline)")
+    learning_rate: float = param(1e-6, "peak learning rate")
+    num_train_epochs: float = param(1.0, "passes over the training prompts (ignored when max_steps > 0)")
+    max_steps: int = param(-1, "optimizer steps to run (-1: from num_train_epochs)")
+    per_device_train_batch_size: int = param(8, "completions per device per micro-batch")
+    gradient_accumulation_steps: int = param(8, "micro-batches per optimizer step")
+    num_generations: int = param(8, "completions sampled per prompt (the GRPO group)")
+    max_prompt_length: int = param(512, "prompts longer than this many tokens are left out")
+    max_completion_length: int = param(1024, "tokens sampled per completion at most")
+    temperature: float = param(1.0, "sampling temperature (also used to score log-probs)")
+    beta: float = param(0.0, "KL coefficient against the starting policy (0: no reference model)")
+    loss_type: str = param("dapo", "GRPO loss normalisation: grpo, dr_grpo, dapo, bnpo, ...")
+    seed: int = param(42, "random seed")
+    bf16: str = param("auto", "bf16 autocast: true, false or auto (on when a GPU supports it)")
+    gradient_checkpointing: str = param("false", "recompute activations in backward: true or false")
+    save_steps: int = param(50, "save a checkpoint every this many optimizer steps")
+    output_dir: str = param("outputs/train", "checkpoints go here; rerunning with the same directory resumes")
+    registered_model_name: str = param("rlvr", "register the final model under this name ('' to skip)")
+    accuracy_weight: float = param(1.0, "weight of the math-verify accuracy reward")
+    format_weight: float = param(0.0, "weight of the format reward (one closed thought, one boxed answer)")
+    log_completions_steps: int = param(10, "log a table of sample completions every this many steps (0: never)")
+    grpo_config: str = param("", "YAML file of further GRPOConfig fields")
+    grpo_args: str = param("", "further GRPOConfig fields as 'key=value key=value'")
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:
         return list(dataclasses.fields(cls))
-
-
-def _flag(name: str, value: str) -> bool | None:
-    lowered = str(value).strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    if lowered == "auto":
-        return None
-    raise InputError(f"{name}={value!r} is not a switch; use true, false or auto.")
 
 
 def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
@@ -144,27 +128,12 @@ def validate(settings: TrainSettings, world_size: int) -> None:
         )
     if settings.temperature <= 0:
         raise InputError(f"temperature={settings.temperature} must be positive for GRPO sampling.")
-    _flag("bf16", settings.bf16)
-    _flag("gradient_checkpointing", settings.gradient_checkpointing)
-
-
-def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))]
-    return sorted(found)
-
-
-def resumable_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint the Trainer can resume from (it has trainer state), if any."""
-    for step, path in reversed(checkpoints(output_dir)):
-        if step > 0 and (path / "trainer_state.json").exists() and (path / TOKEN_MAP_FILE).exists():
-            return path
-    return None
+    flag("bf16", settings.bf16)
+    flag("gradient_checkpointing", settings.gradient_checkpointing)
 
 
 def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
     cuda = torch.cuda.is_available()
-    bf16 = _flag("bf16", settings.bf16)
-    bf16 = (cuda and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     report_to = [r for r in extra.pop("report_to", []) or [] if r != "mlflow"]  # MLflow is logged by rlvr itself
@@ -181,7 +150,7 @@ def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
         beta=settings.beta,
         loss_type=settings.loss_type,
         seed=settings.seed,
-        bf16=bf16,
+        bf16=bf16_enabled(settings.bf16),
         save_strategy="steps",
         save_steps=settings.save_steps,
         logging_steps=1,
@@ -189,7 +158,7 @@ def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
         report_to=report_to,
         use_cpu=not cuda,
         save_only_model=False,
-        **{checkpointing: bool(_flag("gradient_checkpointing", settings.gradient_checkpointing))},
+        **{checkpointing: bool(flag("gradient_checkpointing", settings.gradient_checkpointing))},
     )
     kwargs.update(extra)
     try:
@@ -248,7 +217,7 @@ class ReasoningGRPOTrainer(GRPOTrainer):
                 "correct": rewards.is_correct(text, example["solution"]),
                 "reasoning_tokens": sum(1 for s in spans if s.multiplicity),
             })
-        mlflow.log_table(data=rows, artifact_file=f"completions/step_{step:06d}.json")
+        mlflow.log_table(data=pd.DataFrame(rows), artifact_file=f"completions/step_{step:06d}.json")
 
 
 def thought_statistics(vocab: ReasoningVocab, prompt_ids, completion_ids, completion_mask) -> torch.Tensor:
@@ -286,53 +255,33 @@ def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, 
 
 def train(settings: TrainSettings) -> str | None:
     """Run GRPO as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
-    state = PartialState()
-    main = state.is_main_process
-    validate(settings, state.num_processes)
+    world = PartialState().num_processes
+    validate(settings, world)
     extra = extra_grpo_fields(settings)
-    output_dir = Path(settings.output_dir)
-    if (output_dir / FINAL_DIR / TOKEN_MAP_FILE).exists():
-        raise InputError(
-            f"output_dir {output_dir} already holds a finished training ({FINAL_DIR}/); choose a new output_dir, "
-            "or delete it to train again."
-        )
-    if main:
-        tracking.check_tracking_server()
-    split = load_split(settings.data, "train")
-    resume_from = resumable_checkpoint(output_dir)
     arm = "reasoning" if settings.reasoning_vocab_size else "baseline"
-    run_context = (
-        tracking.resumable_run(output_dir, resume_from is not None, run_name=f"train_{arm}",
-                               tags={"rlvr.step": "train", "rlvr.arm": arm})
-        if main else _no_run()
-    )
-    with run_context:
-        if main:
+    job = Job(settings.output_dir, run_name=f"train_{arm}", tags={"rlvr.step": f"train_{arm}", "rlvr.arm": arm})
+    split = load_split(settings.data, "train")
+    with job.run():
+        if job.main:
             mlflow.log_input(split.mlflow_dataset(), context="train")
-        start = output_dir / "checkpoint-0"
-        if resume_from is not None:
-            model, tokenizer = load_model(str(start))
-        else:
-            model, tokenizer = load_model(settings.model, settings.reasoning_vocab_size, seed=settings.seed)
-            if main:
-                shutil.rmtree(start, ignore_errors=True)
-                save_model(model, tokenizer, start)
-            state.wait_for_everyone()
+        model, tokenizer = job.starting_model(
+            lambda: load_model(settings.model, settings.reasoning_vocab_size, seed=settings.seed)
+        )
         if model.reasoning_vocab.size != settings.reasoning_vocab_size:
             raise InputError(
-                f"output_dir {output_dir} holds a run with reasoning_vocab_size={model.reasoning_vocab.size}, not "
+                f"output_dir {job.output_dir} holds a run with reasoning_vocab_size={model.reasoning_vocab.size}, not "
                 f"{settings.reasoning_vocab_size}; resume with the same size or choose another output_dir."
             )
-        model.config._name_or_path = str(start)  # TRL builds the reference model from this directory
         dataset, too_long = _prompt_dataset(split.frame, tokenizer, settings.max_prompt_length)
         config = grpo_config(settings, extra)
-        if main:
+        if job.main:
+            own = dataclasses.asdict(settings)
             tracking.log_params({
-                **dataclasses.asdict(settings),
+                **own,
                 "arm": arm,
                 "base_vocab_size": model.reasoning_vocab.base_vocab_size,
                 "data_digest": split.digest,
-                "grpo": {k: v for k, v in config.to_dict().items() if k not in dataclasses.asdict(settings)},
+                "grpo": {k: v for k, v in config.to_dict().items() if k not in own},
             })
             mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
         trainer = ReasoningGRPOTrainer(
@@ -344,26 +293,11 @@ def train(settings: TrainSettings) -> str | None:
             callbacks=[tracking.MlflowMetrics()],
             completions_every=settings.log_completions_steps,
         )
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        final = output_dir / FINAL_DIR
-        if not main:
-            return None
-        save_model(trainer.model, tokenizer, final)
+        trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
         tags = {
             "base_model": settings.model,
             "reasoning_vocab_size": str(settings.reasoning_vocab_size),
             "data_digest": split.digest,
             "arm": arm,
         }
-        mlflow.set_tags({f"rlvr.{k}": v for k, v in tags.items()})
-        return tracking.log_model(final, settings.registered_model_name or None, tags)
-
-
-class _no_run:
-    """Ranks other than 0 take part in training but never talk to MLflow."""
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+        return job.finish(trainer.model, tokenizer, settings.registered_model_name, tags)

@@ -57,10 +57,9 @@ def _find_hf_dir(root: Path, source: str) -> Path:
     return found[0]
 
 
-def _load_base(source: str, dtype: torch.dtype, device, seed: int):
+def _load_base(source: str, directory: Path | None, dtype: torch.dtype, device, seed: int):
     if source in PRESETS:
         return build_preset(source, seed=seed, dtype=dtype, device=device)
-    directory = resolve_model_dir(source)
     target = str(directory) if directory is not None else source
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
@@ -85,21 +84,23 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """`(model, tokenizer)` with the reasoning-vocabulary constraint active and faithful decoding.
 
-    A source that carries a token map keeps it (`reasoning_vocab_size`, if given, must agree). Any other
-    source is expanded by `reasoning_vocab_size` rows (default 0, the baseline) copied from
-    `standard_token_ids` (default 0..N-1).
+    A source that carries a non-empty token map keeps it (`reasoning_vocab_size`, if given, must agree). Any
+    other source, a baseline (N = 0) checkpoint included, is expanded by `reasoning_vocab_size` rows
+    (default 0) copied from `standard_token_ids` (default 0..N-1).
     """
-    model, tokenizer = _load_base(source, dtype, device, seed)
     directory = resolve_model_dir(source) if source not in PRESETS else None
-    if directory is not None and (directory / TOKEN_MAP_FILE).exists():
-        vocab = ReasoningVocab.load(directory)
-        if reasoning_vocab_size is not None and reasoning_vocab_size != vocab.size:
+    model, tokenizer = _load_base(source, directory, dtype, device, seed)
+    saved = ReasoningVocab.load(directory) if directory is not None and (directory / TOKEN_MAP_FILE).exists() else None
+    if saved is not None and (saved.size or not reasoning_vocab_size):
+        if reasoning_vocab_size is not None and reasoning_vocab_size != saved.size:
             raise ReasoningVocabError(
-                f"model {source!r} already has a reasoning vocabulary of {vocab.size} rows, but "
-                f"reasoning_vocab_size={reasoning_vocab_size} was asked for; pass {vocab.size} or start from the base model."
+                f"model {source!r} already has a reasoning vocabulary of {saved.size} rows, but "
+                f"reasoning_vocab_size={reasoning_vocab_size} was asked for; pass {saved.size} or start from the "
+                "base model."
             )
-        attach(model, vocab)
+        vocab = attach(model, saved).reasoning_vocab
     else:
+        # a plain model, or a baseline (N = 0) that grows a reasoning vocabulary now, e.g. from a warm start
         rows = model.get_input_embeddings().weight.shape[0]
         vocab = ReasoningVocab.for_tokenizer(tokenizer, rows, reasoning_vocab_size or 0, standard_token_ids)
         expand_model(model, vocab)
