@@ -93,7 +93,7 @@ class SlurmBackend(AbstractBackend):
 class SlurmSubmittedRun(SubmittedRun):
     """A queued job as MLflow sees it: `mlflow.projects.run(..., synchronous=True)` waits through `wait`."""
 
-    def __init__(self, run_id: str, job_id: str, files: JobFiles, poll_seconds: float = 10.0):
+    def __init__(self, run_id: str, job_id: str, files: JobFiles, poll_seconds: float = 5.0):
         super().__init__()
         self._run_id = run_id
         self.job_id = job_id
