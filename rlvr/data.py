@@ -497,6 +497,8 @@ class PreprocessResult:
 def preprocess(source: str, output_dir: str | os.PathLike, options: Options = Options()) -> PreprocessResult:
     """Write `train.parquet` and `test.parquet` for `source` into `output_dir`, only once all checks passed."""
     table = read_source(source, options)
+    if not table.columns:
+        raise InputError(f"source {table.name!r} holds no rows; pass a source with data.")
     examples, report = collect(table, detect_fields(table, options))
     _check_usable(table.name, examples, report, options)
     splits = split_examples(examples, options)

@@ -1,4 +1,10 @@
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 # Tests never reach a hub: a hub id must fail at once with a clear message, not after network retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,3 +45,56 @@ def tiny_llama_factory(qwen_tok):
         return LlamaForCausalLM(config).eval()
 
     return build
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store, served artifacts in a temp dir) for the whole session."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = (root / "server.log").open("w")
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(uri, server, root / "server.log")
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def _wait_healthy(uri: str, server: subprocess.Popen, log_path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"mlflow server at {uri} not healthy after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def tracking_uri(mlflow_server, monkeypatch):
+    """Point MLflow (this process and its subprocesses) at the session's server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return mlflow_server
