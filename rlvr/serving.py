@@ -12,14 +12,13 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-GENERATION_DEFAULTS = {"max_new_tokens": 512, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+GENERATION_DEFAULTS = {"max_new_tokens": 512, "temperature": 0.0, "top_p": 1.0, "seed": 0}  # greedy by default
 
 
 def _prompts(model_input: Any) -> list:
-    if isinstance(model_input, pd.DataFrame):
-        if "prompt" not in model_input.columns:
-            raise ValueError(f"input DataFrame needs a 'prompt' column; it has {list(model_input.columns)}")
-        return list(model_input["prompt"])
+    if isinstance(model_input, pd.DataFrame):  # MLflow turns a plain list into a one-column frame
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        return list(model_input[column])
     if isinstance(model_input, str):
         return [model_input]
     return list(model_input)

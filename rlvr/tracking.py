@@ -131,18 +131,22 @@ def _requirements() -> list[str]:
 
 def log_model(hf_dir: Path, registered_model_name: str | None, tags: Mapping[str, str]) -> str:
     """Log `hf_dir` as the run's pyfunc model and, if named, register a version with `tags`. Returns its URI."""
-    import pandas as pd
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     from rlvr import serving
 
-    signature = infer_signature(
-        model_input=pd.DataFrame({"prompt": ["What is 2 + 3?"]}),
-        model_output=pd.DataFrame(
-            {"completion": ["<think>2+3=5</think> \\boxed{5}"], "thought": ["2+3=5"], "answer": ["\\boxed{5}"],
-             "reasoning_tokens": [0]}
-        ),
-        params=serving.GENERATION_DEFAULTS,
+    # One unnamed string column: a plain list of prompts and a DataFrame with a `prompt` column both fit it.
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.string)]),
+        outputs=Schema([ColSpec(DataType.string, name) for name in ("completion", "thought", "answer")]
+                       + [ColSpec(DataType.long, "reasoning_tokens")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", DataType.long, serving.GENERATION_DEFAULTS["max_new_tokens"]),
+            ParamSpec("temperature", DataType.double, serving.GENERATION_DEFAULTS["temperature"]),
+            ParamSpec("top_p", DataType.double, serving.GENERATION_DEFAULTS["top_p"]),
+            ParamSpec("seed", DataType.long, serving.GENERATION_DEFAULTS["seed"]),
+        ]),
     )
     package_dir = Path(serving.__file__).parent
     info = mlflow.pyfunc.log_model(

@@ -1,0 +1,198 @@
+"""Training entry points end to end against a real MLflow server: runs, params, metrics, registry, resume, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from conftest import QWEN3_N
+from rlvr import load_model
+from rlvr.data import Options, load_split, preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [  # a GRPO step in seconds on CPU: 2 prompts x 4 completions of 12 tokens
+    "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+    "--num_generations", "4", "--max_completion_length", "12", "--save_steps", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    preprocess("synthetic:count=120", out, Options(test_size=20, instruction=""))
+    return out
+
+
+def run_module(module: str, *args: str, env_extra: dict | None = None, check: bool = True):
+    env = {**os.environ, **(env_extra or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and result.returncode:
+        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def only_run(experiment: str, **tags) -> mlflow.entities.Run:
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def reasoning_outside_thoughts(model, sequences: torch.Tensor, prompt_length: int) -> int:
+    vocab = model.reasoning_vocab
+    before = vocab.thought_state(sequences)[:, prompt_length - 1 : -1]
+    completion = sequences[:, prompt_length:]
+    return int((vocab.is_reasoning(completion) & ~before).sum())
+
+
+def test_train_reasoning_logs_registers_and_serves(tracking_uri, data_dir, tmp_path):
+    output = tmp_path / "reasoning"
+    experiment = "train-reasoning"
+    run_module(
+        "entrypoints.train_reasoning", "--model", "tiny-qwen3", "--data", str(data_dir), "--output_dir", str(output),
+        "--registered_model_name", "test-reasoning", "--log_completions_steps", "1", *SMALL,
+        env_extra={"MLFLOW_EXPERIMENT_NAME": experiment},
+    )
+    run = only_run(experiment, **{"rlvr.arm": "reasoning"})
+    client = MlflowClient()
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["reasoning_vocab_size"] == str(QWEN3_N) and params["model"] == "tiny-qwen3"
+    assert params["learning_rate"] == "1e-06" and params["grpo.scale_rewards"] == "group"
+    for metric in ("reward", "rewards/accuracy_reward/mean", "rewards/format_reward/mean", "entropy",
+                   "completions/mean_length", "reasoning/token_share", "reasoning/thought_length",
+                   "reasoning/answer_length", "reasoning/closed_thought_rate"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == [1, 2], metric
+    # lineage: the training split preprocess wrote, by digest
+    split = load_split(str(data_dir), "train")
+    inputs = run.inputs.dataset_inputs
+    assert [(i.dataset.digest, i.tags[0].value) for i in inputs] == [(split.digest, "train")]
+    # samples table with reasoning tokens marked, every step
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "completions")}
+    assert tables == {"completions/step_000000.json", "completions/step_000001.json"}
+    # every checkpoint, checkpoint-0 included, carries the token map
+    for step in (0, 1, 2):
+        assert json.loads((output / f"checkpoint-{step}" / "reasoning_token_map.json").read_text())["base_vocab_size"] == 151936
+    version = client.get_model_version("test-reasoning", "1")
+    assert version.run_id == run.info.run_id
+    assert version.tags == {"base_model": "tiny-qwen3", "reasoning_vocab_size": str(QWEN3_N),
+                            "data_digest": split.digest, "arm": "reasoning"}
+
+    served = mlflow.pyfunc.load_model("models:/test-reasoning/1")
+    frame = served.predict(pd.DataFrame({"prompt": ["What is 2+3?", "What is 7*6?"]}), params={"max_new_tokens": 8})
+    assert list(frame.columns) == ["completion", "thought", "answer", "reasoning_tokens"] and len(frame) == 2
+    assert served.predict(["What is 1+1?"], params={"max_new_tokens": 4}).shape == (1, 4)
+
+    model, tokenizer = load_model("models:/test-reasoning/1")
+    assert model.reasoning_vocab.size == QWEN3_N
+    batch = tokenizer([tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False,
+                                                     add_generation_prompt=True)] * 16, return_tensors="pt")
+    torch.manual_seed(0)
+    sequences = model.generate(**batch, max_new_tokens=24, do_sample=True, top_k=0)
+    assert reasoning_outside_thoughts(model, sequences, batch["input_ids"].shape[1]) == 0
+
+
+def test_mlflow_run_train_baseline_on_micro_uses_one_run(tracking_uri, data_dir, tmp_path):
+    experiment = "train-baseline"
+    params = ["-P", "model=micro", "-P", f"data={data_dir}", "-P", f"output_dir={tmp_path / 'baseline'}",
+              "-P", "registered_model_name=test-baseline", "-P", "max_steps=2",
+              "-P", "per_device_train_batch_size=4", "-P", "gradient_accumulation_steps=2",
+              "-P", "num_generations=4", "-P", "max_completion_length=12", "-P", "learning_rate=1e-5"]
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "-e", "train_baseline",
+         "--experiment-name", experiment, *params],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1  # the run `mlflow run` created is the one the job logged into
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["learning_rate"] == "1e-5"  # as typed; the Trainer's own logging did not collide
+    assert run.data.tags["rlvr.arm"] == "baseline" and run.data.params["reasoning_vocab_size"] == "0"
+    assert "reward" in run.data.metrics and "reasoning/token_share" in run.data.metrics
+    assert run.data.metrics["reasoning/token_share"] == 0.0
+    assert client.get_model_version("test-baseline", "1").tags["reasoning_vocab_size"] == "0"
+
+
+def test_resume_after_sigkill_continues_the_same_run(tracking_uri, data_dir, tmp_path):
+    output = tmp_path / "resume"
+    experiment = "train-resume"
+    args = ["-m", "entrypoints.train_baseline", "--model", "micro", "--data", str(data_dir), "--output_dir",
+            str(output), "--registered_model_name", "", "--max_steps", "4", "--save_steps", "1",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_generations", "4",
+            "--max_completion_length", "12"]
+    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": experiment}
+    job = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (output / "checkpoint-2" / "trainer_state.json").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "training ended before its second checkpoint"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    first = json.loads((output / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient().get_run(first).info.status == "RUNNING"  # killed: nobody closed it
+
+    result = run_module(*args[1:], env_extra={"MLFLOW_EXPERIMENT_NAME": experiment})
+    assert "Error" not in result.stdout
+    run = only_run(experiment)
+    assert run.info.run_id == first and run.info.status == "FINISHED"
+    steps = {m.step for m in MlflowClient().get_metric_history(first, "reward")}
+    assert steps == {1, 2, 3, 4}
+    state = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and (output / "final" / "reasoning_token_map.json").exists()
+
+
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("train_reasoning", ["--reasoning_vocab_size", "-3"], "is negative"),
+        ("train_reasoning", ["--reasoning_vocab_size", "151670"], "exceeds the 151669 standard token ids"),
+        ("train_baseline", ["--num_generations", "3"], "does not divide the generation batch of 8"),
+        ("train_baseline", ["--data", "/no/such/dir"], "/no/such/dir"),
+        ("train_baseline", ["--model", "no-such-org/no-such-model"], "not a preset"),
+        ("train_baseline", ["--grpo_args", "use_vllm=true"], "train unconstrained"),
+        ("train_baseline", ["--grpo_args", "learning_rat=1"], "not a GRPOConfig field"),
+    ],
+)
+def test_bad_input_fails_before_training_with_one_clear_line(tracking_uri, data_dir, tmp_path, module, args, message):
+    from importlib import import_module
+
+    output = tmp_path / "out"
+    base = ["--model", "tiny-qwen3", "--data", str(data_dir), "--output_dir", str(output),
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_generations", "4"]
+    command = import_module(f"entrypoints.{module}").main
+    result = CliRunner().invoke(command, base + args)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and message in result.output
+    assert "Traceback" not in result.output
+    assert not any(output.glob("checkpoint-*/model.safetensors"))  # nothing trained, nothing half-written
+    for run in MlflowClient().search_runs([mlflow.get_experiment_by_name("Default").experiment_id]):
+        assert run.info.status != "RUNNING"
+
+
+def test_unreachable_tracking_server_is_refused_up_front(data_dir, tmp_path, monkeypatch):
+    from entrypoints.train_baseline import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    result = CliRunner().invoke(main, ["--model", "tiny-qwen3", "--data", str(data_dir), "--output_dir",
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 1 and "tracking server http://127.0.0.1:9 is unreachable" in result.output
+    assert not (tmp_path / "out").exists()
