@@ -1,7 +1,7 @@
 """`preprocess` entry point: turn a math dataset into the train/test parquet that training and evaluation read.
 
-    mlflow run . -e preprocess -P source=agentica-org/DeepScaleR-Preview-Dataset -P output_dir=outputs/data
-    python -m entrypoints.preprocess --source synthetic --output_dir outputs/data
+mlflow run . -e preprocess -P source=agentica-org/DeepScaleR-Preview-Dataset -P output_dir=outputs/data
+python -m entrypoints.preprocess --source synthetic --output_dir outputs/data
 """
 
 from __future__ import annotations
@@ -10,7 +10,15 @@ import click
 import mlflow
 
 from rlvr.cli import friendly_errors
-from rlvr.data import DEFAULT_OUTPUT_DIR, DEFAULT_SOURCE, DROP_REASONS, FILE_FORMATS, Options, log_preprocess, preprocess
+from rlvr.data import (
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_SOURCE,
+    DROP_REASONS,
+    FILE_FORMATS,
+    Options,
+    log_preprocess,
+    preprocess,
+)
 
 DEFAULTS = Options()
 
@@ -25,8 +33,14 @@ DEFAULTS = Options()
     "max_ops=2,operations=+-*,factor_digits=1,negative=false).",
 )
 @click.option("--split", default=DEFAULTS.split, show_default=True, help="Split of a hub dataset to read.")
-@click.option("--config", default=DEFAULTS.config, help="Configuration (subset) of a hub dataset, e.g. 'main' for gsm8k.")
-@click.option("--revision", default=DEFAULTS.revision, help="Revision (branch, tag or commit) of a hub dataset.")
+@click.option(
+    "--config",
+    default=DEFAULTS.config,
+    help="Configuration (subset) of a hub dataset, e.g. 'main' for gsm8k.",
+)
+@click.option(
+    "--revision", default=DEFAULTS.revision, help="Revision (branch, tag or commit) of a hub dataset."
+)
 @click.option(
     "--output_dir",
     default=DEFAULT_OUTPUT_DIR,
@@ -42,10 +56,24 @@ DEFAULTS = Options()
     help="Held-out test rows: a fraction below 1, a row count from 1 up, 0 for none.",
 )
 @click.option(
-    "--max_samples", default=DEFAULTS.max_samples, show_default=True, type=int, help="Keep at most this many usable rows (0: all)."
+    "--max_samples",
+    default=DEFAULTS.max_samples,
+    show_default=True,
+    type=int,
+    help="Keep at most this many usable rows (0: all).",
 )
-@click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int, help="Seed of the shuffle and of 'synthetic'.")
-@click.option("--system_prompt", default=DEFAULTS.system_prompt, help="System message put before each problem (none if empty).")
+@click.option(
+    "--seed",
+    default=DEFAULTS.seed,
+    show_default=True,
+    type=int,
+    help="Seed of the shuffle and of 'synthetic'.",
+)
+@click.option(
+    "--system_prompt",
+    default=DEFAULTS.system_prompt,
+    help="System message put before each problem (none if empty).",
+)
 @click.option(
     "--instruction",
     default=DEFAULTS.instruction,
@@ -59,10 +87,18 @@ DEFAULTS = Options()
     type=float,
     help="Fail when more than this fraction of rows lacks a problem or a parseable answer.",
 )
-@click.option("--problem_field", default=DEFAULTS.problem_field, help="Column holding the problem (text or chat messages).")
+@click.option(
+    "--problem_field",
+    default=DEFAULTS.problem_field,
+    help="Column holding the problem (text or chat messages).",
+)
 @click.option("--answer_field", default=DEFAULTS.answer_field, help="Column holding the final answer.")
 @click.option("--reference_field", default=DEFAULTS.reference_field, help="Column holding a worked solution.")
-@click.option("--id_field", default=DEFAULTS.id_field, help="Column holding a unique row id (else a hash of the problem).")
+@click.option(
+    "--id_field",
+    default=DEFAULTS.id_field,
+    help="Column holding a unique row id (else a hash of the problem).",
+)
 @friendly_errors
 def main(source: str, output_dir: str, **parameters) -> None:
     """Normalise SOURCE into OUTPUT_DIR/{train,test}.parquet with columns id, source, prompt (chat messages),
@@ -77,11 +113,17 @@ def main(source: str, output_dir: str, **parameters) -> None:
         result = preprocess(source, output_dir, Options(**parameters))
         data_uri = log_preprocess(result, {"source": source, "output_dir": output_dir, **parameters})
     report = result.report
-    click.echo(f"{report.read} rows read: {report.train} train, {report.test} test, {sum(report.dropped.values())} dropped")
+    click.echo(
+        f"{report.read} rows read: {report.train} train, {report.test} test, {sum(report.dropped.values())} dropped"
+    )
     for reason in DROP_REASONS:
         if report.dropped[reason]:
-            click.echo(f"  dropped ({reason}): {report.dropped[reason]}, e.g. {report.examples[reason]!r:.80}")
-    click.echo(f"wrote {', '.join(str(p) for p in result.paths.values())}; training accepts {output_dir} or {data_uri}")
+            click.echo(
+                f"  dropped ({reason}): {report.dropped[reason]}, e.g. {report.examples[reason]!r:.80}"
+            )
+    click.echo(
+        f"wrote {', '.join(str(p) for p in result.paths.values())}; training accepts {output_dir} or {data_uri}"
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ import re
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
@@ -48,7 +49,6 @@ DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer with
 DEFAULT_SOURCE = "agentica-org/DeepScaleR-Preview-Dataset"
 DEFAULT_OUTPUT_DIR = "outputs/data"
 DATA_ARTIFACT_PATH = "data"  # where preprocess logs its parquet files in its MLflow run
-SPLITS = ("train", "test")
 FILE_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 SYNTHETIC = "synthetic"
 SYNTHETIC_COUNT = 5000
@@ -108,9 +108,13 @@ class Options:
                 f"test_size={self.test_size} is neither a fraction in [0, 1) nor a whole row count; pass e.g. 0.1 or 500."
             )
         if self.max_samples < 0:
-            raise InputError(f"max_samples={self.max_samples} is negative; pass 0 to keep every row, or a positive cap.")
+            raise InputError(
+                f"max_samples={self.max_samples} is negative; pass 0 to keep every row, or a positive cap."
+            )
         if not 0 <= self.max_invalid_fraction <= 1:
-            raise InputError(f"max_invalid_fraction={self.max_invalid_fraction} is not in [0, 1]; pass e.g. 0.1.")
+            raise InputError(
+                f"max_invalid_fraction={self.max_invalid_fraction} is not in [0, 1]; pass e.g. 0.1."
+            )
 
 
 # --- reading sources ------------------------------------------------------------------------------------------
@@ -131,9 +135,14 @@ def read_source(source: str, options: Options = Options()) -> Table:
     if path.is_file():
         return _file_table(path)
     if path.exists():
-        raise InputError(f"source {source!r} is a directory; pass one {'/'.join(FILE_FORMATS)} file inside it.")
+        raise InputError(
+            f"source {source!r} is a directory; pass one {'/'.join(FILE_FORMATS)} file inside it."
+        )
     if path.suffix.lower() in FILE_FORMATS:
-        raise InputError(f"source file {source!r} does not exist; check the path (relative paths start at the project).")
+        raise InputError(
+            f"source file {source!r} does not exist; check the path (under `mlflow run`, relative paths start "
+            "at the project directory)."
+        )
     return _hub_table(source, options)
 
 
@@ -142,7 +151,9 @@ def _synthetic_table(source: str, seed: int) -> Table:
     try:
         options = dict(item.split("=", 1) for item in spec.split(",") if item)
     except ValueError:
-        raise InputError(f"source {source!r} is malformed; write options as synthetic:digits=3,max_ops=3.") from None
+        raise InputError(
+            f"source {source!r} is malformed; write options as synthetic:digits=3,max_ops=3."
+        ) from None
     count = options.pop("count", str(SYNTHETIC_COUNT))
     if not count.isdigit():
         raise InputError(f"synthetic count={count!r} is not a whole number; pass e.g. synthetic:count=2000.")
@@ -154,13 +165,19 @@ def _synthetic_table(source: str, seed: int) -> Table:
 def _file_table(path: Path) -> Table:
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
-        raise InputError(f"source file {str(path)!r} has an unknown extension; convert it to one of {', '.join(FILE_FORMATS)}.")
+        raise InputError(
+            f"source file {str(path)!r} has an unknown extension; convert it to one of {', '.join(FILE_FORMATS)}."
+        )
     if suffix == ".parquet":
         try:
             columns = pq.read_schema(path).names
         except (pa.ArrowException, OSError) as error:
-            raise InputError(f"source file {str(path)!r} is not readable parquet ({error}); re-export it.") from error
-        return Table(path.name, columns, lambda selected: pq.read_table(path, columns=list(selected)).to_pylist())
+            raise InputError(
+                f"source file {str(path)!r} is not readable parquet ({error}); re-export it."
+            ) from error
+        return Table(
+            path.name, columns, lambda selected: pq.read_table(path, columns=list(selected)).to_pylist()
+        )
     records = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix](path)
     columns = list(dict.fromkeys(key for record in records for key in record))
     return Table(path.name, columns, lambda selected: records)
@@ -175,9 +192,13 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise InputError(f"line {number} of {str(path)!r} is not JSON ({error}); fix or remove it.") from error
+                raise InputError(
+                    f"line {number} of {str(path)!r} is not JSON ({error}); fix or remove it."
+                ) from error
             if not isinstance(record, dict):
-                raise InputError(f"line {number} of {str(path)!r} is not a JSON object; write one object per line.")
+                raise InputError(
+                    f"line {number} of {str(path)!r} is not a JSON object; write one object per line."
+                )
             records.append(record)
     return records
 
@@ -188,11 +209,17 @@ def _read_json(path: Path) -> list[dict]:
         data = json.loads(path.read_text(encoding="utf-8") or "[]")
     except json.JSONDecodeError as error:
         raise InputError(f"source file {str(path)!r} is not JSON ({error}); fix it or use .jsonl.") from error
-    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()) and len({len(v) for v in data.values()}) <= 1:
+    if (
+        isinstance(data, dict)
+        and all(isinstance(v, list) for v in data.values())
+        and len({len(v) for v in data.values()}) <= 1
+    ):
         return [dict(zip(data, values)) for values in zip(*data.values())]
     if isinstance(data, list) and all(isinstance(record, dict) for record in data):
         return data
-    raise InputError(f"source file {str(path)!r} is neither a list of objects nor an object of equal-length columns.")
+    raise InputError(
+        f"source file {str(path)!r} is neither a list of objects nor an object of equal-length columns."
+    )
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -214,7 +241,9 @@ def _hub_table(source: str, options: Options) -> Table:
             f"{str(error).splitlines()[0] if str(error) else ''}); check the id, config and split and that the hub is "
             f"reachable, or download the data and pass a {'/'.join(FILE_FORMATS)} file."
         ) from error
-    return Table(source, list(dataset.column_names), lambda selected: dataset.select_columns(list(selected)).to_list())
+    return Table(
+        source, list(dataset.column_names), lambda selected: dataset.select_columns(list(selected)).to_list()
+    )
 
 
 # --- field mapping ----------------------------------------------------------------------------------------------
@@ -232,7 +261,9 @@ class Fields:
 
     @property
     def columns(self) -> list[str]:
-        return [c for c in dict.fromkeys((self.problem, self.answer, self.reference, self.id)) if c is not None]
+        return [
+            c for c in dict.fromkeys((self.problem, self.answer, self.reference, self.id)) if c is not None
+        ]
 
 
 def detect_fields(table: Table, options: Options = Options()) -> Fields:
@@ -323,7 +354,11 @@ def _problem(value: Any) -> tuple[tuple[dict, ...], str]:
 
 
 def _is_message(message: Any) -> bool:
-    return isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+    return (
+        isinstance(message, dict)
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), str)
+    )
 
 
 def _answer_text(value: Any) -> tuple[str, str]:
@@ -368,7 +403,9 @@ def to_example(row: dict, fields: Fields) -> Example:
     return Example(identifier, context, problem, answer, reference)
 
 
-def make_prompt(example: Example, system_prompt: str = "", instruction: str = DEFAULT_INSTRUCTION) -> list[dict]:
+def make_prompt(
+    example: Example, system_prompt: str = "", instruction: str = DEFAULT_INSTRUCTION
+) -> list[dict]:
     """TRL's conversational prompt: optional system prompt, earlier turns, then the problem and the instruction."""
     messages = list(example.context)
     if system_prompt and not (messages and messages[0]["role"] == "system"):
@@ -400,7 +437,9 @@ class Report:
         return counts
 
     def summary(self) -> str:
-        drops = ", ".join(f"{reason} {n} (e.g. {self.examples[reason]!r:.80})" for reason, n in self.dropped.items() if n)
+        drops = ", ".join(
+            f"{reason} {n} (e.g. {self.examples[reason]!r:.80})" for reason, n in self.dropped.items() if n
+        )
         return f"{self.read} rows read, {self.train} train, {self.test} test; dropped: {drops or 'none'}"
 
 
@@ -426,11 +465,17 @@ def collect(table: Table, fields: Fields) -> tuple[list[Example], Report]:
     return examples, report
 
 
+def _no_rows(name: str) -> InputError:
+    return InputError(f"source {name!r} holds no rows; pass a source with data.")
+
+
 def _check_usable(name: str, examples: list[Example], report: Report, options: Options) -> None:
     if report.read == 0:
-        raise InputError(f"source {name!r} holds no rows; pass a source with data.")
+        raise _no_rows(name)
     if not examples:
-        raise InputError(f"no usable rows in {name!r} ({report.summary()}); fix the field mapping (problem_field, answer_field).")
+        raise InputError(
+            f"no usable rows in {name!r} ({report.summary()}); fix the field mapping (problem_field, answer_field)."
+        )
     if report.invalid > options.max_invalid_fraction * report.read:
         raise InputError(
             f"{report.invalid} of {report.read} rows of {name!r} are unusable, more than max_invalid_fraction="
@@ -498,7 +543,7 @@ def preprocess(source: str, output_dir: str | os.PathLike, options: Options = Op
     """Write `train.parquet` and `test.parquet` for `source` into `output_dir`, only once all checks passed."""
     table = read_source(source, options)
     if not table.columns:
-        raise InputError(f"source {table.name!r} holds no rows; pass a source with data.")
+        raise _no_rows(table.name)
     examples, report = collect(table, detect_fields(table, options))
     _check_usable(table.name, examples, report, options)
     splits = split_examples(examples, options)
@@ -543,7 +588,7 @@ class RunArtifactDatasetSource(DatasetSource):
 register_dataset_source(RunArtifactDatasetSource)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Split:
     """One split of a preprocess output: its rows, where it lives, and its identity for MLflow lineage.
 
@@ -561,8 +606,12 @@ class Split:
     def mlflow_dataset(self) -> PandasDataset:
         """For `mlflow.log_input(dataset, context=split)`."""
         with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-            return mlflow.data.from_pandas(self.frame, source=self.source_uri, name=self.name, digest=self.digest)
+            warnings.filterwarnings(
+                "ignore", message="The specified dataset source can be interpreted in multiple ways"
+            )
+            return mlflow.data.from_pandas(
+                self.frame, source=self.source_uri, name=self.name, digest=self.digest
+            )
 
 
 def load_split(data: str, split: str) -> Split:
@@ -571,7 +620,9 @@ def load_split(data: str, split: str) -> Split:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
-        raise InputError(f"{source_uri!r} is not readable parquet ({error}); rerun the preprocess entry point.") from error
+        raise InputError(
+            f"{source_uri!r} is not readable parquet ({error}); rerun the preprocess entry point."
+        ) from error
     if not table.schema.equals(SCHEMA):
         raise InputError(
             f"{source_uri!r} has columns {table.schema.names} ({table.schema.types}), not the preprocess schema "
@@ -620,7 +671,9 @@ def log_preprocess(result: PreprocessResult, params: dict[str, Any]) -> str:
     data_uri = f"runs:/{run_id}/{DATA_ARTIFACT_PATH}"
     for split, path in result.paths.items():
         mlflow.log_artifact(str(path), DATA_ARTIFACT_PATH)
-        logged_split = replace(load_split(str(result.output_dir), split), source_uri=f"{data_uri}/{split}.parquet")
+        logged_split = replace(
+            load_split(str(result.output_dir), split), source_uri=f"{data_uri}/{split}.parquet"
+        )
         mlflow.log_input(logged_split.mlflow_dataset(), context=split)
     mlflow.set_tag("rlvr.data_uri", data_uri)
     return data_uri

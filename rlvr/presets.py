@@ -77,7 +77,9 @@ def micro_tokenizer() -> PreTrainedTokenizerFast:
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_MICRO_MAX_TOKENS, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=_MICRO_MAX_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(_micro_corpus(), trainer)
     tokenizer = PreTrainedTokenizerFast(

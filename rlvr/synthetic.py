@@ -54,7 +54,9 @@ class Difficulty:
         try:
             values = {k: _parse_option(v, known[k]) for k, v in options.items()}
         except ValueError as error:
-            raise InputError(f"synthetic options {options} are malformed ({error}); use e.g. digits=3,negative=true.")
+            raise InputError(
+                f"synthetic options {options} are malformed ({error}); use e.g. digits=3,negative=true."
+            )
         return cls(**values)
 
 

@@ -83,14 +83,18 @@ def _wait_healthy(uri: str, server: subprocess.Popen, log_path, timeout: float =
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"mlflow server at {uri} not healthy after {timeout}s:\n{log_path.read_text()[-3000:]}")
+    raise RuntimeError(
+        f"mlflow server at {uri} not healthy after {timeout}s:\n{log_path.read_text()[-3000:]}"
+    )
 
 
 @pytest.fixture

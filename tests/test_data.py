@@ -3,6 +3,7 @@
 import csv
 import json
 from dataclasses import replace
+from operator import itemgetter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -71,7 +72,9 @@ def test_synthetic_source_has_worked_references(tmp_path):
     train = pq.read_table(result.paths["train"]).to_pylist()
     assert len(train) == 30 and result.report.test == 10
     for row in train:
-        assert row["reference"].startswith("<think>\n") and row["reference"].endswith(f"\\boxed{{{row['solution']}}}.")
+        assert row["reference"].startswith("<think>\n") and row["reference"].endswith(
+            f"\\boxed{{{row['solution']}}}."
+        )
         assert row["prompt"][-1]["content"].endswith(" " + DEFAULT_INSTRUCTION)
         assert row["source"] == "synthetic:count=40,max_ops=1"
 
@@ -80,10 +83,19 @@ def test_output_schema_is_the_contract(tmp_path):
     result = preprocess("synthetic:count=20", tmp_path, Options(system_prompt="Be brief."))
     for path in result.paths.values():
         table = pq.read_table(path)
-        assert table.schema.equals(SCHEMA) and table.schema.names == ["id", "source", "prompt", "solution", "reference"]
+        assert table.schema.equals(SCHEMA) and table.schema.names == [
+            "id",
+            "source",
+            "prompt",
+            "solution",
+            "reference",
+        ]
         prompt = table.column("prompt").to_pylist()[0]
         assert prompt[0] == {"role": "system", "content": "Be brief."} and prompt[1]["role"] == "user"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.parquet", "train.parquet"]  # nothing staged is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "test.parquet",
+        "train.parquet",
+    ]  # nothing staged is left
 
 
 # --- the named datasets' layouts (rows shaped like the real ones) -----------------------------------------------
@@ -145,7 +157,14 @@ def test_math500_and_aime_numeric_answers(tmp_path):
 
 def test_math_without_answer_column_takes_last_boxed(tmp_path):
     worked = "First $\\boxed{1}$ is wrong; really it is $\\boxed{\\frac{\\sqrt{3}}{2}}$."
-    rows = [{"problem": "Compute $\\sin 60^\\circ$.", "level": "Level 2", "type": "Precalculus", "solution": worked}]
+    rows = [
+        {
+            "problem": "Compute $\\sin 60^\\circ$.",
+            "level": "Level 2",
+            "type": "Precalculus",
+            "solution": worked,
+        }
+    ]
     (row,), _ = _run(tmp_path, "math.jsonl", rows)
     assert (row["solution"], row["reference"]) == ("\\frac{\\sqrt{3}}{2}", worked)
 
@@ -165,7 +184,9 @@ def test_trl_conversational_prompt_keeps_earlier_turns(tmp_path):
 
 def test_explicit_field_overrides(tmp_path):
     rows = [{"q": "What is 6*7?", "gold": "42", "worked": "6*7=42", "key": "k1", "answer": "wrong column"}]
-    options = Options(test_size=0, problem_field="q", answer_field="gold", reference_field="worked", id_field="key")
+    options = Options(
+        test_size=0, problem_field="q", answer_field="gold", reference_field="worked", id_field="key"
+    )
     (row,), _ = _run(tmp_path, "custom.csv", rows, options)
     assert (row["id"], row["solution"], row["reference"]) == ("k1", "42", "6*7=42")
     assert _users([row]) == [f"What is 6*7? {DEFAULT_INSTRUCTION}"]
@@ -175,7 +196,7 @@ def test_own_output_reads_back_as_a_source(tmp_path):
     first = preprocess("synthetic:count=30", tmp_path / "a", Options(test_size=0))
     again = preprocess(str(first.paths["train"]), tmp_path / "b", Options(test_size=0))
     before, after = (pq.read_table(r.paths["train"]).to_pylist() for r in (first, again))
-    key = lambda row: row["id"]  # noqa: E731
+    key = itemgetter("id")
     assert [(r["id"], r["prompt"], r["solution"], r["reference"]) for r in sorted(before, key=key)] == [
         (r["id"], r["prompt"], r["solution"], r["reference"]) for r in sorted(after, key=key)
     ]
@@ -220,7 +241,9 @@ def test_answers_are_checked_with_math_verify():
 
 # --- sizes, determinism -----------------------------------------------------------------------------------------
 def test_max_samples_and_test_size(tmp_path):
-    fraction = preprocess("synthetic:count=200", tmp_path / "f", Options(max_samples=100, test_size=0.25)).report
+    fraction = preprocess(
+        "synthetic:count=200", tmp_path / "f", Options(max_samples=100, test_size=0.25)
+    ).report
     count = preprocess("synthetic:count=200", tmp_path / "c", Options(test_size=30)).report
     tiny = preprocess("synthetic:count=5", tmp_path / "t", Options(test_size=0.01)).report
     assert (fraction.train, fraction.test, count.train, count.test, tiny.test) == (75, 25, 170, 30, 1)
@@ -229,7 +252,9 @@ def test_max_samples_and_test_size(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("options", [{"test_size": 1.5}, {"test_size": -1}, {"max_samples": -2}, {"max_invalid_fraction": 2}])
+@pytest.mark.parametrize(
+    "options", [{"test_size": 1.5}, {"test_size": -1}, {"max_samples": -2}, {"max_invalid_fraction": 2}]
+)
 def test_impossible_options_are_refused(options):
     with pytest.raises(InputError):
         Options(**options)

@@ -40,13 +40,20 @@ def test_mlproject_parameters_match_the_click_command():
 
 
 def test_mlproject_command_passes_every_parameter_intact(tmp_path):
-    tricky = {"instruction": "Say \"it's\" in \\boxed{}; $x$ & {braces}", "system_prompt": "", "test_size": "0.25"}
+    tricky = {
+        "instruction": 'Say "it\'s" in \\boxed{}; $x$ & {braces}',
+        "system_prompt": "",
+        "test_size": "0.25",
+    }
     command = _project_entry().compute_command(tricky, storage_dir=str(tmp_path))
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "entrypoints.preprocess"]
     context = main.make_context("preprocess", argv[3:])
     assert context.params["instruction"] == tricky["instruction"] and context.params["system_prompt"] == ""
-    assert context.params["test_size"] == 0.25 and context.params["source"] == "agentica-org/DeepScaleR-Preview-Dataset"
+    assert (
+        context.params["test_size"] == 0.25
+        and context.params["source"] == "agentica-org/DeepScaleR-Preview-Dataset"
+    )
     assert {p.name for p in main.params} == {arg.lstrip("-") for arg in argv[3::2]}
 
 
@@ -79,7 +86,12 @@ FAILURES = {
     "missing file": ("absent.jsonl", None, [], "does not exist"),
     "a directory": ("folder", "dir", [], "is a directory"),
     "missing problem column": ("x.jsonl", _jsonl([{"text": "1+1", "answer": "2"}]), [], "no problem column"),
-    "override names no column": ("x.jsonl", _jsonl(GOOD), ["--answer_field", "gold"], "answer_field='gold' is not a column"),
+    "override names no column": (
+        "x.jsonl",
+        _jsonl(GOOD),
+        ["--answer_field", "gold"],
+        "answer_field='gold' is not a column",
+    ),
     "non-string answers": ("x.jsonl", _jsonl([{"problem": "p", "answer": [1]}] * 3), [], "no usable rows"),
     "unparseable answers": (
         "x.jsonl",
@@ -89,7 +101,12 @@ FAILURES = {
     ),
     "all rows invalid": ("x.csv", "problem,answer\n,1\n,2\n", [], "no usable rows"),
     "malformed json line": ("x.jsonl", _jsonl(GOOD[:1]) + "{oops\n", [], "line 2"),
-    "hub id with no network": ("", None, ["--source", "no-such-org/no-such-dataset"], "could not be loaded as a hub dataset"),
+    "hub id with no network": (
+        "",
+        None,
+        ["--source", "no-such-org/no-such-dataset"],
+        "could not be loaded as a hub dataset",
+    ),
     "test split takes everything": ("x.jsonl", _jsonl(GOOD), ["--test_size", "10"], "leaving none"),
     "impossible test size": ("x.jsonl", _jsonl(GOOD), ["--test_size", "2.5"], "test_size=2.5"),
     "unknown synthetic option": ("", None, ["--source", "synthetic:level=9"], "unknown synthetic option"),
@@ -122,7 +139,9 @@ def test_bad_input_fails_cleanly(tracking_uri, tmp_path, case):
 
 def test_duplicates_are_dropped_and_reported(tracking_uri, tmp_path):
     rows = GOOD + [{**GOOD[0], "answer": "0"}, {"problem": "What is 0+0? ", "answer": "0"}]
-    ids = [{"id": f"r{i % 10}", **row} for i, row in enumerate(GOOD)] + [{"id": "r0", "problem": "new", "answer": "1"}]
+    ids = [{"id": f"r{i % 10}", **row} for i, row in enumerate(GOOD)] + [
+        {"id": "r0", "problem": "new", "answer": "1"}
+    ]
     result, out = _invoke(tmp_path, "dup.jsonl", _jsonl(rows), ["--test_size", "0"])
     assert result.exit_code == 0 and "dropped (duplicate): 2" in result.output
     assert len(pd.read_parquet(out / "train.parquet")) == 10
@@ -156,7 +175,7 @@ def _mlflow_run(tracking_uri, experiment, *params):
     for param in params:
         argv += ["-P", param]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    return subprocess.run(argv, check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
 def test_mlflow_run_end_to_end_with_lineage(tracking_uri, tmp_path):
@@ -167,7 +186,10 @@ def test_mlflow_run_end_to_end_with_lineage(tracking_uri, tmp_path):
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("preprocess-e2e").experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.params["source"] == "synthetic:count=300" and run.data.params["max_invalid_fraction"] == "0.1"
+    assert (
+        run.data.params["source"] == "synthetic:count=300"
+        and run.data.params["max_invalid_fraction"] == "0.1"
+    )
     assert run.data.metrics["rows_train"] == 250 and run.data.metrics["rows_test"] == 50
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert artifacts == {"data/train.parquet", "data/test.parquet"}
@@ -178,7 +200,11 @@ def test_mlflow_run_end_to_end_with_lineage(tracking_uri, tmp_path):
     for split in ("train", "test"):
         local, remote = load_split(str(output_dir), split), load_split(data_uri, split)
         assert remote.source_uri == f"{data_uri}/{split}.parquet"
-        assert (logged[split].name, logged[split].digest) == (local.name, local.digest) == (remote.name, remote.digest)
+        assert (
+            (logged[split].name, logged[split].digest)
+            == (local.name, local.digest)
+            == (remote.name, remote.digest)
+        )
         assert json.loads(logged[split].source) == {"uri": remote.source_uri}
         assert logged[split].source_type == "mlflow_run_artifact"
         pd.testing.assert_frame_equal(local.frame, remote.frame)

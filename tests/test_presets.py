@@ -40,12 +40,16 @@ def test_presets_are_listed():
 
 def test_micro_tokenizer_has_chatml_and_thought_tokens(micro):
     _, tokenizer = micro
-    ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"])
+    ids = tokenizer.convert_tokens_to_ids(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    )
     assert len(set(ids)) == 5 and tokenizer.unk_token_id is None
     assert tokenizer.encode("a<think>b</think>c<|im_end|>")[1:4:2] == ids[3:5]
     assert (tokenizer.pad_token, tokenizer.eos_token) == ("<|endoftext|>", "<|im_end|>")
     assert tokenizer.chat_template == CHATML_TEMPLATE
-    text = "<|im_start|>assistant\n<think>\n1+1=2\n</think>\n\nThe answer is \\boxed{2}.<|im_end|><|endoftext|>"
+    text = (
+        "<|im_start|>assistant\n<think>\n1+1=2\n</think>\n\nThe answer is \\boxed{2}.<|im_end|><|endoftext|>"
+    )
     assert tokenizer.decode(tokenizer.encode(text), skip_special_tokens=True) == (
         "assistant\n<think>\n1+1=2\n</think>\n\nThe answer is \\boxed{2}."
     )
@@ -69,8 +73,13 @@ def test_micro_tokenizer_survives_save_and_auto_load(micro, tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     sample = generate(20, seed=1)
     for problem in sample:
-        chat = [{"role": "user", "content": problem.question}, {"role": "assistant", "content": problem.reference}]
-        assert loaded.apply_chat_template(chat)["input_ids"] == tokenizer.apply_chat_template(chat)["input_ids"]
+        chat = [
+            {"role": "user", "content": problem.question},
+            {"role": "assistant", "content": problem.reference},
+        ]
+        assert (
+            loaded.apply_chat_template(chat)["input_ids"] == tokenizer.apply_chat_template(chat)["input_ids"]
+        )
     assert (loaded.eos_token_id, loaded.pad_token_id, len(loaded)) == (
         tokenizer.eos_token_id,
         tokenizer.pad_token_id,
@@ -100,7 +109,9 @@ def test_micro_loads_with_a_full_reasoning_vocabulary_and_generates(micro):
     model, tokenizer = rlvr.load_model("micro", reasoning_vocab_size=len(micro[1]))
     assert model.config.vocab_size == base_rows + len(tokenizer)
     chat = [{"role": "user", "content": "What is 3+4?"}]
-    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     torch.manual_seed(0)
     out = model.generate(**inputs, max_new_tokens=24, do_sample=True)
     new = out[0, inputs["input_ids"].shape[1] :].tolist()
@@ -114,7 +125,9 @@ def test_saved_preset_loads_from_its_directory(name, tmp_path):
     model, tokenizer = rlvr.load_model(name, seed=3)
     rlvr.save_model(model, tokenizer, tmp_path)
     loaded, loaded_tokenizer = rlvr.load_model(str(tmp_path))
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12*3?"}], return_tensors="pt")["input_ids"]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12*3?"}], return_tensors="pt")[
+        "input_ids"
+    ]
     assert loaded_tokenizer(" 7*8=56")["input_ids"] == tokenizer(" 7*8=56")["input_ids"]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -1,6 +1,7 @@
 """The synthetic task: seeded, arithmetically right, in the target format, distinct problems, disjoint splits."""
 
 import re
+from itertools import pairwise
 
 import pyarrow.parquet as pq
 import pytest
@@ -24,7 +25,7 @@ def _check(problem) -> list[tuple[int, str, int, int]]:
     steps = [(int(a), op, int(b), int(c)) for a, op, b, c in (s.groups() for s in steps)]
     for a, op, b, c in steps:
         assert {"+": a + b, "-": a - b, "*": a * b}[op] == c
-    for (_, _, _, result), (a, _, _, _) in zip(steps, steps[1:]):
+    for (_, _, _, result), (a, _, _, _) in pairwise(steps):
         assert a == result  # each step continues from the last
     assert steps[-1][3] == int(problem.solution)
     expression = QUESTION.fullmatch(problem.question).group(1)
@@ -68,7 +69,13 @@ def test_options_parse_and_reject():
     assert Difficulty.from_options({"digits": "3", "negative": "true", "operations": "+"}) == Difficulty(
         digits=3, negative=True, operations="+"
     )
-    for options in ({"digit": "3"}, {"digits": "three"}, {"negative": "maybe"}, {"operations": "/"}, {"min_ops": "3"}):
+    for options in (
+        {"digit": "3"},
+        {"digits": "three"},
+        {"negative": "maybe"},
+        {"operations": "/"},
+        {"min_ops": "3"},
+    ):
         with pytest.raises(InputError):
             Difficulty.from_options(options)
 
@@ -82,7 +89,9 @@ def test_too_few_distinct_problems_is_an_error():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_preprocessed_splits_are_disjoint(tmp_path, seed):
-    result = preprocess("synthetic:count=1500,digits=1,max_ops=2", tmp_path, Options(test_size=0.3, seed=seed))
+    result = preprocess(
+        "synthetic:count=1500,digits=1,max_ops=2", tmp_path, Options(test_size=0.3, seed=seed)
+    )
     train, test = (pq.read_table(result.paths[s]).to_pylist() for s in ("train", "test"))
     assert (len(train), len(test)) == (1050, 450)
     assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in test}
