@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,25 +84,28 @@ def toy_project(tmp_path_factory) -> Path:
 
 @dataclass
 class Queued:
-    """Jobs queued at module start so that they run while earlier tests check theirs."""
+    """Jobs queued at module start, so that they run while earlier tests check theirs."""
 
     preprocess_run: str
     data_dir: Path
     sleeper: SlurmSubmittedRun
     distributed: SlurmSubmittedRun
+    failing: Future  # (experiment, what `mlflow.projects.run(..., synchronous=True)` raised)
+    train_run: Future  # train_baseline's run id, submitted as soon as preprocess has finished
 
 
 @pytest.fixture(scope="module")
 def queued(cluster, mlflow_server, toy_project, tmp_path_factory) -> Queued:
-    data_dir = tmp_path_factory.mktemp("slurm-data") / "data"
-    with pytest.MonkeyPatch.context() as patch:
+    workdir = tmp_path_factory.mktemp("slurm")
+    data_dir = workdir / "data"
+    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(max_workers=2) as background:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         preprocess = _mlflow_run_cli(
             ROOT, "preprocess", {"source": "synthetic:count=64", "output_dir": str(data_dir)}, {"partition": cluster},
-            data_dir.parent,
+            workdir,
         )
         sleeper = _submit(toy_project, {"sleep": 600}, {"partition": cluster})
-        preprocess_run = _submitted_run_id(preprocess)  # running beside the sleeper before the next one queues
+        preprocess_run = _submitted_run_id(preprocess)
         with patch.context() as secret:
             for name, value in SECRETS.items():
                 secret.setenv(name, value)
@@ -115,7 +119,33 @@ def queued(cluster, mlflow_server, toy_project, tmp_path_factory) -> Queued:
                     "exports": ["HF_TOKEN"],
                 },
             )
-        yield Queued(preprocess_run, data_dir, sleeper, distributed)
+        failing = background.submit(_failing_preprocess, cluster, workdir / "bad")
+        train_run = background.submit(_train_after, preprocess_run, data_dir, cluster, workdir)
+        yield Queued(preprocess_run, data_dir, sleeper, distributed, failing, train_run)
+
+
+def _failing_preprocess(partition: str, output_dir: Path) -> tuple[str, ExecutionException | None]:
+    """A bad parameter (test_size=-1), run the way a script waits for a SLURM run: synchronous=True."""
+    experiment = _experiment()
+    try:
+        mlflow.projects.run(
+            str(ROOT), "preprocess", parameters={"source": "synthetic", "test_size": -1, "output_dir": str(output_dir)},
+            backend="slurm", backend_config={"partition": partition}, env_manager="local",
+            experiment_name=experiment, synchronous=True,
+        )  # fmt: skip
+    except ExecutionException as error:
+        return experiment, error
+    return experiment, None
+
+
+def _train_after(preprocess_run: str, data_dir: Path, partition: str, workdir: Path) -> str:
+    assert _wait_for_job(preprocess_run) == "COMPLETED"
+    params = {
+        "model": "tiny-qwen3", "data": str(data_dir), "max_steps": 2, "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1, "num_generations": 2, "max_completion_length": 16,
+        "log_completions_steps": 0, "registered_model_name": "", "output_dir": str(workdir / "train"),
+    }  # fmt: skip
+    return _submitted_run_id(_mlflow_run_cli(ROOT, "train_baseline", params, {"partition": partition}, workdir))
 
 
 def _experiment() -> str:
@@ -228,15 +258,8 @@ def test_mlflow_run_preprocess_reaches_finished_with_the_jobs_metrics(queued, tm
     assert "=== Running command 'python -m entrypoints.preprocess" in _attached_log(run_id, tmp_path)
 
 
-def test_mlflow_run_train_baseline_on_a_tiny_preset_reaches_finished(queued, cluster, tmp_path):
-    assert _wait_for_job(queued.preprocess_run) == "COMPLETED"
-    params = {
-        "model": "tiny-qwen3", "data": str(queued.data_dir), "max_steps": 2, "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1, "num_generations": 2, "max_completion_length": 16,
-        "log_completions_steps": 0, "registered_model_name": "", "output_dir": str(tmp_path / "train"),
-    }  # fmt: skip
-    run_id = _submitted_run_id(_mlflow_run_cli(ROOT, "train_baseline", params, {"partition": cluster}, tmp_path))
-
+def test_mlflow_run_train_baseline_on_a_tiny_preset_reaches_finished(queued):
+    run_id = queued.train_run.result(timeout=300)
     assert _wait_for_job(run_id, timeout=300) == "COMPLETED"
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -258,17 +281,11 @@ def test_accelerate_template_runs_one_process_per_slot_and_passes_credentials(qu
         assert not any(secret in text for text in written)
 
 
-def test_a_failing_job_ends_failed_with_its_log_and_synchronous_runs_wait(cluster, mlflow_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    experiment = _experiment()
-    with pytest.raises(ExecutionException, match="failed"):  # MLflow's own wait, through the submitted run
-        mlflow.projects.run(
-            str(ROOT), "preprocess", parameters={"source": "synthetic", "test_size": -1, "output_dir": str(tmp_path)},
-            backend="slurm", backend_config={"partition": cluster}, env_manager="local",
-            experiment_name=experiment, synchronous=True,
-        )  # fmt: skip
-    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])
-    assert _wait_for_job(run.info.run_id) == "FAILED"
+def test_a_failing_job_ends_failed_with_its_log_and_a_synchronous_run_waits_for_it(queued, tmp_path):
+    experiment, raised = queued.failing.result(timeout=300)
+    assert raised is not None and "failed" in str(raised)  # MLflow's own wait, through the submitted run
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(experiment).experiment_id])
+    assert _job_state(run.data.tags[JOB_ID_TAG]) == "FAILED"
     assert run.info.status == "FAILED"
     assert "test_size=-1.0 is neither a fraction" in _attached_log(run.info.run_id, tmp_path)
 
