@@ -8,6 +8,7 @@ and each test waits for its own with a timeout.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +30,16 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITION = "debug"
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
+ENDED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+}
 SECRETS = {"HF_TOKEN": "hf_slurm_test_token_5e1d", "MLFLOW_TRACKING_PASSWORD": "slurm-test-password-9b2c"}
 
 TOY_MLPROJECT = """\
@@ -66,11 +76,15 @@ with mlflow.start_run():
 @pytest.fixture(scope="module")
 def cluster() -> str:
     try:
-        state = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%t"], capture_output=True, text=True).stdout
+        state = subprocess.run(
+            ["sinfo", "-h", "-p", PARTITION, "-o", "%t"], check=False, capture_output=True, text=True
+        ).stdout
     except FileNotFoundError:
         state = ""
     if state.strip() not in ("idle", "mix", "alloc"):
-        pytest.fail(f"no SLURM cluster with an up partition {PARTITION!r}; start one with `bash .ci/slurm-up` (root)")
+        pytest.fail(
+            f"no SLURM cluster with an up partition {PARTITION!r}; start one with `bash .ci/slurm-up` (root)"
+        )
     return PARTITION
 
 
@@ -101,10 +115,14 @@ def queued(cluster, mlflow_server, toy_project, tmp_path_factory) -> Queued:
     with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(max_workers=2) as background:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         preprocess = _mlflow_run_cli(
-            ROOT, "preprocess", {"source": "synthetic:count=64", "output_dir": str(data_dir)}, {"partition": cluster},
+            ROOT,
+            "preprocess",
+            {"source": "synthetic:count=64", "output_dir": str(data_dir)},
+            {"partition": cluster},
             workdir,
         )
-        sleeper = _submit(toy_project, {"sleep": 600}, {"partition": cluster})
+        zipped = shutil.make_archive(str(workdir / "toy"), "zip", toy_project)  # fetched like a Git URI
+        sleeper = _submit(Path(zipped), {"sleep": 600}, {"partition": cluster})
         preprocess_run = _submitted_run_id(preprocess)
         with patch.context() as secret:
             for name, value in SECRETS.items():
@@ -145,7 +163,9 @@ def _train_after(preprocess_run: str, data_dir: Path, partition: str, workdir: P
         "gradient_accumulation_steps": 1, "num_generations": 2, "max_completion_length": 16,
         "log_completions_steps": 0, "registered_model_name": "", "output_dir": str(workdir / "train"),
     }  # fmt: skip
-    return _submitted_run_id(_mlflow_run_cli(ROOT, "train_baseline", params, {"partition": partition}, workdir))
+    return _submitted_run_id(
+        _mlflow_run_cli(ROOT, "train_baseline", params, {"partition": partition}, workdir)
+    )
 
 
 def _experiment() -> str:
@@ -189,7 +209,9 @@ def _job_id(run_id: str) -> str:
 
 
 def _job_state(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], check=False, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _wait_for_job(run_id: str, timeout: float = 240) -> str:
@@ -199,7 +221,9 @@ def _wait_for_job(run_id: str, timeout: float = 240) -> str:
     while (state := _job_state(job_id)) not in ENDED:
         if time.monotonic() > deadline:
             log = JobFiles.for_run(run_id).log
-            pytest.fail(f"job {job_id} still {state} after {timeout}s:\n{log.read_text() if log.exists() else ''}")
+            pytest.fail(
+                f"job {job_id} still {state} after {timeout}s:\n{log.read_text() if log.exists() else ''}"
+            )
         time.sleep(1)
     return state
 
@@ -213,7 +237,9 @@ def _wait_until(condition, what: str, timeout: float = 120) -> None:
 
 
 def _attached_log(run_id: str, tmp_path: Path) -> str:
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="slurm/job.log", dst_path=str(tmp_path))
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="slurm/job.log", dst_path=str(tmp_path)
+    )
     return Path(local).read_text()
 
 
@@ -229,6 +255,14 @@ def test_a_queued_job_is_scheduled_and_cancelling_it_ends_the_run_killed(queued,
 
     assert _job_state(waiting.job_id) == "CANCELLED"
     assert MlflowClient().get_run(waiting.run_id).info.status == "KILLED"
+
+
+def test_a_fetched_project_runs_from_a_copy_beside_the_job_files(queued):
+    files = JobFiles.for_run(queued.sleeper.run_id)
+    assert files.read_spec()["project_dir"] == str(files.root / "project")  # not this machine's temp dir
+    _wait_until(
+        lambda: files.log.exists() and "toy rank 0 started" in files.log.read_text(), "the entry point"
+    )
 
 
 def test_scancel_of_a_running_job_ends_its_run_killed_with_the_log(queued, tmp_path):
@@ -297,10 +331,15 @@ def test_a_job_that_left_the_queue_is_resolved_from_what_it_recorded(queued):
     forgotten = "99999999"  # no such job in the controller, and this cluster keeps no accounting
     assert _job_state(forgotten) == ""
     assert SlurmSubmittedRun(run_id, forgotten, files).get_status() == "FINISHED"
-    assert SlurmSubmittedRun(run_id, forgotten, JobFiles(files.root / "nothing-recorded")).get_status() == "FAILED"
+    assert (
+        SlurmSubmittedRun(run_id, forgotten, JobFiles(files.root / "nothing-recorded")).get_status()
+        == "FAILED"
+    )
 
 
-def test_an_unknown_config_key_fails_mlflow_run_before_submission(cluster, mlflow_server, toy_project, tmp_path, monkeypatch):
+def test_an_unknown_config_key_fails_mlflow_run_before_submission(
+    cluster, mlflow_server, toy_project, tmp_path, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     process, experiment = _mlflow_run_cli(toy_project, "main", {}, {"partiton": cluster}, tmp_path)
     output, _ = process.communicate(timeout=180)
@@ -318,7 +357,10 @@ def test_an_unknown_config_key_fails_mlflow_run_before_submission(cluster, mlflo
         ({"partition": PARTITION, "nodes": "two"}, "'nodes' must be a positive whole number"),
         ({"partition": PARTITION, "modules": "cuda"}, "'modules' must be a list of non-empty strings"),
         ({"partition": PARTITION, "environment": ["no assignment"]}, "is not a NAME=value assignment"),
-        ({"partition": PARTITION, "exports": ["RLVR_UNSET_FOR_TEST"]}, "names RLVR_UNSET_FOR_TEST, which this shell"),
+        (
+            {"partition": PARTITION, "exports": ["RLVR_UNSET_FOR_TEST"]},
+            "names RLVR_UNSET_FOR_TEST, which this shell",
+        ),
         ({"partition": PARTITION, "sbatch-template": "nope"}, "neither a built-in template"),
     ],
 )

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -58,7 +60,9 @@ class SlurmBackend(AbstractBackend):
         project.get_entry_point(entry_point)  # an unknown entry point fails here, not in the queue
         template = config.template_text()
         _check_template(template, config.template)  # a broken template fails before the run exists
-        run_id = get_or_create_run(None, project_uri, experiment_id, work_dir, version, entry_point, params).info.run_id
+        run_id = get_or_create_run(
+            None, project_uri, experiment_id, work_dir, version, entry_point, params
+        ).info.run_id
         client = MlflowClient()
         try:
             files = JobFiles.for_run(run_id)
@@ -66,7 +70,7 @@ class SlurmBackend(AbstractBackend):
                 {
                     "run_id": run_id,
                     "experiment_id": str(experiment_id),
-                    "project_dir": work_dir,
+                    "project_dir": _project_dir_for_job(project_uri, work_dir, files),
                     "entry_point": entry_point,
                     "parameters": params,
                     "env_manager": backend_config.get(PROJECT_ENV_MANAGER),
@@ -122,12 +126,28 @@ class SlurmSubmittedRun(SubmittedRun):
         self.wait()
 
 
+def _project_dir_for_job(project_uri: str, work_dir: str, files: JobFiles) -> str:
+    """A local project runs where it is (on a filesystem the nodes share, like the job's working directory); a
+    fetched one (Git, zip) is copied beside the job's files, since MLflow fetched it into a temporary directory
+    that only this machine sees."""
+    local = Path(project_uri.removeprefix("file://").split("#")[0]).expanduser()
+    if local.is_dir() and Path(work_dir).resolve().is_relative_to(local.resolve()):
+        return work_dir
+    copy = files.root / "project"
+    shutil.copytree(work_dir, copy, symlinks=True)
+    return str(copy)
+
+
 def _check_template(template: str, name: str) -> None:
     used = set(_PLACEHOLDER.findall(template))
     missing = [slot for slot in _REQUIRED if slot not in used]
     unknown = sorted(used - set(_SLOTS))
     if missing or unknown:
-        problem = f"it lacks {{{{ {missing[0]} }}}}" if missing else f"it has an unknown slot {{{{ {unknown[0]} }}}}"
+        problem = (
+            f"it lacks {{{{ {missing[0]} }}}}"
+            if missing
+            else f"it has an unknown slot {{{{ {unknown[0]} }}}}"
+        )
         raise SlurmError(
             f"sbatch template {name}: {problem}; the slots are {', '.join(_SLOTS)}. Start from "
             "rlvr/slurm/templates/default.sbatch."

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from mlflow.entities import RunStatus
 from mlflow.exceptions import ExecutionException
@@ -88,7 +89,7 @@ class JobFiles:
 
 def slurm(args: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=60)
+        return subprocess.run(list(args), check=False, capture_output=True, text=True, env=env, timeout=60)
     except FileNotFoundError as error:
         raise SlurmError(
             f"`{args[0]}` is not installed here; submit from a SLURM login node (one where `sinfo` works)."
@@ -118,7 +119,9 @@ def submit(script: Path, env: Mapping[str, str]) -> str:
     """
     queued = slurm(["sbatch", "--parsable", "--export=ALL", str(script)], env=env)
     if queued.returncode != 0:
-        raise SlurmError(f"sbatch refused the job: {queued.stderr.strip()}. Fix the backend config and resubmit.")
+        raise SlurmError(
+            f"sbatch refused the job: {queued.stderr.strip()}. Fix the backend config and resubmit."
+        )
     return queued.stdout.strip().split(";")[0]
 
 
@@ -135,7 +138,9 @@ def job_state(job_id: str, files: JobFiles) -> str:
         return queued.stdout.split()[0]
     if queued.returncode != 0 and "Invalid job id" not in queued.stderr:
         raise SlurmError(f"squeue could not report job {job_id}: {queued.stderr.strip()}")
-    accounted = slurm(["sacct", "--noheader", "--allocations", "--parsable2", "--jobs", job_id, "--format=State"])
+    accounted = slurm(
+        ["sacct", "--noheader", "--allocations", "--parsable2", "--jobs", job_id, "--format=State"]
+    )
     if accounted.returncode == 0 and accounted.stdout.strip():
         return accounted.stdout.split()[0]  # "CANCELLED by 1000" names who cancelled
     return files.recorded_outcome() or "UNKNOWN"

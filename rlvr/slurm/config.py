@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mlflow.projects.utils import (
     PROJECT_BUILD_IMAGE,
@@ -27,8 +28,14 @@ from rlvr.slurm.cluster import SlurmError
 
 # Keys that `mlflow run` itself adds to every backend config; they describe the run, not the job.
 MLFLOW_KEYS = frozenset(
-    {PROJECT_ENV_MANAGER, PROJECT_SYNCHRONOUS, PROJECT_DOCKER_ARGS, PROJECT_STORAGE_DIR, PROJECT_BUILD_IMAGE,
-     PROJECT_DOCKER_AUTH}
+    {
+        PROJECT_ENV_MANAGER,
+        PROJECT_SYNCHRONOUS,
+        PROJECT_DOCKER_ARGS,
+        PROJECT_STORAGE_DIR,
+        PROJECT_BUILD_IMAGE,
+        PROJECT_DOCKER_AUTH,
+    }
 )
 TEMPLATES = ("default", "accelerate")
 
@@ -72,7 +79,9 @@ class SlurmConfig:
                 f"backend config: unknown key {key!r}; {hint}the SLURM backend takes {', '.join(sorted(KEYS))}."
             )
         if backend_config.get(PROJECT_DOCKER_ARGS):
-            raise SlurmError("docker arguments (-A) do not apply to the SLURM backend; drop them from `mlflow run`.")
+            raise SlurmError(
+                "docker arguments (-A) do not apply to the SLURM backend; drop them from `mlflow run`."
+            )
         values: dict[str, Any] = {}
         for key in _WORDS:
             if backend_config.get(key) is not None:
@@ -91,7 +100,9 @@ class SlurmConfig:
                 )
         for name in values.get("exports", ()):
             if not _NAME.fullmatch(name):
-                raise SlurmError(f"backend config 'exports': {name!r} is not a variable name; list names like \"HF_TOKEN\".")
+                raise SlurmError(
+                    f"backend config 'exports': {name!r} is not a variable name; list names like \"HF_TOKEN\"."
+                )
         if backend_config.get("exclusive") is not None:
             if not isinstance(backend_config["exclusive"], bool):
                 raise SlurmError("backend config 'exclusive' must be true or false.")
@@ -143,7 +154,9 @@ class SlurmConfig:
 
     def setup(self) -> list[str]:
         """Shell lines that prepare the job's environment before the run starts: modules, then variables."""
-        return [f"module load {module}" for module in self.modules] + [f"export {entry}" for entry in self.environment]
+        return [f"module load {module}" for module in self.modules] + [
+            f"export {entry}" for entry in self.environment
+        ]
 
     def template_text(self) -> str:
         if self.template in TEMPLATES:
@@ -169,7 +182,9 @@ def _count(key: str, value: Any) -> int:
 
 def _lines(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
-        raise SlurmError(f'backend config {key!r} must be a list of non-empty strings, e.g. "{key}": ["..."].')
+        raise SlurmError(
+            f'backend config {key!r} must be a list of non-empty strings, e.g. "{key}": ["..."].'
+        )
     if any("\n" in item for item in value):
         raise SlurmError(f"backend config {key!r}: one entry per line, without newlines inside entries.")
     return tuple(item.strip() for item in value)
@@ -184,4 +199,3 @@ def _template(value: Any) -> str:
         f"backend config 'sbatch-template': {value!r} is neither a built-in template ({', '.join(TEMPLATES)}) nor "
         "a file; name one of those or the path of your own template."
     )
-

@@ -36,7 +36,7 @@ LOG_ARTIFACT_DIR = "slurm"
 
 
 class _Signalled(Exception):
-    """SIGTERM reached this process: SLURM is cancelling the job or ending it at its time limit."""
+    """SIGTERM reached this process: SLURM is ending the job (scancel, time limit), or a launcher its processes."""
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -56,7 +56,8 @@ def run_job(files: JobFiles) -> int:
         if reporter:
             client.update_run(run_id, status="RUNNING")
         with files.lock.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # processes of one job build a conda/virtualenv env once, not at once
+            # The processes of one job build a conda/virtualenv environment once, one after the other.
+            fcntl.flock(lock, fcntl.LOCK_EX)
             submitted = LocalBackend().run(
                 spec["project_dir"],
                 spec["entry_point"],
@@ -79,8 +80,10 @@ def run_job(files: JobFiles) -> int:
         if submitted is not None:
             submitted.cancel()
         state = ending_state(os.environ["SLURM_JOB_ID"])
-    except Exception:  # whatever broke (an environment that cannot be built, ...) must end the run FAILED
-        traceback.print_exc()  # into the job log, which is attached below
+    except Exception:  # noqa: BLE001
+        # Whatever broke (an environment that cannot be built, ...) still ends the run FAILED, with the
+        # traceback in the job log that is attached below.
+        traceback.print_exc()
         state = "FAILED"
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a cancellation now must not cut the report short
     if reporter:
@@ -89,14 +92,19 @@ def run_job(files: JobFiles) -> int:
 
 
 def _report(client: MlflowClient, run_id: str, files: JobFiles, state: str) -> None:
-    """Outcome file first (local and instant), then the log, then the status, so a terminal run has its log."""
+    """Outcome file first (local and instant), then the log, then the status, so a terminal run has its log.
+
+    The log is a convenience: when it cannot be attached the run still gets the entry point's outcome, and the
+    log stays in the job directory.
+    """
     files.record_outcome(state)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         client.log_artifact(run_id, str(files.log), LOG_ARTIFACT_DIR)
-    finally:
-        client.set_terminated(run_id, run_status(state))
+    except Exception as error:  # noqa: BLE001 - any artifact store, any failure
+        print(f"rlvr.slurm: could not attach {files.log} to run {run_id}: {error}", file=sys.stderr)
+    client.set_terminated(run_id, run_status(state))
 
 
 if __name__ == "__main__":
