@@ -27,6 +27,7 @@ from rlvr.data import load_split
 from rlvr.errors import InputError
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
+from rlvr.rollout import enable_fast_rollouts
 from rlvr.training import Job, bf16_enabled, flag, param
 from rlvr.vocab import ReasoningVocab, attach
 
@@ -62,6 +63,8 @@ class TrainSettings:
     seed: int = param(42, "random seed")
     bf16: str = param("auto", "bf16 autocast: true, false or auto (on when a GPU supports it)")
     gradient_checkpointing: str = param("false", "recompute activations in backward: true or false")
+    fast_rollouts: str = param("auto", "sample with a static KV cache and a compiled decode step: true, false, or "
+                               "auto (on with a GPU)")
     save_steps: int = param(50, "save a checkpoint every this many optimizer steps")
     output_dir: str = param("outputs/train", "checkpoints go here; rerunning with the same directory resumes")
     registered_model_name: str = param("rlvr", "register the final model under this name ('' to skip)")
@@ -130,6 +133,7 @@ def validate(settings: TrainSettings, world_size: int) -> None:
         raise InputError(f"temperature={settings.temperature} must be positive for GRPO sampling.")
     flag("bf16", settings.bf16)
     flag("gradient_checkpointing", settings.gradient_checkpointing)
+    flag("fast_rollouts", settings.fast_rollouts)
 
 
 def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
@@ -167,20 +171,28 @@ def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
         raise InputError(f"the GRPO settings are inconsistent: {error}") from error
 
 
+def fast_rollouts_enabled(value: str) -> bool:
+    chosen = flag("fast_rollouts", value)
+    return torch.cuda.is_available() if chosen is None else chosen
+
+
 class ReasoningGRPOTrainer(GRPOTrainer):
     """`GRPOTrainer` whose policy and reference score log-probs under the thought mask, plus vocabulary metrics.
 
     TRL installs its own fused log-prob head on both models during `__init__`; attaching the vocabulary
     afterwards puts the constrained head back, at the trainer's temperature. Sampling is constrained by the
-    model's own `generate`, which TRL calls unchanged.
+    model's own `generate`, which TRL calls unchanged; with `fast_rollouts` that `generate` takes the static-cache
+    compiled path of `rlvr.rollout` for TRL's plain sampling requests.
     """
 
-    def __init__(self, *args, completions_every: int = 0, **kwargs):
+    def __init__(self, *args, completions_every: int = 0, fast_rollouts: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.vocab: ReasoningVocab = self.model.reasoning_vocab
         attach(self.model, self.vocab, temperature=self.temperature)
         if self.ref_model is not None:
             attach(self.ref_model, self.vocab, temperature=self.temperature)
+        if fast_rollouts:
+            enable_fast_rollouts(self.model)
         self.completions_every = completions_every
         self._tabled_steps: set[int] = set()
 
@@ -292,6 +304,7 @@ def train(settings: TrainSettings) -> str | None:
             processing_class=tokenizer,
             callbacks=[tracking.MlflowMetrics()],
             completions_every=settings.log_completions_steps,
+            fast_rollouts=fast_rollouts_enabled(settings.fast_rollouts),
         )
         trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
         tags = {

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from rlvr.tokenizer import qwen3_tokenizer  # noqa: E402
+from rlvr.vocab import ReasoningVocab  # noqa: E402
 
 QWEN3_N = 151646  # the reasoning_vocab_size users pass for Qwen3
 
@@ -102,3 +103,32 @@ def tracking_uri(mlflow_server, monkeypatch):
     """Point MLflow (this process and its subprocesses) at the session's server."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return mlflow_server
+
+
+# --- helpers shared by the constraint tests -------------------------------------------------------------
+THINK, END_THINK = 151667, 151668
+
+
+def bias_towards_forbidden(model, vocab: ReasoningVocab) -> None:
+    """Make padding rows and control copies the likeliest tokens, reasoning ids next, and the think tags likely."""
+    head = model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[vocab.base_vocab_size :] = 10.0
+    bias[vocab.tokenizer_size : vocab.base_vocab_size] = 20.0
+    control_copies = vocab.base_vocab_size + torch.nonzero(
+        torch.isin(torch.tensor(vocab.standard_token_ids), torch.tensor(vocab.control_token_ids))
+    ).flatten()
+    bias[control_copies] = 20.0
+    bias[THINK] = 22.0  # outside, likelier than </think>; inside, about as likely as all reasoning ids together
+    bias[END_THINK] = 20.0  # inside, closes a thought every ~15 tokens
+    head.bias = torch.nn.Parameter(bias)
+
+
+def prompts(tokenizer, count: int):
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i} + {i}?"}], tokenize=False,
+                                      add_generation_prompt=True)
+        for i in range(count)
+    ]
+    tokenizer.padding_side = "left"
+    return tokenizer(texts, return_tensors="pt", padding=True)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import QWEN3_N
+from conftest import QWEN3_N, bias_towards_forbidden, prompts
 from rlvr import ReasoningVocab, ReasoningVocabError, load_model, save_model
 from rlvr.models import ModelSourceError
 from rlvr.tokenizer import make_faithful
@@ -31,31 +31,6 @@ def reference_states(ids: list[int]) -> list[bool]:
 @pytest.fixture(scope="module")
 def tiny_reasoning():
     return load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
-
-
-def bias_towards_forbidden(model, vocab: ReasoningVocab) -> None:
-    """Make padding rows and control copies the likeliest tokens, reasoning ids next, and the think tags likely."""
-    head = model.get_output_embeddings()
-    bias = torch.zeros(head.weight.shape[0])
-    bias[vocab.base_vocab_size :] = 10.0
-    bias[vocab.tokenizer_size : vocab.base_vocab_size] = 20.0
-    control_copies = vocab.base_vocab_size + torch.nonzero(
-        torch.isin(torch.tensor(vocab.standard_token_ids), torch.tensor(vocab.control_token_ids))
-    ).flatten()
-    bias[control_copies] = 20.0
-    bias[THINK] = 22.0  # outside, likelier than </think>; inside, about as likely as all reasoning ids together
-    bias[END_THINK] = 20.0  # inside, closes a thought every ~15 tokens
-    head.bias = torch.nn.Parameter(bias)
-
-
-def prompts(tokenizer, count: int):
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i} + {i}?"}], tokenize=False,
-                                      add_generation_prompt=True)
-        for i in range(count)
-    ]
-    tokenizer.padding_side = "left"
-    return tokenizer(texts, return_tensors="pt", padding=True)
 
 
 # --- validation -------------------------------------------------------------------------------------------

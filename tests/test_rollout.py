@@ -1,0 +1,77 @@
+"""The fast rollout path keeps every invariant of the constraint (run eagerly here; compiled on GPUs)."""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from conftest import QWEN3_N, THINK, bias_towards_forbidden, prompts
+from rlvr import load_model
+from rlvr.rollout import _choose, enable_fast_rollouts
+from rlvr.vocab import ReasoningVocab
+
+STOP = dict(eos_token_id=[151645, 151643], pad_token_id=151643)
+
+
+@pytest.fixture(scope="module")
+def fast_model():
+    model, tokenizer = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
+    bias_towards_forbidden(model, model.reasoning_vocab)
+    enable_fast_rollouts(model, compile=False)
+    return model.eval(), tokenizer
+
+
+def test_greedy_fast_path_reproduces_generate_token_for_token(fast_model):
+    model, tokenizer = fast_model
+    batch = prompts(tokenizer, 12)  # prompts of different lengths: left padding and bucketing are exercised
+    assert (batch["attention_mask"] == 0).any()
+    config = GenerationConfig(max_new_tokens=24, do_sample=False, **STOP)
+    served = model.fast_rollout.calls
+    fast = model.generate(**batch, generation_config=config)
+    assert model.fast_rollout.calls == served + 1
+    reference = type(model).generate(model, **batch, generation_config=config)
+    assert torch.equal(fast, reference)
+
+
+def test_sampling_on_the_fast_path_obeys_confinement_and_never_samples_forbidden_rows(fast_model):
+    model, tokenizer = fast_model
+    vocab = model.reasoning_vocab
+    batch = prompts(tokenizer, 32)
+    config = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, **STOP)
+    torch.manual_seed(0)
+    out = model.generate(**batch, generation_config=config)
+    start = batch["input_ids"].shape[1]
+    before = vocab.thought_state(out)[:, start - 1 : -1]
+    completion = out[:, start:]
+    live = ~torch.cumsum(torch.isin(completion, torch.tensor([151645, 151643])), 1).bool()  # before the first stop
+    reasoning = vocab.is_reasoning(completion)
+    assert not (reasoning & ~before & live).any()
+    table = vocab.forbidden_table("cpu")
+    never = table[0] & table[1]  # forbidden in both states: padding rows and copies of control tokens
+    assert not never[completion[live]].any()
+    assert (reasoning & before).sum() > 50 and (completion == THINK).any()
+
+
+def test_the_sampler_draws_from_the_masked_softmax_at_its_temperature(qwen_tok):
+    """Gumbel-max over masked, tempered logits has the frequencies of softmax(mask(logits) / T)."""
+    vocab = ReasoningVocab(base_vocab_size=6, tokenizer_size=5, think_start_id=3, think_end_id=4,
+                           standard_token_ids=(0, 1, 2), control_token_ids=(2, 3, 4))
+    logits = torch.tensor([0.5, 1.0, 2.0, -1.0, 0.0, 3.0, 0.7, 1.5, 2.5])
+    draws = 40_000
+    inside = torch.ones(draws, dtype=torch.bool)
+    torch.manual_seed(0)
+    tokens, _, _ = _choose(logits.expand(draws, -1).clone(), inside, torch.zeros(draws, dtype=torch.bool),
+                           vocab.forbidden_table("cpu"), torch.tensor([99]), 0, torch.tensor(1 / 0.7), False, vocab)
+    expected = torch.softmax(vocab.mask_logits(logits / 0.7, torch.tensor(True)), -1)
+    observed = torch.bincount(tokens, minlength=9).float() / draws
+    assert observed[5] == 0 and observed[8] == 0  # the padding row and the copy of a control token
+    torch.testing.assert_close(observed, expected, atol=0.01, rtol=0)
+
+
+def test_requests_the_fast_path_does_not_cover_go_to_generate(fast_model):
+    model, tokenizer = fast_model
+    batch = prompts(tokenizer, 2)
+    served = model.fast_rollout.calls
+    torch.manual_seed(0)
+    model.generate(**batch, generation_config=GenerationConfig(max_new_tokens=4, do_sample=True, top_p=0.9, **STOP))
+    model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert model.fast_rollout.calls == served
