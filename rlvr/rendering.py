@@ -52,3 +52,78 @@ def marked_text(text: str, spans: Sequence[TokenSpan]) -> str:
         mark = "" if segment.multiplicity == 1 else str(segment.multiplicity).translate(SUPERSCRIPTS)
         parts.append(f"⟦{segment.text}⟧{mark}")
     return "".join(parts)
+
+
+# --- HTML pages -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PageEntry:
+    """One completion on an HTML page, with what a reader needs to judge it."""
+
+    heading: str
+    prompt: str
+    solution: str
+    correct: bool
+    text: str
+    spans: Sequence[TokenSpan]
+
+
+_PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+section { border: 1px solid #ccc; border-radius: 6px; margin: 1em 0; padding: 0.5em 1em; }
+section.correct { border-left: 6px solid #009E73; }
+section.wrong { border-left: 6px solid #D55E00; }
+h2 { font-size: 1em; margin: 0.3em 0; }
+.prompt, .solution { margin: 0.3em 0; white-space: pre-wrap; }
+pre.completion { white-space: pre-wrap; word-break: break-word; background: #f7f7f7; padding: 0.5em; }
+.reasoning, .swatch { border-radius: 2px; }
+.swatch { padding: 0 0.4em; margin-right: 0.5em; }
+"""
+
+
+def html_completion(text: str, spans: Sequence[TokenSpan]) -> str:
+    """`text` escaped for HTML, each reasoning run in a `<span class="reasoning">` coloured by its multiplicity."""
+    from html import escape
+
+    parts = []
+    for segment in segments(text, spans):
+        body = escape(segment.text)
+        if segment.multiplicity:
+            parts.append(
+                f'<span class="reasoning" data-multiplicity="{segment.multiplicity}" '
+                f'style="background:{colour_for(segment.multiplicity)}" '
+                f'title="reasoning token, multiplicity {segment.multiplicity}">{body}</span>'
+            )
+        else:
+            parts.append(body)
+    return "".join(parts)
+
+
+def _legend(entries: Sequence[PageEntry]) -> str:
+    present = sorted({s.multiplicity for e in entries for s in e.spans if s.multiplicity and s.end > s.start})
+    if not present:
+        return '<p class="legend">No reasoning tokens in these completions.</p>'
+    swatches = "".join(
+        f'<span class="swatch" style="background:{colour_for(m)}">multiplicity {m}</span>' for m in present
+    )
+    return f'<p class="legend">Reasoning tokens, by multiplicity: {swatches}</p>'
+
+
+def completions_page(title: str, entries: Sequence[PageEntry]) -> str:
+    """One self-contained HTML page (inline CSS, no scripts, no external files) showing each completion with its
+    prompt, solution and verdict, reasoning tokens coloured one colour per multiplicity as in every renderer."""
+    from html import escape
+
+    sections = [
+        f'<section class="{"correct" if e.correct else "wrong"}">'
+        f"<h2>{escape(e.heading)}: {'correct' if e.correct else 'wrong'}</h2>"
+        f'<div class="prompt"><b>Prompt:</b> {escape(e.prompt)}</div>'
+        f'<div class="solution"><b>Solution:</b> {escape(e.solution)}</div>'
+        f'<pre class="completion">{html_completion(e.text, e.spans)}</pre></section>'
+        for e in entries
+    ]
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f"<style>{_PAGE_STYLE}</style></head>\n<body><h1>{escape(title)}</h1>{_legend(entries)}\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
+    )

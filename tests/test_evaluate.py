@@ -1,0 +1,323 @@
+"""The `evaluate` entry point: pass@k and its interval, the HTML page, and real evaluations of a model whose
+answer is known, logged to a real MLflow server and linked to the registered model."""
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from fractions import Fraction
+from html.parser import HTMLParser
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from entrypoints.evaluate import main
+from rlvr import load_model, save_model, tracking
+from rlvr.data import Options, load_split, preprocess
+from rlvr.evaluation import (
+    EvalSettings,
+    Scored,
+    data_items,
+    dataset_metrics,
+    evaluate,
+    link_model,
+    pass_at_k,
+    wilson_interval,
+)
+from rlvr.generation import Generated
+from rlvr.presets import micro_tokenizer
+from rlvr.rendering import PageEntry, colour_for, completions_page, segments
+from rlvr.tokenizer import TokenSpan
+
+ROOT = Path(__file__).resolve().parents[1]
+# What the fixture model says to any chat prompt: a one-token thought made of a reasoning copy of "7", then 7.
+ANSWER = "<think>7</think>\\boxed{7}"
+FAST = dict(num_samples=2, temperature=1.0, max_new_tokens=16, batch_size=8)
+
+
+# --- pass@k and the interval --------------------------------------------------------------------------------------
+def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
+    """The share of k-subsets of n samples (the first c correct) that hold a correct sample."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
+
+
+def test_pass_at_k_equals_enumeration_over_every_subset():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_stays_exact_where_binomials_overflow_floats():
+    assert pass_at_k(2000, 1, 1) == pytest.approx(1 / 2000)
+    assert pass_at_k(2000, 0, 1000) == 0.0
+    # C(2000, 1000) is about 1e600, past any float; the exact rational answer comes from Python's integers
+    for c in (1, 3, 7):
+        exact = 1 - Fraction(math.comb(2000 - c, 1000), math.comb(2000, 1000))
+        assert pass_at_k(2000, c, 1000) == pytest.approx(float(exact), rel=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_wilson_interval_matches_the_textbook_and_stays_open_at_the_extremes():
+    low, high = wilson_interval(0.5, 100)
+    assert (round(low, 4), round(high, 4)) == (0.4038, 0.5962)
+    assert wilson_interval(0.0, 10) == (0.0, pytest.approx(0.2775, abs=1e-4))
+    low, high = wilson_interval(1.0, 4)
+    assert high == 1.0 and low == pytest.approx(4 / (4 + 1.959963984540054**2))
+
+
+def scored(correct: bool, thought: int = 2, reasoning: int = 1, answer: int = 3) -> Scored:
+    ids = list(range(thought + answer))
+    generated = Generated(ids, "", [], "", "", True, thought, reasoning)
+    return Scored(generated, correct, well_formed=correct)
+
+
+def test_dataset_metrics_average_samples_and_problems():
+    metrics = dataset_metrics([[scored(True), scored(False)], [scored(False), scored(False, thought=6, reasoning=0)]])
+    assert metrics["problems"] == 2 and metrics["accuracy"] == 0.25 and metrics["pass_at_1"] == 0.25
+    assert metrics["pass_at_2"] == 0.5  # one problem of two was solved by some sample
+    assert metrics["format_rate"] == 0.25
+    assert metrics["thought_length"] == 3.0 and metrics["answer_length"] == 3.0
+    assert metrics["reasoning_share"] == 3 / 12
+    assert metrics["accuracy_ci_low"] < 0.25 < metrics["accuracy_ci_high"]
+
+
+def test_data_items_keep_synthetic_options_together_and_refuse_repeats():
+    assert data_items(" outputs/data, synthetic:count=20,digits=3 ,org/set") == [
+        "outputs/data", "synthetic:count=20,digits=3", "org/set"
+    ]
+    with pytest.raises(ValueError, match="more than once"):
+        data_items("a,b,a")
+    with pytest.raises(ValueError, match="data is empty"):
+        data_items(" , ")
+
+
+# --- the HTML page ------------------------------------------------------------------------------------------------
+class Marks(HTMLParser):
+    """The completion's text as a browser shows it, and the text inside each reasoning span with its colour."""
+
+    def __init__(self):
+        super().__init__()
+        self.text, self.marked, self.legend = "", [], []
+        self._open: list[str | None] = []
+        self._in_completion = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "pre":
+            self._in_completion = True
+        if tag == "span":
+            reasoning = attrs.get("class") == "reasoning"
+            self._open.append(attrs["style"] if reasoning else None)
+            if reasoning:
+                self.marked.append([int(attrs["data-multiplicity"]), attrs["style"], ""])
+            if attrs.get("class") == "swatch":
+                self.legend.append(attrs["style"])
+
+    def handle_endtag(self, tag):
+        if tag == "pre":
+            self._in_completion = False
+        if tag == "span":
+            self._open.pop()
+
+    def handle_data(self, data):
+        if self._in_completion:
+            self.text += data
+            if self._open and self._open[-1]:
+                self.marked[-1][2] += data
+
+
+def test_html_page_marks_exactly_the_reasoning_runs_and_escapes_the_rest():
+    text = "<think>a<b & c</think>\\boxed{7}"
+    spans = [TokenSpan(0, 7, 0), TokenSpan(7, 8, 1), TokenSpan(8, 10, 1), TokenSpan(10, 12, 2), TokenSpan(12, 14, 0),
+             TokenSpan(14, 22, 0), TokenSpan(22, 31, 0)]  # fmt: skip
+    page = completions_page("Eval <x>", [PageEntry("set · 1 · sample 0", "2 < 3?", "7", True, text, spans)])
+    parsed = Marks()
+    parsed.feed(page)
+    assert parsed.text == text  # every character shown once, markup in the completion escaped
+    expected = [(s.multiplicity, f"background:{colour_for(s.multiplicity)}", s.text)
+                for s in segments(text, spans) if s.multiplicity]
+    assert [tuple(m) for m in parsed.marked] == expected == [(1, "background:#E69F00", "a<b"),
+                                                             (2, "background:#56B4E9", " &")]
+    assert parsed.legend == [f"background:{colour_for(1)}", f"background:{colour_for(2)}"]
+    assert "<title>Eval &lt;x&gt;</title>" in page and "2 &lt; 3?" in page and "<script" not in page
+    assert 'href=' not in page and "src=" not in page  # self-contained
+
+
+def test_html_page_without_reasoning_tokens_has_no_marks():
+    page = completions_page("t", [PageEntry("h", "p", "1", False, "<think>x</think>1", [TokenSpan(0, 17, 0)])])
+    parsed = Marks()
+    parsed.feed(page)
+    assert parsed.marked == [] and parsed.legend == [] and "No reasoning tokens" in page
+
+
+# --- real evaluations ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def answer_7_model(tmp_path_factory) -> Path:
+    """A real Qwen3 on the micro tokenizer that answers every chat prompt with ANSWER, then stops.
+
+    Its layers add nothing to the residual stream (zero output projections), so each next token depends on the
+    last token alone; one-hot embeddings and an lm_head that maps each chain token to the next make a bigram
+    chain from the generation prompt's final newline through ANSWER to <|im_end|>. The thought's "7" is a
+    reasoning copy (one row appended), so the chain's ids are all distinct and the thought holds a reasoning token.
+    """
+    tokenizer = micro_tokenizer()
+    chain_length = 10
+    config = Qwen3Config(
+        vocab_size=384, hidden_size=chain_length, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    root = tmp_path_factory.mktemp("answer-7")
+    save_model(Qwen3ForCausalLM(config), tokenizer, root / "base")
+    seven = tokenizer.convert_tokens_to_ids("7")
+    model, tokenizer = load_model(str(root / "base"), reasoning_vocab_size=1, standard_token_ids=[seven])
+    reasoning_seven = model.reasoning_vocab.base_vocab_size
+    ids = tokenizer.convert_tokens_to_ids
+    chain = [ids("Ċ"), ids("<think>"), reasoning_seven, ids("</think>"), *ids(["\\", "boxed", "{", "7", "}"]),
+             tokenizer.eos_token_id]  # fmt: skip
+    assert len(set(chain)) == len(chain) == chain_length
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        embeddings.zero_()
+        head.zero_()
+        for state, (token, following) in enumerate(itertools.pairwise(chain)):
+            embeddings[token, state] = 1.0
+            head[following, state] = 50.0
+    return save_model(model, tokenizer, root / "model")
+
+
+def write_problems(path: Path, answer: str) -> Path:
+    rows = [{"problem": f"What is {a} + {b}?", "answer": answer} for a, b in ((3, 4), (2, 5), (6, 1))]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sevens(tmp_path_factory) -> Path:
+    """A raw source whose answers are all 7."""
+    return write_problems(tmp_path_factory.mktemp("sevens") / "sevens.jsonl", "7")
+
+
+@pytest.fixture(scope="module")
+def eights(tmp_path_factory) -> Path:
+    """A preprocess output whose test answers are all 8."""
+    root = tmp_path_factory.mktemp("eights")
+    preprocess(str(write_problems(root / "eights.jsonl", "8")), root / "data", Options(test_size=2))
+    return root / "data"
+
+
+def test_evaluate_scores_a_right_and_a_wrong_dataset(tracking_uri, answer_7_model, sevens, eights, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-in-process")
+    results = evaluate(EvalSettings(model=str(answer_7_model), data=f"{sevens},{eights}", **FAST))
+    assert list(results) == [str(sevens), str(eights)]
+    right, wrong = results[str(sevens)], results[str(eights)]
+    assert right["problems"] == 3 and wrong["problems"] == 2
+    assert right["accuracy"] == right["pass_at_1"] == right["pass_at_2"] == 1.0
+    assert wrong["accuracy"] == wrong["pass_at_1"] == wrong["pass_at_2"] == 0.0
+    assert right["accuracy_ci_low"] < 1.0 == right["accuracy_ci_high"]
+    assert wrong["accuracy_ci_low"] == 0.0 < wrong["accuracy_ci_high"]
+    for metrics in (right, wrong):
+        assert metrics["format_rate"] == 1.0
+        assert metrics["thought_length"] == 3 and metrics["answer_length"] == 5  # <think>, 7*, </think> | \boxed{7}
+        assert metrics["reasoning_share"] == pytest.approx(1 / 3)
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("evaluate-in-process")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["rlvr.model"] == str(answer_7_model)
+    assert run.data.metrics["eval/sevens.jsonl/accuracy"] == 1.0 and run.data.metrics["eval/eights.jsonl/accuracy"] == 0.0
+    assert run.data.params["num_samples"] == "2" and run.data.params["reasoning_vocab_size"] == "1"
+    test_split = load_split(str(eights), "test")
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert inputs["eights.jsonl"].dataset.digest == test_split.digest
+    assert json.loads(inputs["sevens.jsonl"].dataset.source)["uri"] == (
+        f"runs:/{run.info.run_id}/data/sevens.jsonl.parquet"  # the normalised raw source, kept in the run
+    )
+    assert {i.tags[0].value for i in inputs.values()} == {"eval"}
+    table = mlflow.load_table("samples.json", run_ids=[run.info.run_id])
+    assert len(table) == (3 + 2) * 2 and set(table["completion"]) == {"<think>⟦7⟧</think>\\boxed{7}"}
+    assert table.groupby("dataset")["correct"].all().to_dict() == {"eights.jsonl": False, "sevens.jsonl": True}
+
+
+def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_uri, answer_7_model, sevens):
+    with mlflow.start_run(run_name="register-fixture") as training:
+        uri = tracking.log_model(answer_7_model, "answer-7", {"arm": "reasoning"})
+    client = MlflowClient()
+    client.set_registered_model_alias("answer-7", "champion", uri.rsplit("/", 1)[1])
+    experiment = "evaluate-mlflow-run"
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "-e", "evaluate",
+         "--experiment-name", experiment, "-P", "model=models:/answer-7@champion", "-P", f"data={sevens}",
+         "-P", "num_samples=2", "-P", "temperature=1.0", "-P", "max_new_tokens=16", "-P", "max_examples=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["eval/sevens.jsonl/accuracy"] == 1.0 and run.data.metrics["eval/sevens.jsonl/problems"] == 2
+    assert run.data.metrics["eval/sevens.jsonl/pass_at_2"] == 1.0
+    tags = run.data.tags
+    assert (tags["rlvr.model_name"], tags["rlvr.model_version"]) == ("answer-7", "1")
+    assert tags["rlvr.model_run_id"] == training.info.run_id
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "sevens.jsonl"
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"samples.json", "samples.html", "data"} <= artifacts
+    page = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples.html")).read_text()
+    assert page.count('<span class="reasoning" data-multiplicity="1"') == 2 * 2
+    # the registry lists the evaluation, and the logged model carries its metrics
+    version = client.get_model_version("answer-7", "1")
+    assert version.tags[f"rlvr.eval.{run_id}"] == "sevens.jsonl: accuracy 1"
+    model_id = mlflow.models.get_model_info(uri).model_id
+    assert [i.model_id for i in client.get_run(run_id).inputs.model_inputs] == [model_id]
+    linked = {m.key: m.value for m in client.get_logged_model(model_id).metrics if m.run_id == run_id}
+    assert linked["eval/sevens.jsonl/accuracy"] == 1.0
+    # a runs:/ URI links to the training run and the same logged model
+    link = link_model(f"runs:/{training.info.run_id}/model")
+    assert link.tags["rlvr.model_run_id"] == training.info.run_id and link.model_id == model_id
+    assert link.version is None
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+def test_mlproject_parameters_match_the_click_command():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["evaluate"]
+    options = {p.name: p for p in main.params}
+    assert list(spec["parameters"]) == list(options)
+    for name, declared in spec["parameters"].items():
+        assert type(options[name].default)(declared["default"]) == options[name].default, name
+        assert f"--{name} {{{name}}}" in spec["command"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num_samples", "0"], "num_samples=0 must be at least 1"),
+        (["--temperature", "-1"], "temperature=-1.0 is negative"),
+        (["--temperature", "0"], "num_samples=1 or a positive temperature"),
+        (["--top_p", "0"], "top_p=0.0 is not in (0, 1]"),
+        (["--data", "/no/such/dir"], "data '/no/such/dir' is no preprocess output"),
+        (["--model", "no-such-org/no-such-model"], "not a preset"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line(tracking_uri, sevens, args, message, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-bad-input")
+    result = CliRunner().invoke(main, ["--model", "micro", "--data", str(sevens), "--max_new_tokens", "4", *args])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and message in result.output and "Traceback" not in result.output
+    experiment = mlflow.get_experiment_by_name("evaluate-bad-input")
+    if experiment is not None:  # checks that need no model or data fail before any run starts
+        assert all(r.info.status == "FAILED" for r in MlflowClient().search_runs([experiment.experiment_id]))
