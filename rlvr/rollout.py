@@ -121,6 +121,8 @@ class FastRollout:
         cache_position = torch.tensor([bucket], device=device)
         for t in range(1, max_new):
             attention[:, bucket + t - 1] = 1
+            if self.compile:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are this step's inputs
             token, inside, finished = entry.step(
                 entry.cache, token.unsqueeze(-1), position, cache_position, attention, inside, finished, forbidden,
                 eos, pad, inv_temperature, greedy,

@@ -1,0 +1,146 @@
+"""Time and memory of one GRPO optimizer step: plain TRL vs train_baseline vs train_reasoning.
+
+    python benchmarks/grpo_step.py --variant plain
+    python benchmarks/grpo_step.py --variant baseline --fast-rollouts false
+    python benchmarks/grpo_step.py --variant reasoning --fast-rollouts true
+    python benchmarks/grpo_step.py --variant reasoning --completion-length 4096 --gradient-checkpointing --steps 1 --warmup 0
+
+Variants: `plain` is TRL's GRPOTrainer on the bare preset model (no rlvr code); `baseline` and `reasoning`
+are the trainer `train_baseline`/`train_reasoning` build (N = 0 and N = 151646), with fast rollouts on or off.
+Default workload (the reference configuration): `qwen3-0.6b-shape` with random weights, 8 prompts x 8
+generations, 512 completion tokens, micro-batch 8, gradient accumulation 8, bf16 autocast over fp32 weights,
+no gradient checkpointing. Random weights never emit EOS, so every completion has full length.
+
+Per step: wall time (median over `--steps` after `--warmup`), rollout time (the `generate` call), completion
+tokens/s and peak GPU memory. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import types
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+from rlvr import rewards
+from rlvr.grpo import REASONING_VOCAB_SIZE, ReasoningGRPOTrainer, TrainSettings, grpo_config
+from rlvr.models import load_model
+from rlvr.presets import build_preset
+from rlvr.synthetic import generate as synthetic_problems
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepMeter(TrainerCallback):
+    """Wall time and peak memory per optimizer step; rollout time from the timed `generate`."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self.rollout = 0.0
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.rollout = 0.0
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        self.steps.append({"seconds": time.perf_counter() - self._start, "rollout": self.rollout, "peak_gib": peak})
+
+
+def time_generate(model, meter: StepMeter) -> None:
+    inner = model.generate
+
+    def timed(self, *args, **kwargs):
+        _sync()
+        start = time.perf_counter()
+        out = inner(*args, **kwargs)
+        _sync()
+        meter.rollout += time.perf_counter() - start
+        return out
+
+    model.generate = types.MethodType(timed, model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=("plain", "baseline", "reasoning"), required=True)
+    parser.add_argument("--fast-rollouts", choices=("true", "false"), default="false")
+    parser.add_argument("--preset", default="qwen3-0.6b-shape")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--completion-length", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=8)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args()
+
+    total_steps = args.warmup + args.steps
+    problems = synthetic_problems(args.prompts * total_steps, seed=0)
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": p.question}], "solution": p.solution} for p in problems]
+    )
+    settings = TrainSettings(
+        model=args.preset,
+        reasoning_vocab_size=REASONING_VOCAB_SIZE if args.variant == "reasoning" else 0,
+        max_steps=total_steps,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.grad_accum,
+        num_generations=args.generations,
+        max_completion_length=args.completion_length,
+        gradient_checkpointing=str(args.gradient_checkpointing).lower(),
+        bf16="auto",
+        output_dir=tempfile.mkdtemp(prefix="grpo-step-"),
+    )
+    config = grpo_config(settings, {"save_strategy": "no", "shuffle_dataset": False})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meter = StepMeter()
+    if args.variant == "plain":
+        model, tokenizer = build_preset(args.preset, device=device)
+        trainer = GRPOTrainer(model=model, reward_funcs=[rewards.accuracy_reward, rewards.format_reward], args=config,
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=[meter])
+    else:
+        model, tokenizer = load_model(args.preset, settings.reasoning_vocab_size, device=device)
+        trainer = ReasoningGRPOTrainer(model=model, reward_funcs=[rewards.accuracy_reward, rewards.format_reward],
+                                       args=config, train_dataset=dataset, processing_class=tokenizer,
+                                       callbacks=[meter], fast_rollouts=args.fast_rollouts == "true")
+    time_generate(trainer.model, meter)
+    trainer.train()
+
+    measured = meter.steps[args.warmup :]
+    seconds = statistics.median(s["seconds"] for s in measured)
+    tokens = args.prompts * args.generations * args.completion_length
+    result = {
+        "variant": args.variant,
+        "fast_rollouts": args.fast_rollouts == "true" and args.variant != "plain",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "completion_length": args.completion_length,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "step_seconds": round(seconds, 3),
+        "rollout_seconds": round(statistics.median(s["rollout"] for s in measured), 3),
+        "completion_tokens_per_second": round(tokens / seconds, 1),
+        "peak_gib": round(max(s["peak_gib"] for s in measured), 2),
+        "all_steps": [round(s["seconds"], 2) for s in meter.steps],
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
