@@ -166,9 +166,10 @@ def is_preprocess_output(item: str) -> bool:
     return bool(_URI.match(item)) or Path(item).expanduser().is_dir()
 
 
-def metric_label(name: str) -> str:
-    """A dataset's name as one segment of a metric key: the part after a hub owner, other characters as `_`."""
-    return re.sub(r"[^\w.-]+", "_", name.rsplit("/", 1)[-1]).strip("_") or "data"
+def metric_label(split: Split) -> str:
+    """A dataset's name as one segment of a metric key: no split, no hub owner, other characters as `_`."""
+    name = split.name.removesuffix(f"/{split.split}").rsplit("/", 1)[-1]
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "data"
 
 
 def _unique(label: str, taken: set[str]) -> str:
@@ -178,8 +179,7 @@ def _unique(label: str, taken: set[str]) -> str:
 
 def _load_item(item: str, settings: EvalSettings, scratch: Path) -> Split:
     if is_preprocess_output(item):
-        split = load_split(item, settings.split)
-        return dataclasses.replace(split, name=split.name.removesuffix(f"/{settings.split}"))
+        return load_split(item, settings.split)  # same name and digest as preprocess logged: the UI links them
     options = Options(split=settings.split, test_size=0, seed=settings.seed, system_prompt=settings.system_prompt,
                       instruction=settings.instruction)
     try:
@@ -189,7 +189,7 @@ def _load_item(item: str, settings: EvalSettings, scratch: Path) -> Split:
             f"data {item!r} is no preprocess output (a directory or runs:/ URI), and as a source it failed: {error}"
         ) from error
     split = load_split(str(scratch), "train")  # test_size 0: every usable row is in `train`
-    return dataclasses.replace(split, name=split.name.removesuffix("/train"))
+    return dataclasses.replace(split, name=split.name.removesuffix("/train"))  # not a split of anything
 
 
 def _keep_in_run(split: Split, label: str) -> Split:
@@ -209,7 +209,7 @@ def load_eval_sets(items: Sequence[str], settings: EvalSettings, scratch: Path) 
             raise InputError(
                 f"data {item!r} has no rows in its {settings.split!r} split; pass another split or data with rows."
             )
-        label = _unique(metric_label(split.name), {s.label for s in sets})
+        label = _unique(metric_label(split), {s.label for s in sets})
         if not is_preprocess_output(item):
             split = _keep_in_run(split, label)
         dataset = split.mlflow_dataset()

@@ -37,9 +37,7 @@ from rlvr.rendering import PageEntry, colour_for, completions_page, segments
 from rlvr.tokenizer import TokenSpan
 
 ROOT = Path(__file__).resolve().parents[1]
-# What the fixture model says to any chat prompt: a one-token thought made of a reasoning copy of "7", then 7.
-ANSWER = "<think>7</think>\\boxed{7}"
-FAST = dict(num_samples=2, temperature=1.0, max_new_tokens=16, batch_size=8)
+FAST = {"num_samples": 2, "temperature": 1.0, "max_new_tokens": 16, "batch_size": 8}
 
 
 # --- pass@k and the interval --------------------------------------------------------------------------------------
@@ -163,11 +161,11 @@ def test_html_page_without_reasoning_tokens_has_no_marks():
 # --- real evaluations ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def answer_7_model(tmp_path_factory) -> Path:
-    """A real Qwen3 on the micro tokenizer that answers every chat prompt with ANSWER, then stops.
+    """A real Qwen3 on the micro tokenizer that answers every chat prompt with `<think>7</think>\\boxed{7}`.
 
     Its layers add nothing to the residual stream (zero output projections), so each next token depends on the
     last token alone; one-hot embeddings and an lm_head that maps each chain token to the next make a bigram
-    chain from the generation prompt's final newline through ANSWER to <|im_end|>. The thought's "7" is a
+    chain from the generation prompt's final newline through that answer to <|im_end|>. The thought's "7" is a
     reasoning copy (one row appended), so the chain's ids are all distinct and the thought holds a reasoning token.
     """
     tokenizer = micro_tokenizer()
@@ -242,7 +240,7 @@ def test_evaluate_scores_a_right_and_a_wrong_dataset(tracking_uri, answer_7_mode
     assert run.data.params["num_samples"] == "2" and run.data.params["reasoning_vocab_size"] == "1"
     test_split = load_split(str(eights), "test")
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
-    assert inputs["eights.jsonl"].dataset.digest == test_split.digest
+    assert inputs["eights.jsonl/test"].dataset.digest == test_split.digest  # as preprocess logged it
     assert json.loads(inputs["sevens.jsonl"].dataset.source)["uri"] == (
         f"runs:/{run.info.run_id}/data/sevens.jsonl.parquet"  # the normalised raw source, kept in the run
     )
@@ -262,7 +260,7 @@ def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_ur
         [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "-e", "evaluate",
          "--experiment-name", experiment, "-P", "model=models:/answer-7@champion", "-P", f"data={sevens}",
          "-P", "num_samples=2", "-P", "temperature=1.0", "-P", "max_new_tokens=16", "-P", "max_examples=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-5000:]
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
