@@ -28,9 +28,8 @@ DEFAULTS = Options()
     "--source",
     default=DEFAULT_SOURCE,
     show_default=True,
-    help="A hub dataset id, a local "
-    f"{'/'.join(FILE_FORMATS)} file, or 'synthetic' (options: synthetic:count=5000,digits=2,min_ops=1,"
-    "max_ops=2,operations=+-*,factor_digits=1,negative=false).",
+    help=f"A hub dataset id, a local {'/'.join(FILE_FORMATS)} file, or 'synthetic' with optional knobs, e.g. "
+    "synthetic:count=20000,digits=3,max_ops=3 (also min_ops, operations, factor_digits, negative).",
 )
 @click.option("--split", default=DEFAULTS.split, show_default=True, help="Split of a hub dataset to read.")
 @click.option(
@@ -101,8 +100,8 @@ DEFAULTS = Options()
 )
 @friendly_errors
 def main(source: str, output_dir: str, **parameters) -> None:
-    """Normalise SOURCE into OUTPUT_DIR/{train,test}.parquet with columns id, source, prompt (chat messages),
-    solution (the final answer the reward checks) and reference (a worked solution, or empty).
+    """Normalise a math dataset into train.parquet and test.parquet with columns id, source, prompt (chat
+    messages), solution (the final answer the reward checks) and reference (a worked solution, or empty).
 
     Columns are detected from common names (problem/question/prompt/messages; answer/final_answer/ground_truth;
     or the last \\boxed{} of a worked solution); the *_field options override them. Rows without a problem or a
