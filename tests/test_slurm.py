@@ -137,13 +137,17 @@ def queued(cluster, mlflow_server, toy_project, tmp_path_factory) -> Queued:
                     "exports": ["HF_TOKEN"],
                 },
             )
-        failing = background.submit(_failing_preprocess, cluster, workdir / "bad")
+        # train_baseline queues the moment its data exists; the failing run queues behind it, off its path.
         train_run = background.submit(_train_after, preprocess_run, data_dir, cluster, workdir)
+        failing = background.submit(_failing_preprocess, cluster, workdir / "bad", train_run)
         yield Queued(preprocess_run, data_dir, sleeper, distributed, failing, train_run)
 
 
-def _failing_preprocess(partition: str, output_dir: Path) -> tuple[str, ExecutionException | None]:
+def _failing_preprocess(
+    partition: str, output_dir: Path, after: Future
+) -> tuple[str, ExecutionException | None]:
     """A bad parameter (test_size=-1), run the way a script waits for a SLURM run: synchronous=True."""
+    after.result()
     experiment = _experiment()
     try:
         mlflow.projects.run(
@@ -163,19 +167,18 @@ def _train_after(preprocess_run: str, data_dir: Path, partition: str, workdir: P
         "gradient_accumulation_steps": 1, "num_generations": 2, "max_completion_length": 16,
         "log_completions_steps": 0, "registered_model_name": "", "output_dir": str(workdir / "train"),
     }  # fmt: skip
-    return _submitted_run_id(
-        _mlflow_run_cli(ROOT, "train_baseline", params, {"partition": partition}, workdir)
-    )
+    return _submit(ROOT, params, {"partition": partition}, entry_point="train_baseline").run_id
 
 
 def _experiment() -> str:
     return f"slurm-{uuid.uuid4().hex[:8]}"
 
 
-def _submit(project: Path, params: dict, config: dict, synchronous: bool = False) -> SlurmSubmittedRun:
+def _submit(project: Path, params: dict, config: dict, entry_point: str = "main") -> SlurmSubmittedRun:
+    """What `mlflow run --backend slurm` calls, in this process: it returns at submission."""
     return mlflow.projects.run(
-        str(project), "main", parameters=params, backend="slurm", backend_config=config, env_manager="local",
-        experiment_name=_experiment(), synchronous=synchronous,
+        str(project), entry_point, parameters=params, backend="slurm", backend_config=config, env_manager="local",
+        experiment_name=_experiment(), synchronous=False,
     )  # fmt: skip
 
 
@@ -292,12 +295,12 @@ def test_mlflow_run_preprocess_reaches_finished_with_the_jobs_metrics(queued, tm
     assert "=== Running command 'python -m entrypoints.preprocess" in _attached_log(run_id, tmp_path)
 
 
-def test_mlflow_run_train_baseline_on_a_tiny_preset_reaches_finished(queued):
+def test_train_baseline_on_a_tiny_preset_reaches_finished_with_training_metrics(queued):
     run_id = queued.train_run.result(timeout=300)
     assert _wait_for_job(run_id, timeout=300) == "COMPLETED"
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert any(key.startswith("train") or key == "loss" for key in run.data.metrics), run.data.metrics
+    assert {"loss", "train_runtime"} <= run.data.metrics.keys(), sorted(run.data.metrics)  # logged by the job
 
 
 def test_accelerate_template_runs_one_process_per_slot_and_passes_credentials(queued, tmp_path):
@@ -388,8 +391,8 @@ def test_a_template_without_the_job_slot_is_refused_before_submission(
     experiment = _experiment()
     with pytest.raises(SlurmError, match=r"it lacks \{\{ job_dir \}\}"):
         mlflow.projects.run(
-            str(toy_project), "main", backend="slurm", backend_config={"partition": cluster, "sbatch-template": str(template)},
-            env_manager="local", experiment_name=experiment, synchronous=False,
+            str(toy_project), "main", backend="slurm", env_manager="local", experiment_name=experiment,
+            backend_config={"partition": cluster, "sbatch-template": str(template)}, synchronous=False,
         )  # fmt: skip
     _assert_no_run(mlflow_server, experiment)
 
