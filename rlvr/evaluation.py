@@ -140,7 +140,6 @@ def validate(settings: EvalSettings) -> None:
     if settings.max_examples < 0:
         raise InputError(f"max_examples={settings.max_examples} is negative; pass 0 to evaluate every problem.")
     flag("bf16", settings.bf16)
-    data_items(settings.data)
 
 
 def data_items(data: str) -> list[str]:
@@ -315,6 +314,7 @@ def logged_model_id(source: str) -> str | None:
 
 
 def link_model(source: str) -> ModelLink:
+    """Everything MLflow knows about `source` that lets a reader go from the evaluation to the model and back."""
     version = registered_version(source)
     tags = {"rlvr.model": source}
     if version is not None:
