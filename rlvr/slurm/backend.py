@@ -140,16 +140,11 @@ def _project_dir_for_job(project_uri: str, work_dir: str, files: JobFiles) -> st
 
 def _check_template(template: str, name: str) -> None:
     used = set(_PLACEHOLDER.findall(template))
-    missing = [slot for slot in _REQUIRED if slot not in used]
-    unknown = sorted(used - set(_SLOTS))
-    if missing or unknown:
-        problem = (
-            f"it lacks {{{{ {missing[0]} }}}}"
-            if missing
-            else f"it has an unknown slot {{{{ {unknown[0]} }}}}"
-        )
+    problems = [f"it lacks {{{{ {slot} }}}}" for slot in _REQUIRED if slot not in used]
+    problems += [f"{{{{ {slot} }}}} is not a slot" for slot in sorted(used - set(_SLOTS))]
+    if problems:
         raise SlurmError(
-            f"sbatch template {name}: {problem}; the slots are {', '.join(_SLOTS)}. Start from "
+            f"sbatch template {name}: {'; '.join(problems)}. The slots are {', '.join(_SLOTS)}; start from "
             "rlvr/slurm/templates/default.sbatch."
         )
 
