@@ -122,11 +122,13 @@ class FastRollout:
         for t in range(1, max_new):
             attention[:, bucket + t - 1] = 1
             if self.compile:
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are this step's inputs
-            token, inside, finished = entry.step(
+                torch.compiler.cudagraph_mark_step_begin()
+            state = entry.step(
                 entry.cache, token.unsqueeze(-1), position, cache_position, attention, inside, finished, forbidden,
                 eos, pad, inv_temperature, greedy,
             )
+            # a replay overwrites its outputs in place: keep copies, which the next step reads
+            token, inside, finished = (x.clone() for x in state) if self.compile else state
             out[:, t] = token
             position = position + 1
             cache_position = cache_position + 1
