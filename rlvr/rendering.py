@@ -127,3 +127,69 @@ def completions_page(title: str, entries: Sequence[PageEntry]) -> str:
         + "\n".join(sections)
         + "\n</body></html>\n"
     )
+
+
+# --- Markdown and LaTeX ---------------------------------------------------------------------------------------
+def _present(runs: Sequence[Segment]) -> list[int]:
+    return sorted({run.multiplicity for run in runs if run.multiplicity})
+
+
+def markdown_completion(text: str, spans: Sequence[TokenSpan]) -> str:
+    """Markdown showing `text` verbatim, reasoning runs on their multiplicity's colour, under a legend.
+
+    The body is an HTML `<pre>` block, which Markdown passes through untouched: the completion's spaces and line
+    breaks survive and its `*`, `_` and `#` are not read as Markdown.
+    """
+    from html import escape
+
+    runs = segments(text, spans)
+    parts = []
+    for run in runs:
+        body = escape(run.text, quote=False)
+        if run.multiplicity:
+            body = (
+                f'<span style="background-color:{colour_for(run.multiplicity)}" '
+                f'title="reasoning token, multiplicity {run.multiplicity}">{body}</span>'
+            )
+        parts.append(body)
+    swatches = " ".join(
+        f'<span style="background-color:{colour_for(m)}">&nbsp;multiplicity {m}&nbsp;</span>' for m in _present(runs)
+    )
+    legend = f"Reasoning tokens, by multiplicity: {swatches}" if swatches else "No reasoning tokens."
+    return f"{legend}\n\n<pre>{''.join(parts)}</pre>\n"
+
+
+_LATEX_ESCAPES = str.maketrans({
+    "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#", "%": r"\%",
+    "_": r"\_", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}", " ": r"\ ",
+})
+
+
+def latex_completion(text: str, spans: Sequence[TokenSpan]) -> str:
+    """A standalone LaTeX document (pdflatex, xcolor) showing `text` in typewriter type, reasoning runs in
+    `\\colorbox`es of their multiplicity's colour; the body between `\\begin{document}` and `\\end{document}` can
+    be pasted into a paper that loads xcolor and defines the same `rlvrcopyN` colours.
+
+    Spaces become control spaces and line breaks `\\\\`, so the completion's layout survives; a box never spans
+    a line break.
+    """
+    runs = segments(text, spans)
+    lines: list[str] = [""]
+    for run in runs:
+        for index, piece in enumerate(run.text.split("\n")):
+            if index:
+                lines.append("")
+            if piece:
+                body = piece.translate(_LATEX_ESCAPES)
+                lines[-1] += rf"\colorbox{{rlvrcopy{run.multiplicity}}}{{\strut {body}}}" if run.multiplicity else body
+    present = _present(runs)
+    colours = "".join(rf"\definecolor{{rlvrcopy{m}}}{{HTML}}{{{colour_for(m)[1:]}}}" + "\n" for m in present)
+    swatches = " ".join(rf"\colorbox{{rlvrcopy{m}}}{{\strut multiplicity {m}}}" for m in present)
+    legend = f"Reasoning tokens, by multiplicity: {swatches}" if present else "No reasoning tokens."
+    body = "\\\\\n".join(r"\leavevmode " + line for line in lines)
+    return (
+        "\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage[utf8]{inputenc}\n"
+        "\\usepackage[margin=2cm]{geometry}\n\\usepackage{xcolor}\n"
+        f"{colours}\\setlength{{\\fboxsep}}{{0.5pt}}\n\\begin{{document}}\n\\noindent {legend}\\par\\medskip\n"
+        f"{{\\ttfamily\\noindent\n{body}\\par}}\n\\end{{document}}\n"
+    )
