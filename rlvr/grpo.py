@@ -192,7 +192,8 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         if self.ref_model is not None:
             attach(self.ref_model, self.vocab, temperature=self.temperature)
         if fast_rollouts:
-            enable_fast_rollouts(self.model)
+            # sample in the precision the forward passes use: bf16 under bf16 autocast
+            enable_fast_rollouts(self.model, dtype=torch.bfloat16 if self.args.bf16 else None)
         self.completions_every = completions_every
         self._tabled_steps: set[int] = set()
 

@@ -54,13 +54,40 @@ def _plain_request(config: GenerationConfig, kwargs: dict) -> bool:
 
 
 class FastRollout:
-    """Per-model state of the fast path: compiled decode steps keyed by (batch, cache length)."""
+    """Per-model state of the fast path: compiled decode steps keyed by (batch, cache length).
 
-    def __init__(self, model: PreTrainedModel, compile: bool | None = None):
+    With `dtype` set (bf16 for a model trained in fp32 under bf16 autocast) rollouts run on a copy of the
+    weights in that dtype, refreshed before each rollout: the decode step then reads half the bytes and skips
+    autocast's per-step weight casts, and the KV cache has one dtype.
+    """
+
+    def __init__(self, model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None):
         self.model = model
         self.compile = model.device.type == "cuda" if compile is None else compile
+        self.dtype = dtype if dtype is not None and dtype != model.dtype else None
+        self._shadow: PreTrainedModel | None = None
         self._compiled: dict[tuple[int, int], _Compiled] = {}
         self.calls = 0  # rollouts served, for tests and logs
+
+    def _runner(self) -> PreTrainedModel:
+        """The module that decodes: the model itself, or its low-precision copy with current weights."""
+        if self.dtype is None:
+            return self.model
+        if self._shadow is None:
+            with torch.device("meta"):
+                shadow = type(self.model)(self.model.config)
+            shadow = shadow.to_empty(device=self.model.device)
+            for parameter in shadow.parameters():
+                parameter.data = parameter.data.to(self.dtype)
+            shadow.tie_weights()
+            for name, buffer in self.model.named_buffers():  # rotary frequencies stay in their own dtype
+                shadow.get_buffer(name).copy_(buffer)
+            self._shadow = shadow.eval().requires_grad_(False)
+        current = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, parameter in self._shadow.named_parameters():
+                parameter.copy_(current[name])
+        return self._shadow
 
     def _entry(self, batch: int, length: int) -> _Compiled:
         key = (batch, length)
@@ -73,9 +100,9 @@ class FastRollout:
             log.info("fast rollouts: new decode step for batch %d, cache length %d", batch, length)
         return self._compiled[key]
 
-    def _decode_step(self, cache, token, position, cache_position, attention, inside, finished, forbidden, eos,
-                     pad, inv_temperature, greedy: bool):
-        logits = self.model(
+    def _decode_step(self, runner, cache, token, position, cache_position, attention, inside, finished, forbidden,
+                     eos, pad, inv_temperature, greedy: bool):
+        logits = runner(
             input_ids=token, attention_mask=attention, position_ids=position, past_key_values=cache,
             cache_position=cache_position, use_cache=True,
         ).logits[:, -1].float()
@@ -85,7 +112,8 @@ class FastRollout:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: GenerationConfig):
         """`input_ids` followed by up to `max_new_tokens` sampled ids (padding after EOS), as `generate` returns."""
-        model, vocab = self.model, self.model.reasoning_vocab
+        vocab = self.model.reasoning_vocab
+        runner = self._runner()
         device = input_ids.device
         batch, prompt_length = input_ids.shape
         if attention_mask is None:
@@ -109,7 +137,7 @@ class FastRollout:
         inside = vocab.thought_state(prompt)[:, -1]
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
-        logits = model(
+        logits = runner(
             input_ids=prompt, attention_mask=attention[:, :bucket], position_ids=positions,
             past_key_values=entry.cache, cache_position=torch.arange(bucket, device=device), use_cache=True,
             logits_to_keep=1,
@@ -124,7 +152,7 @@ class FastRollout:
             if self.compile:
                 torch.compiler.cudagraph_mark_step_begin()
             state = entry.step(
-                entry.cache, token.unsqueeze(-1), position, cache_position, attention, inside, finished, forbidden,
+                runner, entry.cache, token.unsqueeze(-1), position, cache_position, attention, inside, finished, forbidden,
                 eos, pad, inv_temperature, greedy,
             )
             # a replay overwrites its outputs in place: keep copies, which the next step reads
@@ -165,10 +193,12 @@ def _fast_generate(self, *args, **kwargs):
     return self.fast_rollout.generate(kwargs["input_ids"], kwargs.get("attention_mask"), config)
 
 
-def enable_fast_rollouts(model: PreTrainedModel, compile: bool | None = None) -> PreTrainedModel:
+def enable_fast_rollouts(
+    model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
     """Route `model.generate`'s plain sampling requests through a `FastRollout` (in place)."""
     if not hasattr(model, "reasoning_vocab"):
         raise ValueError("attach a reasoning vocabulary (rlvr.vocab.attach) before enabling fast rollouts")
-    model.fast_rollout = FastRollout(model, compile=compile)
+    model.fast_rollout = FastRollout(model, compile=compile, dtype=dtype)
     model.generate = types.MethodType(_fast_generate, model)
     return model
