@@ -14,10 +14,10 @@ from rlvr.cli import friendly_errors, options_from
 @options_from(AnalyzeSettings)
 @friendly_errors
 def main(**parameters) -> None:
-    """Load every checkpoint of TRAINING_RUN (and BASELINE_RUN) and log, as artifacts of a new MLflow run linked
-    to them: the share of thought tokens that are reasoning ids, the drift of the reasoning rows from their
-    standard twins (all rows, and a few token families in PCA), the next-token entropy inside thoughts, and a
-    completion rendered with its reasoning tokens coloured."""
+    """Load every checkpoint of TRAINING_RUN (and BASELINE_RUN) and log, as artifacts of a new MLflow
+    run linked to them: the share of thought tokens that are reasoning ids, the drift of the reasoning rows
+    from their standard twins (all rows, and a few token families in PCA), the next-token entropy inside
+    thoughts, and a completion rendered with its reasoning tokens coloured."""
     run_id = analyze(AnalyzeSettings(**parameters))
     click.echo(f"analysis: runs:/{run_id}")
 

@@ -1,20 +1,20 @@
 """How a reasoning vocabulary evolves over a training run: the numbers behind the `analyze` entry point.
 
-Researchers ask how reasoning tokens drift from their standard twins. Each selected checkpoint of a training run
-(and of a baseline run, for comparison) is loaded once and measured four ways:
+Researchers ask how reasoning tokens drift from their standard twins. Each selected checkpoint of a training
+run (and of a baseline run, for comparison) is loaded once and measured four ways:
 
 - usage: constrained completions sampled on held-out prompts, and the share of their thought tokens that are
   reasoning ids, beside the share training itself logged per step (`reasoning/token_share`);
-- drift: the cosine distance of every reasoning row from its standard twin's row (`twin`) and from its own row at
-  the first analysed checkpoint (`start`), in the input and output embeddings, summarised over all N rows; and
-  the rows of a few token families, projected to 2-D with PCA;
+- drift: the cosine distance of every reasoning row from its standard twin's row (`twin`) and from its own
+  row at the first analysed checkpoint (`start`), in the input and output embeddings, summarised over all N
+  rows; and the rows of a few token families, projected to 2-D with PCA;
 - entropy: the entropy of the constrained next-token distribution at positions inside thoughts, grouped by the
   token just read, teacher-forced on the data's worked solutions (on the samples when the data has none), so
   every checkpoint and both runs read the same text;
 - one sampled completion, rendered with its reasoning tokens coloured.
 
-The numbers are written as CSV/JSON beside their figures (`rlvr.plots`) and logged as artifacts of an `analyze`
-run, which is tagged with the runs it analysed; they get a tag pointing back at it.
+The numbers are written as CSV/JSON beside their figures (`rlvr.plots`) and logged as artifacts of an
+`analyze` run, which is tagged with the runs it analysed; they get a tag pointing back at it.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ CHUNK_ROWS = 16384  # reasoning rows compared at once: a 16k x 1024 fp32 chunk i
 TAG_PREFIX = "rlvr.analysis."  # + analyze run id, on each analysed run
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 QUANTILES = {"p05": 0.05, "median": 0.5, "p95": 0.95}
+KEY = ("run", "run_id", "label", "arm", "step")  # the leading columns of every table: whose checkpoint
 
 
 @dataclass
@@ -70,19 +71,27 @@ class AnalyzeSettings:
     """Every parameter of the analyze entry point, with its one default."""
 
     training_run: str = param("", "the training run to analyse: runs:/<run_id> or its output_dir")
-    baseline_run: str = param("", "a run to compare with, usually the baseline (runs:/<run_id> or output_dir); "
-                              "empty: none")
-    data: str = param("", "held-out prompts: a preprocess output (output_dir or runs:/ URI); empty: the training "
-                      "run's data")
+    baseline_run: str = param(
+        "", "a run to compare with, usually the baseline (runs:/<run_id> or output_dir); empty: none"
+    )
+    data: str = param(
+        "", "held-out prompts: a preprocess output (output_dir or runs:/ URI); empty: the training run's data"
+    )
     split: str = param("test", "split of data whose prompts (and worked solutions) are used")
     max_prompts: int = param(8, "prompts used at each checkpoint (the first ones of the split)")
     num_samples: int = param(2, "completions sampled per prompt at each checkpoint")
     max_new_tokens: int = param(128, "tokens per completion at most, sampled or teacher-forced")
-    temperature: float = param(1.0, "sampling temperature of the usage samples (0: greedy, with num_samples=1)")
-    tokens: str = param("", "token families to trace: tokens or #<id>s separated by spaces, or a JSON list of "
-                        "strings and ids; empty: the most frequent tokens of the data's worked solutions")
-    max_checkpoints: int = param(0, "analyse at most this many checkpoints, evenly spaced, first and last kept "
-                                 "(0: all)")
+    temperature: float = param(
+        1.0, "sampling temperature of the usage samples (0: greedy, with num_samples=1)"
+    )
+    tokens: str = param(
+        "",
+        "token families to trace: tokens or #<id>s separated by spaces, or a JSON list of "
+        "strings and ids; empty: the most frequent tokens of the data's worked solutions",
+    )
+    max_checkpoints: int = param(
+        0, "analyse at most this many checkpoints, evenly spaced, first and last kept (0: all)"
+    )
     batch_size: int = param(16, "sequences per generate call or forward pass")
     seed: int = param(0, "seed of the sampling")
 
@@ -95,24 +104,26 @@ def validate(settings: AnalyzeSettings) -> None:
         if getattr(settings, name) < 1:
             raise InputError(f"{name}={getattr(settings, name)} must be at least 1.")
     if settings.temperature < 0:
-        raise InputError(f"temperature={settings.temperature} is negative; pass 0 for greedy decoding or a positive value.")
+        raise InputError(
+            f"temperature={settings.temperature} is negative; pass 0 for greedy decoding or a positive value."
+        )
     if settings.temperature == 0 and settings.num_samples > 1:
         raise InputError(
-            f"temperature=0 decodes greedily, so the num_samples={settings.num_samples} samples per prompt would be "
-            "identical; pass num_samples=1 or a positive temperature."
+            f"temperature=0 decodes greedily, so the num_samples={settings.num_samples} samples per prompt "
+            "would be identical; pass num_samples=1 or a positive temperature."
         )
     if settings.max_checkpoints < 0 or settings.max_checkpoints == 1:
         raise InputError(
-            f"max_checkpoints={settings.max_checkpoints} cannot show change over training; pass 0 for every checkpoint "
-            "or at least 2."
+            f"max_checkpoints={settings.max_checkpoints} cannot show change over training; pass 0 for every "
+            "checkpoint or at least 2."
         )
     token_items(settings.tokens)
 
 
-# --- the runs -------------------------------------------------------------------------------------------------
+# --- the runs -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainingRun:
-    """A training run as analyze sees it: `role` ("training" or "baseline"), its MLflow run, its checkpoints."""
+    """A run as analyze sees it: its `role` ("training" or "baseline"), MLflow run and checkpoints."""
 
     role: str
     run: Run
@@ -134,6 +145,10 @@ class TrainingRun:
     def label(self) -> str:
         """How figures name the run: its arm and the start of its id."""
         return f"{self.arm} run {self.run_id[:8]}"
+
+    def key(self, step: int) -> dict:
+        """The `KEY` columns of a row about this run's checkpoint at `step`."""
+        return dict(zip(KEY, (self.role, self.run_id, self.label, self.arm, step), strict=True))
 
 
 def _get_run(run_id: str, name: str, reference: str) -> Run:
@@ -165,26 +180,28 @@ def evenly_spaced(items: Sequence, limit: int) -> list:
 
 
 def resolve_run(reference: str, name: str, role: str, max_checkpoints: int = 0) -> TrainingRun:
-    """The run behind `runs:/<run_id>` (checkpoints from its recorded output_dir) or behind an output_dir (run id
-    from its mlflow_run.json)."""
+    """The run behind `runs:/<run_id>` (checkpoints from its recorded output_dir) or behind an output_dir
+    (run id from its mlflow_run.json)."""
     reference = reference.strip()
     if reference.startswith("runs:/"):
         run_id = reference.removeprefix("runs:/").strip("/")
         if not run_id or "/" in run_id:
-            raise InputError(f"{name}={reference!r} is not runs:/<run_id>; pass the training run's id alone, no path.")
+            raise InputError(
+                f"{name}={reference!r} is not runs:/<run_id>; pass the training run's id alone, no path."
+            )
         run = _get_run(run_id, name, reference)
         recorded = run.data.params.get("output_dir")
         if not recorded:
             raise InputError(
-                f"{name}={reference!r} records no output_dir parameter, so it is no training run; pass the run of a "
-                "train_reasoning or train_baseline job."
+                f"{name}={reference!r} records no output_dir parameter, so it is no training run; pass the "
+                "run of a train_reasoning or train_baseline job."
             )
         output_dir = Path(recorded).expanduser()
         if not output_dir.is_dir():
             raise InputError(
-                f"{name}={reference!r} wrote its checkpoints to {recorded!r}, which does not exist here (a relative "
-                "path is read from the current directory). Run analyze on the machine that holds them, or copy that "
-                f"directory here and pass {name}=<its local path>."
+                f"{name}={reference!r} wrote its checkpoints to {recorded!r}, which does not exist here "
+                "(a relative path is read from the current directory). Run analyze on the machine that holds "
+                f"them, or copy that directory here and pass {name}=<its local path>."
             )
     else:
         output_dir = Path(reference).expanduser()
@@ -198,8 +215,8 @@ def resolve_run(reference: str, name: str, role: str, max_checkpoints: int = 0) 
     checkpoints = list_checkpoints(output_dir)
     if len(checkpoints) < 2:
         raise InputError(
-            f"{name}={reference!r}: {output_dir} holds {len(checkpoints)} complete checkpoint(s), and change over "
-            "training needs at least checkpoint-0 and one more; train with save_steps below max_steps."
+            f"{name}={reference!r}: {output_dir} holds {len(checkpoints)} complete checkpoint(s), and change "
+            "over training needs at least checkpoint-0 and one more; train with save_steps below max_steps."
         )
     return TrainingRun(role, run, output_dir, tuple(evenly_spaced(checkpoints, max_checkpoints)))
 
@@ -208,19 +225,25 @@ def held_out(settings: AnalyzeSettings, training: TrainingRun) -> Split:
     """The prompts (and worked solutions) to measure on: `data`, or else the data the training run read."""
     data = settings.data.strip() or training.run.data.params.get("data", "")
     if not data:
-        raise InputError("data is empty and the training run records none; pass data=<preprocess output_dir or URI>.")
+        raise InputError(
+            "data is empty and the training run records none; pass data=<preprocess output_dir or URI>."
+        )
     try:
         split = load_split(data, settings.split)
     except InputError as error:
         if settings.data.strip():
             raise
-        raise InputError(f"the training run's data is not readable here ({error}); pass data=<held-out prompts>.") from error
+        raise InputError(
+            f"the training run's data is not readable here ({error}); pass data=<held-out prompts>."
+        ) from error
     if split.frame.empty:
-        raise InputError(f"data {data!r} has no rows in its {settings.split!r} split; pass another split or data.")
+        raise InputError(
+            f"data {data!r} has no rows in its {settings.split!r} split; pass another split or data."
+        )
     return split
 
 
-# --- token families -------------------------------------------------------------------------------------------
+# --- token families -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Family:
     """A standard token and its reasoning copies (rows E + i with s_i = standard_id), traced together."""
@@ -240,8 +263,12 @@ def token_items(spec: str) -> list[str | int]:
     try:
         items = json.loads(spec)
     except json.JSONDecodeError as error:
-        raise InputError(f"tokens={spec!r} is not a JSON list ({error}); write e.g. tokens='[\" the\", 42]'.") from error
-    if not isinstance(items, list) or not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in items):
+        raise InputError(
+            f"tokens={spec!r} is not a JSON list ({error}); write e.g. tokens='[\" the\", 42]'."
+        ) from error
+    if not isinstance(items, list) or not all(
+        isinstance(i, (str, int)) and not isinstance(i, bool) for i in items
+    ):
         raise InputError(f"tokens={spec!r} must be a JSON list of token strings and integer ids.")
     return items
 
@@ -259,14 +286,17 @@ def copies_of(vocab: ReasoningVocab) -> dict[int, tuple[int, ...]]:
     return {standard: tuple(ids) for standard, ids in copies.items()}
 
 
-def frequent_tokens(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, vocab: ReasoningVocab, count: int) -> list[int]:
+def frequent_tokens(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, vocab: ReasoningVocab, count: int
+) -> list[int]:
     """The `count` most frequent tokens of `texts` that are no control token and (with N > 0) have a copy."""
     control = set(vocab.control_token_ids)
     with_copy = set(vocab.standard_token_ids)
     counts: Counter[int] = Counter()
     for text in texts:
         counts.update(
-            i for i in tokenizer.encode(text, add_special_tokens=False)
+            i
+            for i in tokenizer.encode(text, add_special_tokens=False)
             if i not in control and (not with_copy or i in with_copy)
         )
     return [token for token, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:count]]
@@ -280,7 +310,9 @@ def token_families(
     for item in token_items(spec):
         if isinstance(item, int):
             if not 0 <= item < vocab.tokenizer_size:
-                raise InputError(f"tokens: #{item} is no token id of the model (0..{vocab.tokenizer_size - 1}).")
+                raise InputError(
+                    f"tokens: #{item} is no token id of the model (0..{vocab.tokenizer_size - 1})."
+                )
             ids.append(item)
             continue
         encoded = tokenizer.encode(item, add_special_tokens=False)
@@ -303,7 +335,7 @@ def family_texts(frame: pd.DataFrame) -> list[str]:
     return [m["content"] for messages in frame["prompt"] for m in messages if m["role"] == "user"]
 
 
-# --- measurements ---------------------------------------------------------------------------------------------
+# --- measurements -------------------------------------------------------------------------------------------
 def usage(generated: Sequence[Sequence[Generated]]) -> dict[str, float]:
     """Thought tokens of the samples split into reasoning and standard ids (shares of the thought tokens)."""
     flat = [g for samples in generated for g in samples]
@@ -321,7 +353,7 @@ def usage(generated: Sequence[Sequence[Generated]]) -> dict[str, float]:
 
 
 def embedding_matrices(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The matrices whose rows are traced: `input` and `output`, or one `tied` matrix when they share storage."""
+    """The matrices whose rows are traced: `input` and `output`, or one `tied` matrix sharing storage."""
     inputs = model.get_input_embeddings().weight.detach()
     output = model.get_output_embeddings()
     if output is None or output.weight.data_ptr() == inputs.data_ptr():
@@ -336,11 +368,13 @@ def cosine_distance(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 
 def twin_distances(weight: torch.Tensor, vocab: ReasoningVocab, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """(N,) distance of each reasoning row from its standard twin's row; one chunk of rows is copied at a time."""
+    """(N,) distance of each reasoning row from its standard twin's row; only one chunk of rows is copied."""
     base = vocab.base_vocab_size
     twins = torch.tensor(vocab.standard_token_ids, device=weight.device)
     parts = [
-        cosine_distance(weight[base + start : base + start + chunk_rows], weight[twins[start : start + chunk_rows]])
+        cosine_distance(
+            weight[base + start : base + start + chunk_rows], weight[twins[start : start + chunk_rows]]
+        )
         for start in range(0, vocab.size, chunk_rows)
     ]
     return torch.cat(parts).cpu() if parts else torch.zeros(0)
@@ -349,7 +383,7 @@ def twin_distances(weight: torch.Tensor, vocab: ReasoningVocab, chunk_rows: int 
 def start_distances(
     weight: torch.Tensor, start: torch.Tensor, vocab: ReasoningVocab, chunk_rows: int = CHUNK_ROWS
 ) -> torch.Tensor:
-    """(N,) distance of each reasoning row from `start`, the same rows at the first checkpoint (kept on the CPU)."""
+    """(N,) distance of each reasoning row from `start`, the same rows at the first checkpoint (on CPU)."""
     base = vocab.base_vocab_size
     parts = [
         cosine_distance(weight[base + i : base + i + chunk_rows], start[i : i + chunk_rows].to(weight.device))
@@ -366,7 +400,7 @@ def summarise(distances: torch.Tensor) -> dict[str, float]:
         "rows": values.numel(),
         "mean": values.mean().item(),
         "std": values.std(correction=0).item(),
-        **{name: q.item() for name, q in zip(QUANTILES, quantiles)},
+        **{name: q.item() for name, q in zip(QUANTILES, quantiles, strict=True)},
         "max": values.max().item(),
     }
 
@@ -374,14 +408,16 @@ def summarise(distances: torch.Tensor) -> dict[str, float]:
 def teacher_forced(
     frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int
 ) -> list[list[int]]:
-    """Prompt + worked solution ids, the solution as one thought (wrapped in think tags when it has none), cut to
-    `max_new_tokens`; empty when the data has no worked solutions."""
+    """Prompt + worked solution ids, the solution as one thought (wrapped in think tags when it has none), cut
+    to `max_new_tokens`; empty when the data has no worked solutions."""
     sequences = []
     for messages, reference in zip(frame["prompt"], frame["reference"], strict=True):
         if not reference.strip():
             continue
         thought = reference if THINK_START in reference else f"{THINK_START}\n{reference}\n{THINK_END}"
-        prompt = tokenizer.apply_chat_template(as_messages(messages), tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            as_messages(messages), tokenize=False, add_generation_prompt=True
+        )
         completion = tokenizer.encode(thought, add_special_tokens=False)[:max_new_tokens]
         sequences.append(tokenizer.encode(prompt, add_special_tokens=False) + completion)
     return sequences
@@ -407,7 +443,9 @@ def thought_entropy(
             ids[row, : len(sequence)] = torch.tensor(sequence)
             mask[row, : len(sequence)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), fused_lm_head=True)
+        out = model(
+            input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), fused_lm_head=True
+        )
         inside = vocab.thought_state(ids)[:, :-1] & out.label_mask
         tokens.append(ids[:, :-1][inside].cpu())
         entropies.append(out.entropy[inside].float().cpu())
@@ -420,18 +458,20 @@ def project(rows: pd.DataFrame) -> pd.DataFrame:
     """PC1/PC2 of embedding rows, PCA fitted on all rows of a panel: per matrix, all families together (`view`
     "all") and each family alone (`view` "family"), with each fit's explained-variance ratios."""
     frames = []
-    for matrix, group in rows.groupby("matrix", sort=False):
+    for _, group in rows.groupby("matrix", sort=False):
         panels = [("all", group)] + [("family", g) for _, g in group.groupby("family", sort=False)]
         for view, panel in panels:
             coords, ratios = _pca(np.stack(panel["vector"].to_list()))
-            frames.append(panel.drop(columns="vector").assign(
-                view=view, pc1=coords[:, 0], pc2=coords[:, 1], var_pc1=ratios[0], var_pc2=ratios[1]
-            ))
+            frames.append(
+                panel.drop(columns="vector").assign(
+                    view=view, pc1=coords[:, 0], pc2=coords[:, 1], var_pc1=ratios[0], var_pc2=ratios[1]
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
 def _pca(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two principal coordinates (zeros past the data's rank, all zeros for identical rows) and their ratios."""
+    """Two principal coordinates (zeros past the data's rank, all zeros for identical rows), their ratios."""
     coords, ratios = np.zeros((len(vectors), 2)), np.zeros(2)
     components = min(2, len(vectors), vectors.shape[1])
     if np.ptp(vectors, axis=0).max() > 0:
@@ -441,7 +481,7 @@ def _pca(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return coords, ratios
 
 
-# --- one run, checkpoint by checkpoint ------------------------------------------------------------------------
+# --- one run, checkpoint by checkpoint ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
     """What every checkpoint of every run is measured on."""
@@ -475,68 +515,83 @@ def measure_run(run: TrainingRun, plan: Plan, out: Measurements) -> None:
         model, tokenizer = load_model(str(path), device=plan.device)
         model.eval()
         vocab = model.reasoning_vocab
-        key = {"run": run.role, "run_id": run.run_id, "label": run.label, "arm": run.arm, "step": step}
+        key = run.key(step)
         generated = generate(
-            model, tokenizer, plan.prompts, max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature, num_samples=settings.num_samples, batch_size=settings.batch_size,
-            seed=settings.seed,
+            model, tokenizer, plan.prompts, max_new_tokens=settings.max_new_tokens, seed=settings.seed,
+            temperature=settings.temperature, num_samples=settings.num_samples,
+            batch_size=settings.batch_size,
         )  # fmt: skip
         out.usage.append(key | usage(generated))
-        sequences = plan.forced or [
-            prompt + g.token_ids for prompt, samples in zip(plan.prompt_ids, generated) for g in samples
-        ]
+        pairs = [(i, g) for i, samples in enumerate(generated) for g in samples]
+        sequences = plan.forced or [plan.prompt_ids[i] + g.token_ids for i, g in pairs]
         tokens, entropies = thought_entropy(model, sequences, tokenizer.pad_token_id, settings.batch_size)
-        by_token = pd.DataFrame({"token_id": tokens.numpy(), "entropy": entropies.numpy()}).groupby("token_id")
-        table = by_token["entropy"].agg(positions="size", mean_entropy="mean").reset_index()
-        table.insert(1, "token", [token_label(tokenizer, i) for i in table["token_id"]])
-        table.insert(2, "multiplicity", [vocab.multiplicity_of(i) for i in table["token_id"]])
-        out.entropy.append(table.assign(**key))
+        positions = pd.DataFrame({"token_id": tokens.numpy(), "entropy": entropies.numpy()})
+        table = positions.groupby("token_id")["entropy"].agg(positions="size", mean_entropy="mean")
+        table = table.reset_index()
+        table = table.assign(
+            **key,
+            token=[token_label(tokenizer, i) for i in table["token_id"]],
+            multiplicity=[vocab.multiplicity_of(i) for i in table["token_id"]],
+        )
+        out.entropy.append(table[[*KEY, "token_id", "token", "multiplicity", "positions", "mean_entropy"]])
         for matrix, weight in embedding_matrices(model).items():
             _measure_rows(matrix, weight, vocab, first, key, plan.families, out)
         if run.role == "training":
-            best = max(
-                ((prompt, g) for prompt, samples in zip(plan.prompts, generated) for g in samples),
-                key=lambda pair: pair[1].reasoning_tokens,
-            )
-            out.sample = key | {"prompt": best[0], "generated": best[1]}
-        del model, tokenizer, generated
+            index, best = max(pairs, key=lambda pair: pair[1].reasoning_tokens)
+            out.sample = key | {"prompt": plan.prompts[index], "generated": best}
+        del model, tokenizer, generated, pairs
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
 def _measure_rows(
-    matrix: str, weight: torch.Tensor, vocab: ReasoningVocab, first: dict[str, torch.Tensor], key: dict,
-    families: Sequence[Family], out: Measurements,
+    matrix: str,
+    weight: torch.Tensor,
+    vocab: ReasoningVocab,
+    first: dict[str, torch.Tensor],
+    key: dict,
+    families: Sequence[Family],
+    out: Measurements,
 ) -> None:
     base = vocab.base_vocab_size
     distances: dict[str, torch.Tensor] = {}
     if vocab.size:
         if matrix not in first:
             first[matrix] = weight[base:].to("cpu", copy=True)
-        distances = {"twin": twin_distances(weight, vocab), "start": start_distances(weight, first[matrix], vocab)}
+        distances = {
+            "twin": twin_distances(weight, vocab),
+            "start": start_distances(weight, first[matrix], vocab),
+        }
         for measure, values in distances.items():
             out.drift.append(key | {"matrix": matrix, "measure": measure} | summarise(values))
     for family in families:
         copies = family.reasoning_ids if vocab.size else ()
         for token_id in (family.standard_id, *copies):
-            entry = key | {"matrix": matrix, "family": family.label, "standard_id": family.standard_id,
-                           "token_id": token_id, "multiplicity": vocab.multiplicity_of(token_id)}
+            entry = key | {
+                "matrix": matrix,
+                "family": family.label,
+                "standard_id": family.standard_id,
+                "token_id": token_id,
+                "multiplicity": vocab.multiplicity_of(token_id),
+            }
             out.rows.append(entry | {"vector": weight[token_id].float().cpu().numpy()})
             if token_id >= base:
-                out.family_drift.append(entry | {f"{m}_distance": d[token_id - base].item() for m, d in distances.items()})
+                out.family_drift.append(
+                    entry | {f"{m}_distance": d[token_id - base].item() for m, d in distances.items()}
+                )
 
 
-# --- outputs --------------------------------------------------------------------------------------------------
+# --- outputs ------------------------------------------------------------------------------------------------
 def logged_shares(runs: Sequence[TrainingRun]) -> pd.DataFrame:
     """The reasoning-token share each run logged per training step (its rollouts, not our samples)."""
     client = MlflowClient()
     records = [
-        {"run": r.role, "run_id": r.run_id, "label": r.label, "arm": r.arm, "step": m.step, "reasoning_share": m.value}
-        for r in runs
-        for m in client.get_metric_history(r.run_id, LOGGED_SHARE)
+        run.key(m.step) | {"reasoning_share": m.value}
+        for run in runs
+        for m in client.get_metric_history(run.run_id, LOGGED_SHARE)
     ]
-    return pd.DataFrame(records, columns=["run", "run_id", "label", "arm", "step", "reasoning_share"])
+    return pd.DataFrame(records, columns=[*KEY, "reasoning_share"])
 
 
 def write_outputs(out: Measurements, runs: Sequence[TrainingRun], directory: Path) -> dict[str, pd.DataFrame]:
@@ -545,16 +600,16 @@ def write_outputs(out: Measurements, runs: Sequence[TrainingRun], directory: Pat
         (directory / part).mkdir(parents=True, exist_ok=True)
     usage_table = pd.DataFrame(out.usage)
     logged = logged_shares(runs)
-    drift = pd.DataFrame(out.drift, columns=[
-        "run", "run_id", "label", "arm", "step", "matrix", "measure", "rows", "mean", "std", *QUANTILES, "max",
+    statistics = ["rows", "mean", "std", *QUANTILES, "max"]
+    drift = pd.DataFrame(out.drift, columns=[*KEY, "matrix", "measure", *statistics])
+    family_drift = pd.DataFrame(out.family_drift, columns=[
+        *KEY, "matrix", "family", "standard_id", "token_id", "multiplicity", "twin_distance",
+        "start_distance",
     ])  # fmt: skip
-    family_drift = pd.DataFrame(out.family_drift)
     pca = project(pd.DataFrame(out.rows))
     entropy_by_token = pd.concat(out.entropy, ignore_index=True)
     totals = entropy_by_token.assign(total=entropy_by_token["mean_entropy"] * entropy_by_token["positions"])
-    entropy = (
-        totals.groupby(["run", "run_id", "label", "arm", "step"], sort=False)[["positions", "total"]].sum().reset_index()
-    )
+    entropy = totals.groupby(list(KEY), sort=False)[["positions", "total"]].sum().reset_index()
     entropy["mean_entropy"] = entropy.pop("total") / entropy["positions"]
     tables = {
         "usage/usage.csv": usage_table, "usage/usage_logged.csv": logged, "drift/drift.csv": drift,
@@ -585,7 +640,9 @@ def render_sample(sample: dict, directory: Path) -> None:
         "reasoning_tokens": generated.reasoning_tokens, "thought_tokens": generated.thought_tokens,
     }  # fmt: skip
     (directory / "completion.json").write_text(json.dumps(record, indent=1))
-    (directory / "completion.md").write_text(f"### {title}\n\n" + markdown_completion(generated.text, generated.spans))
+    (directory / "completion.md").write_text(
+        f"### {title}\n\n" + markdown_completion(generated.text, generated.spans)
+    )
     (directory / "completion.tex").write_text(latex_completion(generated.text, generated.spans))
     plots.completion(generated.text, generated.spans, title, directory / "completion.png")
     if shutil.which("pdflatex"):
@@ -595,14 +652,17 @@ def render_sample(sample: dict, directory: Path) -> None:
 def _compile_pdf(tex: Path) -> None:
     with tempfile.TemporaryDirectory() as build:
         result = subprocess.run(
-            ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", f"-output-directory={build}", str(tex)],
-            check=False, capture_output=True, text=True, timeout=300,
+            ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", f"-output-directory={build}",
+             tex.name],
+            cwd=tex.parent, check=False, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         pdf = Path(build) / tex.with_suffix(".pdf").name
         if result.returncode == 0 and pdf.exists():
             shutil.copy(pdf, tex.with_suffix(".pdf"))
         else:
-            log.warning("pdflatex could not typeset %s; kept the .tex only:\n%s", tex.name, result.stdout[-2000:])
+            log.warning(
+                "pdflatex could not typeset %s; kept the .tex only:\n%s", tex.name, result.stdout[-2000:]
+            )
 
 
 def log_metrics(tables: dict[str, pd.DataFrame]) -> None:
@@ -619,17 +679,19 @@ def log_metrics(tables: dict[str, pd.DataFrame]) -> None:
             mlflow.log_metric(name if role == "training" else f"{role}/{name}", float(value), step=int(step))
 
 
-# --- the job --------------------------------------------------------------------------------------------------
+# --- the job ------------------------------------------------------------------------------------------------
 def _vocabulary(path: Path) -> tuple[PreTrainedTokenizerBase, ReasoningVocab]:
     vocab = ReasoningVocab.load(path)
     return make_faithful(AutoTokenizer.from_pretrained(path), vocab), vocab
 
 
 def _check_comparable(training: ReasoningVocab, baseline: ReasoningVocab) -> None:
-    if (training.base_vocab_size, training.tokenizer_size) != (baseline.base_vocab_size, baseline.tokenizer_size):
+    sizes = (training.base_vocab_size, training.tokenizer_size)
+    if sizes != (baseline.base_vocab_size, baseline.tokenizer_size):
         raise InputError(
-            f"baseline_run's model has {baseline.base_vocab_size} rows and {baseline.tokenizer_size} token ids, the "
-            f"training run's {training.base_vocab_size} and {training.tokenizer_size}; compare runs of one base model."
+            f"baseline_run's model has {baseline.base_vocab_size} rows and {baseline.tokenizer_size} token "
+            f"ids, the training run's {training.base_vocab_size} and {training.tokenizer_size}; compare runs "
+            "of one base model."
         )
 
 
@@ -651,8 +713,10 @@ def analyze(settings: AnalyzeSettings) -> str:
     plan = Plan(
         prompts=prompts,
         prompt_ids=[
-            tokenizer.encode(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                             add_special_tokens=False)
+            tokenizer.encode(
+                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False,
+            )
             for p in prompts
         ],
         forced=teacher_forced(frame, tokenizer, settings.max_new_tokens),
@@ -660,7 +724,8 @@ def analyze(settings: AnalyzeSettings) -> str:
         settings=settings,
         device="cuda" if torch.cuda.is_available() else None,
     )
-    if not any(os.environ.get(v) for v in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")):
+    chosen = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+    if not any(os.environ.get(name) for name in chosen):
         mlflow.set_experiment(experiment_id=training.run.info.experiment_id)  # analyses sit beside their run
     tags = {"rlvr.step": "analyze", "rlvr.training_run_id": training.run_id}
     if len(runs) > 1:
