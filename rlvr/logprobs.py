@@ -16,13 +16,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import FusedCausalLMOutput
 
+from rlvr.vocab import ReasoningVocab
+
 # Logit elements materialised per chunk (fp32): 2**28 is 1 GiB, ~880 tokens of a 303k-row vocabulary.
 CHUNK_ELEMENTS = int(os.environ.get("RLVR_LOGPROB_CHUNK_ELEMENTS", 2**28))
 
 
 def _chunk_logprobs(hidden, weight, bias, labels, forbidden, inv_temperature: float, with_entropy: bool):
     logits = F.linear(hidden, weight, bias).float() * inv_temperature
-    logits = logits.masked_fill(forbidden, torch.finfo(torch.float32).min)
+    if forbidden is not None:
+        logits = logits.masked_fill(forbidden, torch.finfo(torch.float32).min)
     log_z = logits.logsumexp(-1)
     log_probs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_z
     if not with_entropy:
@@ -31,47 +34,55 @@ def _chunk_logprobs(hidden, weight, bias, labels, forbidden, inv_temperature: fl
     return log_probs, log_z - (probs * logits).sum(-1)
 
 
+def _chunked_logprobs(hidden, weight, bias, labels, forbidden, temperature: float, with_entropy: bool):
+    """Log-probs and entropies of `labels` over `weight`'s rows, `forbidden` (V,) masked, one chunk at a time."""
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    log_probs, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        args = (hidden[start : start + chunk], weight, bias, labels[start : start + chunk], forbidden,
+                1.0 / temperature, with_entropy)
+        lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if recompute else _chunk_logprobs(*args)
+        log_probs.append(lp)
+        entropies.append(ent)
+    return torch.cat(log_probs), torch.cat(entropies) if with_entropy else None
+
+
 def constrained_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
-    forbidden_rows: torch.Tensor,
+    vocab: ReasoningVocab,
     inside: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each label (T,) and the entropy of its masked, temperature-scaled distribution.
 
-    `hidden` (T, H) are final hidden states, `inside` (T,) the thought state before each label and
-    `forbidden_rows` the (2, V) table of `ReasoningVocab.forbidden_table`. Chunks are recomputed in the
-    backward pass rather than stored, so peak memory is one chunk of logits.
+    `hidden` (T, H) are final hidden states and `inside` (T,) the thought state before each label. Outside a
+    thought the allowed ids are exactly the tokenizer's, the first rows of the unembedding, so those positions
+    are scored against that slice alone: no mask, and a reasoning vocabulary costs nothing there. Inside, all
+    rows are scored with the inside mask. Chunks are recomputed in the backward pass rather than stored, so peak
+    memory is one chunk of logits.
     """
-    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    log_probs, entropies = [], []
-    for start in range(0, hidden.shape[0], chunk):
-        end = start + chunk
-        args = (
-            hidden[start:end],
-            weight,
-            bias,
-            labels[start:end],
-            forbidden_rows[inside[start:end].long()],
-            1.0 / temperature,
-            with_entropy,
-        )
-        if recompute:
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+    log_probs = hidden.new_zeros(labels.shape, dtype=torch.float32)
+    entropies = hidden.new_zeros(labels.shape, dtype=torch.float32) if with_entropy else None
+    forbidden_inside = vocab.forbidden_table(weight.device)[1]
+    rows = vocab.tokenizer_size
+    for state in (False, True):
+        index = torch.nonzero(inside == state).flatten()
+        if index.numel() == 0:
+            continue
+        if state:
+            head = (weight, bias, forbidden_inside)
         else:
-            lp, ent = _chunk_logprobs(*args)
-        log_probs.append(lp)
-        entropies.append(ent)
-    empty = hidden.new_zeros(0, dtype=torch.float32)
-    log_probs = torch.cat(log_probs) if log_probs else empty
-    if not with_entropy:
-        return log_probs, None
-    return log_probs, torch.cat(entropies) if entropies else empty
+            head = (weight[:rows], None if bias is None else bias[:rows], None)
+        lp, ent = _chunked_logprobs(hidden[index], *head[:2], labels[index], head[2], temperature, with_entropy)
+        log_probs = log_probs.index_copy(0, index, lp)
+        if with_entropy:
+            entropies = entropies.index_copy(0, index, ent)
+    return log_probs, entropies
 
 
 def _check_plain_head(model) -> None:
@@ -109,7 +120,7 @@ def constrained_forward(self, *args, fused_lm_head: bool = False, labels=None, *
         head.weight,
         getattr(head, "bias", None),
         targets[valid],
-        vocab.forbidden_table(head.weight.device),
+        vocab,
         inside[valid],
         temperature=self.reasoning_temperature,
     )

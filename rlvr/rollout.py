@@ -143,6 +143,8 @@ class FastRollout:
             logits_to_keep=1,
         ).logits[:, -1].float()
         token, inside, finished = _choose(logits, inside, finished, forbidden, eos, pad, inv_temperature, greedy, vocab)
+        if self.compile:
+            _pin_cache(entry.cache)
         out = torch.full((batch, max_new), pad, dtype=torch.long, device=device)
         out[:, 0] = token
         position = positions[:, -1:] + 1
@@ -165,6 +167,14 @@ class FastRollout:
                 break
         self.calls += 1
         return torch.cat([input_ids, out], 1)
+
+
+def _pin_cache(cache: StaticCache) -> None:
+    """Declare the cache tensors (allocated by the prefill) as fixed addresses, so the graph may update them."""
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                torch._dynamo.mark_static_address(tensor)
 
 
 def _choose(logits, inside, finished, forbidden, eos, pad, inv_temperature, greedy: bool, vocab):
