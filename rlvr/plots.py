@@ -35,6 +35,7 @@ MEASURE_TITLES = {
     "start": "distance from its own row at the first checkpoint",
 }
 COPY_MARKERS = "^vsDP*X"  # multiplicity 1, 2, ...
+FAMILY_COLUMNS = 4  # panels per row of the per-family figure
 ENTROPY_TOKENS = 6  # input tokens drawn in the entropy figure: the most frequent inside thoughts
 DPI = 150
 
@@ -118,7 +119,15 @@ def usage_stacked(usage: pd.DataFrame, path: Path) -> None:
 # --- drift --------------------------------------------------------------------------------------------------
 def cosine_drift(drift: pd.DataFrame, path: Path) -> None:
     """Cosine distance of the reasoning rows over training: mean, 5-95% band and max over all N rows."""
-    measures = [m for m in MEASURE_TITLES if m in set(drift["measure"])] or ["twin"]
+    if drift.empty:
+        figure = Figure(figsize=(7, 2), layout="constrained")
+        axes = figure.subplots()
+        axes.set_axis_off()
+        axes.text(0.5, 0.5, "No reasoning rows: a baseline run (N = 0) has nothing to drift.",
+                  transform=axes.transAxes, ha="center", va="center")  # fmt: skip
+        _save(figure, path)
+        return
+    measures = [m for m in MEASURE_TITLES if m in set(drift["measure"])]
     figure = Figure(figsize=(6 * len(measures), 4.6), layout="constrained")
     panels = figure.subplots(1, len(measures), squeeze=False)[0]
     matrices = list(dict.fromkeys(drift["matrix"]))
@@ -127,35 +136,19 @@ def cosine_drift(drift: pd.DataFrame, path: Path) -> None:
         for matrix in matrices:
             rows = drift[(drift["measure"] == measure) & (drift["matrix"] == matrix)].sort_values("step")
             colour, name = colours[matrix], MATRIX_TITLES[matrix]
-            axes.fill_between(
-                rows["step"],
-                rows["p05"],
-                rows["p95"],
-                color=colour,
-                alpha=0.2,
-                label=f"{name}: 5-95% of rows",
-            )
-            axes.plot(
-                rows["step"], rows["mean"], color=colour, marker="o", linewidth=2, label=f"{name}: mean"
-            )
+            axes.fill_between(rows["step"], rows["p05"], rows["p95"], color=colour, alpha=0.2,
+                              label=f"{name}: 5-95% of rows")  # fmt: skip
+            axes.plot(rows["step"], rows["mean"], color=colour, marker="o", linewidth=2,
+                      label=f"{name}: mean")  # fmt: skip
             axes.plot(rows["step"], rows["max"], color=colour, linestyle=":", label=f"{name}: max")
         axes.set_title(f"Reasoning row: {MEASURE_TITLES[measure]}", fontsize="medium")
         axes.set_ylabel("cosine distance (1 - cos)")
         axes.set_ylim(bottom=0)
         _steps_axis(axes)
-        if drift.empty:
-            axes.text(
-                0.5, 0.5, "no reasoning rows (N = 0)", transform=axes.transAxes, ha="center", va="center"
-            )
-    if not drift.empty:
-        rows = int(drift["rows"].iloc[0])
-        figure.suptitle(
-            f"Drift of the reasoning rows over training (all {rows:,} rows of {drift['label'].iloc[0]})"
-        )
-        handles, labels = panels[0].get_legend_handles_labels()
-        figure.legend(
-            handles, labels, loc="outside lower center", ncols=min(3, len(handles)), fontsize="small"
-        )
+    count, label = int(drift["rows"].iloc[0]), drift["label"].iloc[0]
+    figure.suptitle(f"Drift of the reasoning rows over training (all {count:,} rows of {label})")
+    handles, labels = panels[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(3, len(handles)), fontsize="small")
     _save(figure, path)
 
 
@@ -221,6 +214,8 @@ def _style_legend(rows: pd.DataFrame) -> list[Line2D]:
 
 
 def _pc_labels(axes, rows: pd.DataFrame) -> None:
+    for axis in (axes.xaxis, axes.yaxis):
+        axis.set_major_locator(MaxNLocator(5))  # small panels: few ticks, so their labels never collide
     axes.set_xlabel(f"PC 1 ({rows['var_pc1'].iloc[0]:.0%} of variance)")
     axes.set_ylabel(f"PC 2 ({rows['var_pc2'].iloc[0]:.0%} of variance)")
 
@@ -240,7 +235,11 @@ def embedding_trajectories(pca: pd.DataFrame, path: Path) -> None:
     figure.legend(
         handles=families + _style_legend(view), loc="outside lower center", ncols=4, fontsize="small"
     )
-    figure.suptitle("Token families in embedding space over training\n(PCA fitted on all rows shown)")
+    figure.suptitle(
+        "Token families in embedding space over training (PCA fitted on all rows shown)\n"
+        "drift within a family is easier to see in embedding_pca_families.png",
+        fontsize="medium",
+    )
     _save(figure, path)
 
 
@@ -251,15 +250,18 @@ def family_trajectories(pca: pd.DataFrame, path: Path) -> None:
     matrices = list(dict.fromkeys(view["matrix"]))
     families = list(dict.fromkeys(view["family"]))
     colours = _family_colours(families)
-    figure = Figure(figsize=(3.6 * len(families) + 3, 3.5 * len(matrices) + 0.6), layout="constrained")
-    grid = figure.subplots(len(matrices), len(families), squeeze=False)
-    for row, matrix in enumerate(matrices):
-        for column, family in enumerate(families):
-            axes = grid[row][column]
-            rows = view[(view["matrix"] == matrix) & (view["family"] == family)]
-            _trajectories(axes, rows, colours)
-            _pc_labels(axes, rows)
-            axes.set_title(f"{family}, {MATRIX_TITLES[matrix]}", fontsize="small")
+    panels = [(matrix, family) for matrix in matrices for family in families]
+    columns = min(FAMILY_COLUMNS, len(panels))
+    rows_of_panels = -(-len(panels) // columns)
+    figure = Figure(figsize=(3.6 * columns + 3, 3.5 * rows_of_panels + 0.6), layout="constrained")
+    grid = figure.subplots(rows_of_panels, columns, squeeze=False).flatten()
+    for axes, (matrix, family) in zip(grid, panels, strict=False):
+        rows = view[(view["matrix"] == matrix) & (view["family"] == family)]
+        _trajectories(axes, rows, colours)
+        _pc_labels(axes, rows)
+        axes.set_title(f"{family}, {MATRIX_TITLES[matrix]}", fontsize="small")
+    for axes in grid[len(panels) :]:
+        axes.set_visible(False)
     figure.legend(handles=_style_legend(view), loc="outside right upper", fontsize="small")
     figure.suptitle("Each token family on its own (PCA fitted on the family's rows)")
     _save(figure, path)
