@@ -9,6 +9,8 @@ after each step.
 import dataclasses
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +25,7 @@ from safetensors.torch import load_file
 
 from entrypoints.analyze import main as analyze_main
 from rlvr import load_model
-from rlvr.analysis import TAG_PREFIX, token_families, token_items
+from rlvr.analysis import TAG_PREFIX, evenly_spaced, token_families, token_items
 from rlvr.data import Options, load_split, preprocess
 from rlvr.errors import InputError
 from rlvr.generation import generate
@@ -34,6 +36,7 @@ from rlvr.sft import WarmstartSettings, warmstart
 from rlvr.tokenizer import TokenSpan
 from rlvr.vocab import ReasoningVocab
 
+ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "analyze"
 # <|im_end|>'s reasoning copy is never sampled nor read, so training cannot touch its row
 FAMILIES = "<|im_end|> 1 + ="
@@ -269,6 +272,33 @@ def test_families_default_to_the_most_frequent_tokens_and_named_tokens_must_be_s
         token_families("12", [], tokenizer, vocab)
     with pytest.raises(InputError, match="no token id of the model"):
         token_families("#999", [], tokenizer, vocab)
+
+
+def test_evenly_spaced_checkpoints_keep_the_first_and_the_last():
+    steps = list(range(11))
+    assert evenly_spaced(steps, 0) == steps and evenly_spaced(steps, 20) == steps
+    assert evenly_spaced(steps, 2) == [0, 10] and evenly_spaced(steps, 3) == [0, 5, 10]
+    assert evenly_spaced(steps, 4) == [0, 3, 7, 10]
+
+
+def test_mlflow_run_analyze_logs_into_the_run_it_creates(analysis, tracking_uri):
+    params = ["-P", f"training_run={analysis.reasoning}", "-P", "max_checkpoints=2", "-P", "max_prompts=2",
+              "-P", "num_samples=1", "-P", "max_new_tokens=16"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "-e", "analyze",
+         "--experiment-name", "analyze-mlflow-run", *params],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("analyze-mlflow-run").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the run `mlflow run` created, no other
+    run = runs[0]
+    assert run.data.params["max_checkpoints"] == "2" and run.data.params["steps"] == "0,2"
+    assert run.data.tags["rlvr.training_run_id"] == analysis.reasoning_id
+    assert TAG_PREFIX + run.info.run_id in client.get_run(analysis.reasoning_id).data.tags
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "drift")}
+    assert {"drift/cosine_drift.png", "drift/drift.csv", "drift/embedding_pca.png"} <= logged
 
 
 @pytest.mark.parametrize(
