@@ -211,7 +211,13 @@ def resolve_run(reference: str, name: str, role: str, max_checkpoints: int = 0) 
                 f"{name}={reference!r} is neither runs:/<run_id> nor a training output_dir (none has "
                 f"{tracking.RUN_FILE}); pass one of those."
             )
-        run = _get_run(json.loads(record.read_text())["run_id"], name, reference)
+        try:
+            run_id = json.loads(record.read_text())["run_id"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise InputError(
+                f"{name}={reference!r}: {record} is not a run record ({error}); pass runs:/<run_id> instead."
+            ) from error
+        run = _get_run(run_id, name, reference)
     checkpoints = list_checkpoints(output_dir)
     if len(checkpoints) < 2:
         raise InputError(
@@ -337,7 +343,8 @@ def family_texts(frame: pd.DataFrame) -> list[str]:
 
 # --- measurements -------------------------------------------------------------------------------------------
 def usage(generated: Sequence[Sequence[Generated]]) -> dict[str, float]:
-    """Thought tokens of the samples split into reasoning and standard ids (shares of the thought tokens)."""
+    """Thought tokens of the samples split into reasoning and standard ids, counted as training counts them
+    (`<think>` and `</think>` included), so the shares compare with the logged `reasoning/token_share`."""
     flat = [g for samples in generated for g in samples]
     thought = sum(g.thought_tokens for g in flat)
     reasoning = sum(g.reasoning_tokens for g in flat)
@@ -554,6 +561,9 @@ def _measure_rows(
     families: Sequence[Family],
     out: Measurements,
 ) -> None:
+    """Distances over all N rows are reduced to summaries at once, so no N x H copy outlives a checkpoint
+    (except the first checkpoint's rows, which `start` distances need); the few family rows are kept whole,
+    since PCA needs every checkpoint's rows together."""
     base = vocab.base_vocab_size
     distances: dict[str, torch.Tensor] = {}
     if vocab.size:
@@ -733,7 +743,9 @@ def analyze(settings: AnalyzeSettings) -> str:
     with tracking.entrypoint_run("analyze", tags) as active, tempfile.TemporaryDirectory() as scratch:
         tracking.log_params(dataclasses.asdict(settings) | {
             "training_run_id": training.run_id,
+            "training_output_dir": str(training.output_dir.resolve()),
             "baseline_run_id": runs[1].run_id if len(runs) > 1 else "",
+            "baseline_output_dir": str(runs[1].output_dir.resolve()) if len(runs) > 1 else "",
             "steps": ",".join(str(step) for step, _ in training.checkpoints),
             "families": " ".join(f.label for f in families),
             "entropy_text": "references" if plan.forced else "samples",
