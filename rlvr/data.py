@@ -35,12 +35,12 @@ import mlflow
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from math_verify import parse
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import register_dataset_source
 from mlflow.data.pandas_dataset import PandasDataset
 
 from rlvr import synthetic
+from rlvr.rewards import parse_answer
 from rlvr.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -333,12 +333,6 @@ def last_boxed(text: str) -> str | None:
         if depth == 0:
             return text[begin:position]
     return None
-
-
-def parse_answer(answer: str) -> list:
-    """math-verify's reading of a final answer, as a completion would box it; empty when it means nothing."""
-    parsed = parse(f"\\boxed{{{answer}}}")
-    return parsed if any(not isinstance(value, str) for value in parsed) else []
 
 
 def _problem(value: Any) -> tuple[tuple[dict, ...], str]:

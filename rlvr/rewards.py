@@ -53,13 +53,14 @@ _ANSWER_EXTRACTION = [
 ]
 
 
-def parse_solution(solution: str):
-    """The gold answer as math-verify reads it; empty when unparseable. Plain numbers need no `$...$`."""
+def parse_answer(answer: str) -> list:
+    """math-verify's reading of a final answer, boxed as a completion states it; empty when it means nothing.
+
+    Boxing matters: a bare `2\\pi` or `3, 4` would be read as the first or last plain number in it.
+    """
     parsing_timeout, _ = _timeouts()
-    parsed = parse(solution, parsing_timeout=parsing_timeout)
-    if not parsed:
-        parsed = parse(f"${solution}$", parsing_timeout=parsing_timeout)
-    return parsed
+    parsed = parse(f"\\boxed{{{answer}}}", parsing_timeout=parsing_timeout)
+    return parsed if any(not isinstance(value, str) for value in parsed) else []
 
 
 def is_correct(completion_text: str, solution: str) -> bool:
@@ -68,7 +69,7 @@ def is_correct(completion_text: str, solution: str) -> bool:
     if not answer:
         return False
     parsing_timeout, verify_timeout = _timeouts()
-    gold = parse_solution(solution)
+    gold = parse_answer(solution)
     predicted = parse(answer, extraction_config=_ANSWER_EXTRACTION, extraction_mode="first_match",
                       parsing_timeout=parsing_timeout)
     return bool(gold and predicted and verify(gold, predicted, timeout_seconds=verify_timeout))

@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rlvr.rewards import parse_answer
 from rlvr.data import (
     DEFAULT_INSTRUCTION,
     SCHEMA,
     Options,
     last_boxed,
     load_split,
-    parse_answer,
     preprocess,
 )
 from rlvr.errors import InputError

@@ -6,7 +6,8 @@ from itertools import pairwise
 import pyarrow.parquet as pq
 import pytest
 
-from rlvr.data import Options, parse_answer, preprocess
+from rlvr.data import Options, preprocess
+from rlvr.rewards import parse_answer
 from rlvr.errors import InputError
 from rlvr.synthetic import Difficulty, generate
 
