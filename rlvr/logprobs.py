@@ -14,7 +14,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from trl.trainer.utils import FusedCausalLMOutput
+from trl.kernels import ChunkedLogProbFunction
+from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
 
 from rlvr.vocab import ReasoningVocab
 
@@ -62,9 +63,9 @@ def constrained_token_logprobs(
 
     `hidden` (T, H) are final hidden states and `inside` (T,) the thought state before each label. Outside a
     thought the allowed ids are exactly the tokenizer's, the first rows of the unembedding, so those positions
-    are scored against that slice alone: no mask, and a reasoning vocabulary costs nothing there. Inside, all
-    rows are scored with the inside mask. Chunks are recomputed in the backward pass rather than stored, so peak
-    memory is one chunk of logits.
+    are scored against that slice alone, by TRL's fused kernel: no mask, and a reasoning vocabulary costs nothing
+    there. Inside, all rows are scored with the inside mask, in chunks recomputed in the backward pass rather
+    than stored, so peak memory is one chunk of logits.
     """
     log_probs = hidden.new_zeros(labels.shape, dtype=torch.float32)
     entropies = hidden.new_zeros(labels.shape, dtype=torch.float32) if with_entropy else None
@@ -75,10 +76,14 @@ def constrained_token_logprobs(
         if index.numel() == 0:
             continue
         if state:
-            head = (weight, bias, forbidden_inside)
-        else:
-            head = (weight[:rows], None if bias is None else bias[:rows], None)
-        lp, ent = _chunked_logprobs(hidden[index], *head[:2], labels[index], head[2], temperature, with_entropy)
+            lp, ent = _chunked_logprobs(hidden[index], weight, bias, labels[index], forbidden_inside, temperature,
+                                        with_entropy)
+        else:  # nothing to mask: TRL's fused kernel over the tokenizer's rows
+            outputs = ("log_probs", "entropy") if with_entropy else ("log_probs",)
+            lp, ent, *_ = ChunkedLogProbFunction.apply(
+                hidden[index], weight[:rows], None if bias is None else bias[:rows], labels[index], temperature,
+                _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs,
+            )
         log_probs = log_probs.index_copy(0, index, lp)
         if with_entropy:
             entropies = entropies.index_copy(0, index, ent)
