@@ -6,8 +6,8 @@ same way: decoded with reasoning ids as their twins, split at the thought, with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -99,7 +99,9 @@ def generate(
     flat = [text for text in texts for _ in range(num_samples)]
     stops = stop_token_ids(model, tokenizer)
     sampling = (
-        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
     )
     device = next(model.parameters()).device
     results: list[Generated] = []

@@ -20,7 +20,7 @@ from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
 from rlvr.vocab import ReasoningVocab
 
 # Logit elements materialised per chunk (fp32): 2**28 is 1 GiB, ~880 tokens of a 303k-row vocabulary.
-CHUNK_ELEMENTS = int(os.environ.get("RLVR_LOGPROB_CHUNK_ELEMENTS", 2**28))
+CHUNK_ELEMENTS = int(os.environ.get("RLVR_LOGPROB_CHUNK_ELEMENTS", str(2**28)))
 
 
 def _chunk_logprobs(hidden, weight, bias, labels, forbidden, inv_temperature: float, with_entropy: bool):

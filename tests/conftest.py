@@ -5,18 +5,20 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 # Tests never reach a hub: a hub id must fail at once with a clear message, not after network retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlvr.tokenizer import qwen3_tokenizer  # noqa: E402
-from rlvr.vocab import ReasoningVocab  # noqa: E402
+from rlvr.tokenizer import qwen3_tokenizer
+from rlvr.vocab import ReasoningVocab
 
 QWEN3_N = 151646  # the reasoning_vocab_size users pass for Qwen3
+ROOT = Path(__file__).resolve().parents[1]  # the project checkout
 
 
 @pytest.fixture(scope="session")

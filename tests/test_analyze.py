@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import ROOT
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file
@@ -36,7 +37,6 @@ from rlvr.sft import WarmstartSettings, warmstart
 from rlvr.tokenizer import TokenSpan
 from rlvr.vocab import ReasoningVocab
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "analyze"
 # <|im_end|>'s reasoning copy is never sampled nor read, so training cannot touch its row
 FAMILIES = "<|im_end|> 1 + ="

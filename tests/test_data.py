@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlvr.rewards import parse_answer
 from rlvr.data import (
     DEFAULT_INSTRUCTION,
     SCHEMA,
@@ -19,6 +18,7 @@ from rlvr.data import (
     preprocess,
 )
 from rlvr.errors import InputError
+from rlvr.rewards import parse_answer
 
 PLAIN = Options(instruction="", test_size=0)
 

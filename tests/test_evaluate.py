@@ -13,8 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
+from conftest import ROOT
 from mlflow import MlflowClient
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -36,7 +36,6 @@ from rlvr.presets import micro_tokenizer
 from rlvr.rendering import PageEntry, colour_for, completions_page, segments
 from rlvr.tokenizer import TokenSpan
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = {"num_samples": 2, "temperature": 1.0, "max_new_tokens": 16, "batch_size": 8}
 
 
@@ -291,15 +290,6 @@ def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_ur
 
 
 # --- the command line ---------------------------------------------------------------------------------------------
-def test_mlproject_parameters_match_the_click_command():
-    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["evaluate"]
-    options = {p.name: p for p in main.params}
-    assert list(spec["parameters"]) == list(options)
-    for name, declared in spec["parameters"].items():
-        assert type(options[name].default)(declared["default"]) == options[name].default, name
-        assert f"--{name} {{{name}}}" in spec["command"]
-
-
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -12,33 +12,19 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import ROOT
 from mlflow import MlflowClient
 from mlflow.projects._project_spec import load_project
 
 from entrypoints.preprocess import main
 from rlvr.data import load_split
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _project_entry():
-    return load_project(str(REPO)).get_entry_point("preprocess")
+    return load_project(str(ROOT)).get_entry_point("preprocess")
 
 
 # --- MLproject <-> click ------------------------------------------------------------------------------------------
-def test_mlproject_parameters_match_the_click_command():
-    spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["preprocess"]["parameters"]
-    options = {p.name: p for p in main.params}
-    assert list(spec) == list(options)
-    for name, declared in spec.items():
-        assert declared["type"] in {"string", "float", "path", "uri"}
-        default = options[name].default
-        assert type(default)(declared["default"]) == default, name
-    for name in ("source", "split", "output_dir", "test_size", "max_samples", "seed", "system_prompt", "instruction",
-                 "max_invalid_fraction", "problem_field", "answer_field", "reference_field", "id_field"):  # fmt: skip
-        assert name in spec
-
-
 def test_mlproject_command_passes_every_parameter_intact(tmp_path):
     tricky = {
         "instruction": 'Say "it\'s" in \\boxed{}; $x$ & {braces}',
@@ -58,7 +44,7 @@ def test_mlproject_command_passes_every_parameter_intact(tmp_path):
 
 
 def test_environment_installs_this_project():
-    project = load_project(str(REPO))
+    project = load_project(str(ROOT))
     conda = yaml.safe_load(Path(project.env_config_path).read_text())
     assert Path(project.env_config_path).name == "conda.yaml"
     assert {"pip": ["."]} in conda["dependencies"] and "python=3.11" in conda["dependencies"]
@@ -170,12 +156,12 @@ def test_mixed_latex_and_unicode_survive_verbatim(tracking_uri, tmp_path):
 
 # --- end to end through `mlflow run` ---------------------------------------------------------------------------------
 def _mlflow_run(tracking_uri, experiment, *params):
-    argv = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-e", "preprocess",
+    argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", "preprocess",
             "--experiment-name", experiment]  # fmt: skip
     for param in params:
         argv += ["-P", param]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    return subprocess.run(argv, check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    return subprocess.run(argv, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
 def test_mlflow_run_end_to_end_with_lineage(tracking_uri, tmp_path):

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from conftest import QWEN3_N, THINK, bias_towards_forbidden, prompts
 from transformers import GenerationConfig
 
-from conftest import QWEN3_N, THINK, bias_towards_forbidden, prompts
 from rlvr import load_model
 from rlvr.rollout import _choose, enable_fast_rollouts
 from rlvr.vocab import ReasoningVocab
 
-STOP = dict(eos_token_id=[151645, 151643], pad_token_id=151643)
+STOP = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
 
 
 @pytest.fixture(scope="module")

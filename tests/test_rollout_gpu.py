@@ -5,14 +5,14 @@ Skipped without a GPU; run on one with `python -m pytest -q tests/test_rollout_g
 
 import pytest
 import torch
+from conftest import QWEN3_N, bias_towards_forbidden, prompts
 from transformers import GenerationConfig
 
-from conftest import QWEN3_N, bias_towards_forbidden, prompts
 from rlvr import load_model
 from rlvr.rollout import enable_fast_rollouts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-STOP = dict(eos_token_id=[151645, 151643], pad_token_id=151643)
+STOP = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import ROOT
 from mlflow import MlflowClient
 from mlflow.exceptions import ExecutionException
 
@@ -28,7 +29,6 @@ from rlvr.slurm.config import SlurmConfig
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 PARTITION = "debug"
 ENDED = {
     "COMPLETED",

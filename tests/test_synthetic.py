@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlvr.data import Options, preprocess
-from rlvr.rewards import parse_answer
 from rlvr.errors import InputError
+from rlvr.rewards import parse_answer
 from rlvr.synthetic import Difficulty, generate
 
 REFERENCE = re.compile(r"<think>\n((?:[^\n]+\n)+)</think>\n\nThe answer is \\boxed\{(-?\d+)\}\.")

@@ -1,13 +1,14 @@
 """The seven invariants of the reasoning vocabulary, on tiny models with the real Qwen3 tokenizer."""
 
+import itertools
 import json
 
 import pytest
 import torch
+from conftest import QWEN3_N, bias_towards_forbidden, prompts
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import QWEN3_N, bias_towards_forbidden, prompts
 from rlvr import ReasoningVocab, ReasoningVocabError, load_model, save_model
 from rlvr.models import ModelSourceError
 from rlvr.tokenizer import make_faithful
@@ -196,7 +197,7 @@ def test_generate_time_logprobs_equal_training_time_logprobs(temperature):
 
 
 def test_training_logprobs_have_finite_gradients():
-    model, tokenizer = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
+    model, _ = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
     bias_towards_forbidden(model, model.reasoning_vocab)
     ids = torch.tensor([[1, 2, THINK, 151936 + 5, 7, END_THINK, 9, IM_END]])
     labels = ids.clone()
@@ -258,7 +259,7 @@ def test_decode_with_spans_marks_each_token_and_its_multiplicity(qwen_tok):
     assert pieces[4 : 4 + len(emoji)] == [("", 0)] * (len(emoji) - 1) + [("🫠", 0)]  # credited to the last byte
     assert pieces[4 + len(emoji)] == (" y", 1)
     assert "".join(piece for piece, _ in pieces) == text
-    assert all(a.end == b.start for a, b in zip(spans, spans[1:]))
+    assert all(a.end == b.start for a, b in itertools.pairwise(spans))
 
 
 # --- round trip (invariant 7) -------------------------------------------------------------------------------
@@ -301,6 +302,6 @@ def test_an_unknown_model_is_a_clear_error():
 
 
 def test_thought_constraint_rescans_under_beam_search(tiny_reasoning):
-    model, tokenizer = tiny_reasoning
+    model, _ = tiny_reasoning
     processors = model._get_logits_processor(model.generation_config.__class__(num_beams=2), 0)
     assert isinstance(processors[0], ThoughtConstraint) and processors[0].rescan_every_step
