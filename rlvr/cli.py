@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import click
 

@@ -40,8 +40,8 @@ from mlflow.data.dataset_source_registry import register_dataset_source
 from mlflow.data.pandas_dataset import PandasDataset
 
 from rlvr import synthetic
-from rlvr.rewards import parse_answer
 from rlvr.errors import InputError
+from rlvr.rewards import parse_answer
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ with its own small tokenizer, small enough to learn the synthetic task on a lapt
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers

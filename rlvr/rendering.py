@@ -7,8 +7,8 @@ token family looks the same in every format.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from rlvr.tokenizer import TokenSpan
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import mlflow
 from accelerate import PartialState
