@@ -46,7 +46,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr import plots, tracking
 from rlvr.data import Split, load_split
-from rlvr.errors import InputError
+from rlvr.errors import InputError, check_sampling, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
 from rlvr.models import load_model
 from rlvr.rendering import latex_completion, markdown_completion
@@ -100,18 +100,8 @@ def validate(settings: AnalyzeSettings) -> None:
     """Checks that need no model, run or data, so a bad request fails in seconds."""
     if not settings.training_run.strip():
         raise InputError("training_run is empty; pass runs:/<run_id> of a training run, or its output_dir.")
-    for name in ("max_prompts", "num_samples", "max_new_tokens", "batch_size"):
-        if getattr(settings, name) < 1:
-            raise InputError(f"{name}={getattr(settings, name)} must be at least 1.")
-    if settings.temperature < 0:
-        raise InputError(
-            f"temperature={settings.temperature} is negative; pass 0 for greedy decoding or a positive value."
-        )
-    if settings.temperature == 0 and settings.num_samples > 1:
-        raise InputError(
-            f"temperature=0 decodes greedily, so the num_samples={settings.num_samples} samples per prompt "
-            "would be identical; pass num_samples=1 or a positive temperature."
-        )
+    require_at_least_one(settings, "max_prompts", "num_samples", "max_new_tokens", "batch_size")
+    check_sampling(settings.temperature, settings.num_samples)
     if settings.max_checkpoints < 0 or settings.max_checkpoints == 1:
         raise InputError(
             f"max_checkpoints={settings.max_checkpoints} cannot show change over training; pass 0 for every "

@@ -3,3 +3,21 @@
 
 class InputError(ValueError):
     """Input that cannot be used as given (a parameter, file, model name, URI); the message says how to fix it."""
+
+
+def require_at_least_one(settings: object, *names: str) -> None:
+    """Refuse a count or size parameter below 1, naming it."""
+    for name in names:
+        if getattr(settings, name) < 1:
+            raise InputError(f"{name}={getattr(settings, name)} must be at least 1.")
+
+
+def check_sampling(temperature: float, num_samples: int) -> None:
+    """Refuse a negative temperature, and several samples that greedy decoding would make identical."""
+    if temperature < 0:
+        raise InputError(f"temperature={temperature} is negative; pass 0 for greedy decoding or a positive value.")
+    if temperature == 0 and num_samples > 1:
+        raise InputError(
+            f"temperature=0 decodes greedily, so the num_samples={num_samples} samples would be identical; pass "
+            "num_samples=1 or a positive temperature."
+        )

@@ -40,7 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr import tracking
 from rlvr.data import DEFAULT_INSTRUCTION, SYNTHETIC, Options, Split, load_split, preprocess
-from rlvr.errors import InputError
+from rlvr.errors import InputError, check_sampling, require_at_least_one
 from rlvr.generation import Generated, generate
 from rlvr.models import MLFLOW_SCHEMES, load_model
 from rlvr.rendering import PageEntry, completions_page, marked_text
@@ -123,20 +123,10 @@ def validate(settings: EvalSettings) -> None:
     """Checks that need no model or data, so a bad request fails in seconds."""
     if settings.num_samples < 1:
         raise InputError(f"num_samples={settings.num_samples} must be at least 1: it is the k of pass@k.")
-    if settings.temperature < 0:
-        raise InputError(
-            f"temperature={settings.temperature} is negative; pass 0 for greedy decoding or a positive value to sample."
-        )
-    if settings.temperature == 0 and settings.num_samples > 1:
-        raise InputError(
-            f"temperature=0 decodes greedily, so the num_samples={settings.num_samples} samples per problem would be "
-            "identical; pass num_samples=1 or a positive temperature."
-        )
+    check_sampling(settings.temperature, settings.num_samples)
     if not 0 < settings.top_p <= 1:
         raise InputError(f"top_p={settings.top_p} is not in (0, 1]; pass e.g. 0.95, or 1 to turn nucleus sampling off.")
-    for name in ("max_new_tokens", "batch_size"):
-        if getattr(settings, name) < 1:
-            raise InputError(f"{name}={getattr(settings, name)} must be at least 1.")
+    require_at_least_one(settings, "max_new_tokens", "batch_size")
     if settings.max_examples < 0:
         raise InputError(f"max_examples={settings.max_examples} is negative; pass 0 to evaluate every problem.")
     flag("bf16", settings.bf16)

@@ -24,7 +24,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rlvr import rewards, tracking
 from rlvr.data import load_split
-from rlvr.errors import InputError
+from rlvr.errors import InputError, require_at_least_one
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
 from rlvr.rollout import enable_fast_rollouts
@@ -115,11 +115,8 @@ def validate(settings: TrainSettings, world_size: int) -> None:
     """Checks that need no model or data, so a bad request fails in seconds."""
     if settings.reasoning_vocab_size < 0:
         raise InputError(f"reasoning_vocab_size={settings.reasoning_vocab_size} is negative; use 0 for the baseline.")
-    positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
-                "max_prompt_length", "max_completion_length", "save_steps")
-    for name in positive:
-        if getattr(settings, name) < 1:
-            raise InputError(f"{name}={getattr(settings, name)} must be at least 1.")
+    require_at_least_one(settings, "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
+                         "max_prompt_length", "max_completion_length", "save_steps")
     if settings.num_generations < 2:
         raise InputError("num_generations must be at least 2: GRPO compares completions within a group.")
     batch = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * world_size

@@ -18,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 
 from rlvr import tracking
 from rlvr.data import load_split
-from rlvr.errors import InputError
+from rlvr.errors import InputError, require_at_least_one
 from rlvr.models import load_model
 from rlvr.training import Job, bf16_enabled, param
 
@@ -58,9 +58,8 @@ def _sft_dataset(frame) -> Dataset:
 
 def warmstart(settings: WarmstartSettings) -> str | None:
     """Fine-tune as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "save_steps"):
-        if getattr(settings, name) < 1:
-            raise InputError(f"{name}={getattr(settings, name)} must be at least 1.")
+    require_at_least_one(settings, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+                         "save_steps")
     job = Job(settings.output_dir, run_name="warmstart", tags={"rlvr.step": "warmstart", "rlvr.arm": "baseline"})
     split = load_split(settings.data, "train")
     dataset = _sft_dataset(split.frame)
