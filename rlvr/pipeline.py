@@ -32,12 +32,12 @@ CHAMPION = "champion"
 # pipeline shrunk to a smoke run.
 SCALES: dict[str, dict[str, dict[str, object]]] = {
     "demo": {
-        "preprocess": {"source": "synthetic:count=6000", "test_size": 200, "instruction": ""},
-        "warmstart": {"model": "micro", "max_steps": 900, "learning_rate": 3e-3, "per_device_train_batch_size": 32},
-        "train": {"max_steps": 30, "learning_rate": 5e-5, "per_device_train_batch_size": 16,
+        "preprocess": {"source": "synthetic:count=6000,digits=1", "test_size": 200, "instruction": ""},
+        "warmstart": {"model": "micro", "max_steps": 400, "learning_rate": 3e-3, "per_device_train_batch_size": 32},
+        "train": {"max_steps": 60, "learning_rate": 1e-4, "per_device_train_batch_size": 16,
                   "gradient_accumulation_steps": 4, "num_generations": 8, "max_completion_length": 48,
-                  "temperature": 1.0, "save_steps": 10, "log_completions_steps": 10, "beta": 0.0},
-        "evaluate": {"num_samples": 4, "temperature": 0.6, "top_p": 1.0, "max_new_tokens": 48,
+                  "temperature": 1.0, "save_steps": 20, "log_completions_steps": 20, "format_weight": 0.5},
+        "evaluate": {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48,
                      "batch_size": 64, "max_examples": 200},
     },
     "ci": {
