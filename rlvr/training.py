@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -86,8 +86,7 @@ class Job:
     def run(self) -> Iterator[None]:
         """The MLflow run on rank 0 (the resumed one when resuming); nothing on other ranks."""
         if not self.main:
-            with nullcontext():
-                yield
+            yield
             return
         with tracking.resumable_run(self.output_dir, self.resume_from is not None, self.run_name, self.tags):
             yield

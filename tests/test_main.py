@@ -3,9 +3,8 @@
 import subprocess
 import sys
 
-from mlflow.tracking import MlflowClient
-
 from conftest import ROOT
+from mlflow.tracking import MlflowClient
 
 STEPS = ["evaluate", "evaluate", "evaluate", "preprocess", "train_baseline", "train_reasoning", "warmstart"]
 

@@ -212,10 +212,12 @@ def test_training_logprobs_have_finite_gradients():
 # --- same path for both arms (invariant 1) --------------------------------------------------------------------
 def test_baseline_takes_the_same_path_and_equals_a_plain_model(qwen_tok, tiny_llama_factory):
     plain = tiny_llama_factory(seed=3)
-    constrained, _ = tiny_llama_factory(seed=3), None
+    constrained = tiny_llama_factory(seed=3)
     vocab = ReasoningVocab.for_tokenizer(qwen_tok, len(qwen_tok), 0)
     expand_model(constrained, vocab)
-    assert isinstance(constrained._get_logits_processor.__self__, type(plain))  # the constrained path is active
+    # the constrained path is active: generate builds its processors through the instance hook, with the mask first
+    processors = constrained._get_logits_processor(constrained.generation_config, 0)
+    assert "_get_logits_processor" in vars(constrained) and isinstance(processors[0], ThoughtConstraint)
     batch = prompts(qwen_tok, 3)
     outputs = []
     for model in (plain, constrained):
