@@ -12,17 +12,57 @@ not cover (top-k/top-p/min-p, repetition penalties, beams, extra processors, sco
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import types
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, StaticCache
+from transformers import AttentionInterface, GenerationConfig, PreTrainedModel, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 log = logging.getLogger(__name__)
 
 PROMPT_BUCKET = 128  # prompt lengths are padded up to a multiple of this, so few cache shapes get compiled
 _HANDLED_KWARGS = {"input_ids", "attention_mask", "generation_config"}
+DECODE_ATTENTION = "rlvr_decode"  # the attention implementation rollouts run under, registered below
+
+
+def _attend(query, key, value, mask, scale):
+    """Attention of `groups` query rows per key/value head: (B, KVH, G, D) against (B, KVH, L, D).
+
+    Two batched matmuls around an fp32 softmax, which the compiler fuses; on an H100 this beat SDPA's kernel
+    for these shapes (BENCHMARKS.md).
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.softmax(-1).to(value.dtype), value)
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA, except that a single new token's query heads are packed onto the key/value head they share.
+
+    Under grouped-query attention SDPA with a mask needs the key/value heads repeated to the query heads, which
+    copies the whole cache at every decode step (for a 0.6B model at batch 64 that is most of the step's memory
+    traffic). One query token per head instead becomes `groups` query rows of its key/value head, so the cache
+    is read once and never copied. Prefill and training shapes go to SDPA unchanged.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, heads, _, dim = query.shape
+    packed = query.reshape(batch, heads // groups, groups, dim)
+    output = _attend(packed, key, value, attention_mask, scaling)  # masks are (B, 1, 1, L): they broadcast
+    return output.reshape(batch, 1, heads, dim), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
 
 
 @dataclass
@@ -75,7 +115,7 @@ class FastRollout:
             return self.model
         if self._shadow is None:
             with torch.device("meta"):
-                shadow = type(self.model)(self.model.config)
+                shadow = type(self.model)(copy.deepcopy(self.model.config))
             shadow = shadow.to_empty(device=self.model.device)
             for parameter in shadow.parameters():
                 parameter.data = parameter.data.to(self.dtype)
@@ -112,8 +152,12 @@ class FastRollout:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: GenerationConfig):
         """`input_ids` followed by up to `max_new_tokens` sampled ids (padding after EOS), as `generate` returns."""
-        vocab = self.model.reasoning_vocab
         runner = self._runner()
+        with _attention(runner.config, DECODE_ATTENTION):
+            return self._generate(runner, input_ids, attention_mask, config)
+
+    def _generate(self, runner, input_ids, attention_mask, config):
+        vocab = self.model.reasoning_vocab
         device = input_ids.device
         batch, prompt_length = input_ids.shape
         if attention_mask is None:
@@ -167,6 +211,17 @@ class FastRollout:
                 break
         self.calls += 1
         return torch.cat([input_ids, out], 1)
+
+
+@contextlib.contextmanager
+def _attention(config, implementation: str):
+    """Run the model under another registered attention implementation, restoring its own afterwards."""
+    own = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = own
 
 
 def _pin_cache(cache: StaticCache) -> None:

@@ -6,7 +6,7 @@ from conftest import QWEN3_N, THINK, bias_towards_forbidden, prompts
 from transformers import GenerationConfig
 
 from rlvr import load_model
-from rlvr.rollout import _choose, enable_fast_rollouts
+from rlvr.rollout import DECODE_ATTENTION, _choose, decode_attention, enable_fast_rollouts
 from rlvr.vocab import ReasoningVocab
 
 STOP = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
@@ -75,3 +75,35 @@ def test_requests_the_fast_path_does_not_cover_go_to_generate(fast_model):
     model.generate(**batch, generation_config=GenerationConfig(max_new_tokens=4, do_sample=True, top_p=0.9, **STOP))
     model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
     assert model.fast_rollout.calls == served
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_packed_decode_attention_equals_attention_over_repeated_heads(mask_kind):
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 8, 2, 11, 16
+    module = type("Attention", (), {"num_key_value_groups": heads // kv_heads, "training": False})()
+    query = torch.randn(batch, heads, 1, dim)
+    key, value = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    allowed = torch.rand(batch, 1, 1, length) > 0.4
+    allowed[..., -1] = True  # the newest position is always visible
+    mask = {"bool": allowed, "additive": torch.zeros(allowed.shape).masked_fill(~allowed, -1e9), "none": None}[mask_kind]
+    repeated = [t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.3)
+
+    output, _ = decode_attention(module, query, key, value, mask, scaling=0.3)
+
+    assert output.shape == (batch, 1, heads, dim)  # the layout HF attention functions return
+    torch.testing.assert_close(output, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_rollouts_decode_under_packed_attention_and_restore_the_models_own(fast_model, monkeypatch):
+    model, tokenizer = fast_model
+    seen = []
+    original = model.config._attn_implementation
+    monkeypatch.setattr("rlvr.rollout._attend", lambda *a: seen.append(model.config._attn_implementation)
+                        or torch.nn.functional.scaled_dot_product_attention(*a[:3], attn_mask=a[3], scale=a[4]))
+    model.generate(**prompts(tokenizer, 2), generation_config=GenerationConfig(do_sample=False, max_new_tokens=3, **STOP))
+
+    assert len(seen) == 2 * model.config.num_hidden_layers  # each decode step after the prefill, in every layer
+    assert set(seen) == {DECODE_ATTENTION}
+    assert model.config._attn_implementation == original

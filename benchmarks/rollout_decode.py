@@ -1,0 +1,106 @@
+"""Milliseconds per decode step of a rollout: the fast path (compiled static-cache step) against HF `generate`.
+
+    python benchmarks/rollout_decode.py                       # qwen3-0.6b-shape, 64 x 512 new tokens, N = 0
+    python benchmarks/rollout_decode.py --reasoning-vocab-size 151646 --new-tokens 4096
+    python benchmarks/rollout_decode.py --attention sdpa      # decode under the model's own SDPA attention
+    python benchmarks/rollout_decode.py --profile             # plus the top GPU kernels of one rollout
+
+Builds the preset with random weights in fp32 (as training holds it), attaches the reasoning vocabulary and
+turns fast rollouts on with a bf16 decoding copy, exactly as the GRPO trainer does. Random weights never emit
+EOS, so every rollout decodes all `--new-tokens`. Prints one JSON line: per-step milliseconds (median of
+`--repeats` rollouts after a warm-up one that compiles), tokens/s, peak GPU memory, and with `--hf` the same for
+`generate` under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import GenerationConfig
+
+from rlvr import rollout
+from rlvr.models import load_model
+from rlvr.rollout import enable_fast_rollouts
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="qwen3-0.6b-shape")
+    parser.add_argument("--reasoning-vocab-size", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt-length", type=int, default=100)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--attention", choices=("decode", "sdpa"), default="decode",
+                        help="decode: the rollout's packed grouped-query attention; sdpa: the model's own")
+    parser.add_argument("--hf", action="store_true", help="also time HF generate (slow)")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one rollout")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU run only checks that the script works
+    if args.attention == "sdpa":
+        rollout.DECODE_ATTENTION = "sdpa"
+
+    model, tokenizer = load_model(args.preset, args.reasoning_vocab_size, device=device)
+    enable_fast_rollouts(model, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, len(tokenizer) - 1000, (args.batch, args.prompt_length), generator=generator).to(device)
+    mask = torch.ones_like(prompt)
+    mask[: args.batch // 2, : args.prompt_length // 4] = 0  # left padding in half the rows, as in a real batch
+    config = GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=args.new_tokens, top_k=None,
+                              top_p=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    def fast():
+        out = model.generate(input_ids=prompt, attention_mask=mask, generation_config=config)
+        assert out.shape[1] == args.prompt_length + args.new_tokens, out.shape
+
+    compile_seconds = _timed(fast)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = statistics.median(_timed(fast) for _ in range(args.repeats))
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "preset": args.preset,
+        "reasoning_vocab_size": args.reasoning_vocab_size, "batch": args.batch, "new_tokens": args.new_tokens,
+        "attention": args.attention, "first_rollout_s": round(compile_seconds, 2),
+        "fast_ms_per_step": round(1000 * seconds / args.new_tokens, 3),
+        "fast_tokens_per_s": round(args.batch * args.new_tokens / seconds),
+        "fast_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+    }
+    if args.hf:
+        def plain():
+            with torch.autocast(device, dtype=torch.bfloat16):
+                type(model).generate(model, input_ids=prompt, attention_mask=mask, generation_config=config)
+
+        plain()
+        hf = _timed(plain)
+        result.update(hf_ms_per_step=round(1000 * hf / args.new_tokens, 3),
+                      hf_tokens_per_s=round(args.batch * args.new_tokens / hf))
+    print(json.dumps(result), flush=True)
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fast()
+            _sync()
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
