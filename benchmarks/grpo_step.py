@@ -12,7 +12,7 @@ generations, 512 completion tokens, micro-batch 8, gradient accumulation 8, bf16
 no gradient checkpointing. Random weights never emit EOS, so every completion has full length.
 
 Per step: wall time (median over `--steps` after `--warmup`), rollout time (the `generate` call), completion
-tokens/s and peak GPU memory. Prints one JSON line.
+tokens/s and peak GPU memory, overall and split into the rollout and the rest (log-probs, loss, optimizer). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -41,25 +41,38 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _peak_gib(reset: bool = True) -> float:
+    """Peak GPU memory allocated since the last reset, in GiB (NaN on a CPU); starts a new window."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 class StepMeter(TrainerCallback):
-    """Wall time and peak memory per optimizer step; rollout time from the timed `generate`."""
+    """Wall time and peak memory per optimizer step, the rollout's share of both from the timed `generate`."""
 
     def __init__(self):
         self.steps: list[dict] = []
         self.rollout = 0.0
+        self.peaks = {"rollout": 0.0, "other": 0.0}
         self._start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         _sync()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        _peak_gib()
         self.rollout = 0.0
+        self.peaks = {"rollout": 0.0, "other": 0.0}
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         _sync()
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-        self.steps.append({"seconds": time.perf_counter() - self._start, "rollout": self.rollout, "peak_gib": peak})
+        self.peaks["other"] = max(self.peaks["other"], _peak_gib())
+        self.steps.append({"seconds": time.perf_counter() - self._start, "rollout": self.rollout,
+                           "peak_gib": max(self.peaks.values()), "rollout_peak_gib": self.peaks["rollout"],
+                           "training_peak_gib": self.peaks["other"]})
 
 
 def time_generate(model, meter: StepMeter) -> None:
@@ -67,10 +80,12 @@ def time_generate(model, meter: StepMeter) -> None:
 
     def timed(self, *args, **kwargs):
         _sync()
+        meter.peaks["other"] = max(meter.peaks["other"], _peak_gib())
         start = time.perf_counter()
         out = inner(*args, **kwargs)
         _sync()
         meter.rollout += time.perf_counter() - start
+        meter.peaks["rollout"] = max(meter.peaks["rollout"], _peak_gib())
         return out
 
     model.generate = types.MethodType(timed, model)
@@ -137,6 +152,8 @@ def main() -> None:
         "rollout_seconds": round(statistics.median(s["rollout"] for s in measured), 3),
         "completion_tokens_per_second": round(tokens / seconds, 1),
         "peak_gib": round(max(s["peak_gib"] for s in measured), 2),
+        "rollout_peak_gib": round(max(s["rollout_peak_gib"] for s in measured), 2),
+        "training_peak_gib": round(max(s["training_peak_gib"] for s in measured), 2),
         "all_steps": [round(s["seconds"], 2) for s in meter.steps],
     }
     print(json.dumps(result))
