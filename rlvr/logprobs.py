@@ -19,8 +19,9 @@ from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
 
 from rlvr.vocab import ReasoningVocab
 
-# Logit elements materialised per chunk (fp32): 2**28 is 1 GiB, ~880 tokens of a 303k-row vocabulary.
-CHUNK_ELEMENTS = int(os.environ.get("RLVR_LOGPROB_CHUNK_ELEMENTS", str(2**28)))
+# Logit elements materialised per chunk (fp32): 2**26 is 256 MiB, ~220 tokens of a 303k-row vocabulary; the
+# backward pass holds a few such buffers at once, so this bounds the head's transient memory to about 1 GiB.
+CHUNK_ELEMENTS = int(os.environ.get("RLVR_LOGPROB_CHUNK_ELEMENTS", str(2**26)))
 
 
 def _chunk_logprobs(hidden, weight, bias, labels, forbidden, inv_temperature: float, with_entropy: bool):
