@@ -20,7 +20,12 @@ from rlvr import tracking
 from rlvr.data import load_split
 from rlvr.errors import InputError, require_at_least_one
 from rlvr.models import load_model
-from rlvr.training import Job, bf16_enabled, param
+from rlvr.training import Job, bf16_enabled, flag, param
+
+# transformers 5 renamed the switch; either way TRL's SFTConfig defaults it to on
+_CHECKPOINTING = next(
+    (f.name for f in dataclasses.fields(SFTConfig) if f.name == "activation_checkpointing"), "gradient_checkpointing"
+)
 
 
 @dataclass
@@ -29,14 +34,15 @@ class WarmstartSettings:
 
     model: str = param("micro", "hub id, local directory, preset or MLflow model URI to fine-tune")
     data: str = param("outputs/data", "preprocess output with a reference column: output_dir or runs:/ URI")
-    learning_rate: float = param(2e-3, "peak learning rate")
+    learning_rate: float = param(1.2e-3, "peak learning rate")
     num_train_epochs: float = param(1.0, "passes over the worked solutions (ignored when max_steps > 0)")
-    max_steps: int = param(-1, "optimizer steps to run (-1: from num_train_epochs)")
-    per_device_train_batch_size: int = param(32, "examples per device per micro-batch")
+    max_steps: int = param(2200, "optimizer steps to run (-1: from num_train_epochs)")
+    per_device_train_batch_size: int = param(16, "examples per device per micro-batch")
     gradient_accumulation_steps: int = param(1, "micro-batches per optimizer step")
     max_length: int = param(512, "examples are truncated to this many tokens")
     seed: int = param(42, "random seed")
     bf16: str = param("auto", "bf16 autocast: true, false or auto (on when a GPU supports it)")
+    gradient_checkpointing: str = param("false", "recompute activations in backward (less memory, slower): true or false")
     save_steps: int = param(200, "save a checkpoint every this many optimizer steps")
     output_dir: str = param("outputs/warmstart", "checkpoints go here; rerunning with the same directory resumes")
     registered_model_name: str = param("rlvr-warmstart", "register the final model under this name ('' to skip)")
@@ -60,6 +66,7 @@ def warmstart(settings: WarmstartSettings) -> str | None:
     """Fine-tune as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
     require_at_least_one(settings, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                          "save_steps")
+    checkpointing = bool(flag("gradient_checkpointing", settings.gradient_checkpointing))
     job = Job(settings.output_dir, run_name="warmstart", tags={"rlvr.step": "warmstart", "rlvr.arm": "baseline"})
     split = load_split(settings.data, "train")
     dataset = _sft_dataset(split.frame)
@@ -78,6 +85,7 @@ def warmstart(settings: WarmstartSettings) -> str | None:
             seed=settings.seed,
             bf16=bf16_enabled(settings.bf16),
             use_cpu=not torch.cuda.is_available(),
+            **{_CHECKPOINTING: checkpointing},  # TRL turns it on by default; a small model only pays for it
             lr_scheduler_type="cosine",
             warmup_steps=10,
             save_strategy="steps",
