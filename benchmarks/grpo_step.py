@@ -12,7 +12,8 @@ generations, 512 completion tokens, micro-batch 8, gradient accumulation 8, bf16
 no gradient checkpointing. Random weights never emit EOS, so every completion has full length.
 
 Per step: wall time (median over `--steps` after `--warmup`), rollout time (the `generate` call), completion
-tokens/s and peak GPU memory, overall and split into the rollout and the rest (log-probs, loss, optimizer). Prints one JSON line.
+tokens/s and peak GPU memory, overall and split into the rollout and the rest (log-probs, loss, optimizer).
+Prints one JSON line.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from rlvr.errors import InputError, require_at_least_one
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
 from rlvr.rollout import enable_fast_rollouts
-from rlvr.training import Job, bf16_enabled, flag, param
+from rlvr.training import Job, bf16_enabled, checkpointing_option, flag, param
 from rlvr.vocab import ReasoningVocab, attach
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,6 @@ def validate(settings: TrainSettings, world_size: int) -> None:
 
 def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
     cuda = torch.cuda.is_available()
-    names = {f.name for f in dataclasses.fields(GRPOConfig)}
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     report_to = [r for r in extra.pop("report_to", []) or [] if r != "mlflow"]  # MLflow is logged by rlvr itself
     kwargs = dict(
         output_dir=settings.output_dir,
@@ -159,7 +157,7 @@ def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
         report_to=report_to,
         use_cpu=not cuda,
         save_only_model=False,
-        **{checkpointing: bool(flag("gradient_checkpointing", settings.gradient_checkpointing))},
+        **checkpointing_option(GRPOConfig, settings.gradient_checkpointing),
     )
     kwargs.update(extra)
     try:

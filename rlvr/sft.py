@@ -20,12 +20,7 @@ from rlvr import tracking
 from rlvr.data import load_split
 from rlvr.errors import InputError, require_at_least_one
 from rlvr.models import load_model
-from rlvr.training import Job, bf16_enabled, flag, param
-
-# transformers 5 renamed the switch; either way TRL's SFTConfig defaults it to on
-_CHECKPOINTING = next(
-    (f.name for f in dataclasses.fields(SFTConfig) if f.name == "activation_checkpointing"), "gradient_checkpointing"
-)
+from rlvr.training import Job, bf16_enabled, checkpointing_option, param
 
 
 @dataclass
@@ -66,7 +61,7 @@ def warmstart(settings: WarmstartSettings) -> str | None:
     """Fine-tune as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
     require_at_least_one(settings, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                          "save_steps")
-    checkpointing = bool(flag("gradient_checkpointing", settings.gradient_checkpointing))
+    checkpointing = checkpointing_option(SFTConfig, settings.gradient_checkpointing)  # a bad value fails here
     job = Job(settings.output_dir, run_name="warmstart", tags={"rlvr.step": "warmstart", "rlvr.arm": "baseline"})
     split = load_split(settings.data, "train")
     dataset = _sft_dataset(split.frame)
@@ -85,7 +80,7 @@ def warmstart(settings: WarmstartSettings) -> str | None:
             seed=settings.seed,
             bf16=bf16_enabled(settings.bf16),
             use_cpu=not torch.cuda.is_available(),
-            **{_CHECKPOINTING: checkpointing},  # TRL turns it on by default; a small model only pays for it
+            **checkpointing,  # TRL turns it on by default; a small model only pays for it
             lr_scheduler_type="cosine",
             warmup_steps=10,
             save_strategy="steps",

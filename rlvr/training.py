@@ -10,7 +10,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import field
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,16 @@ def flag(name: str, value: str) -> bool | None:
     if lowered == "auto":
         return None
     raise InputError(f"{name}={value!r} is not a switch; use true, false or auto.")
+
+
+def checkpointing_option(config_class: type, value: str) -> dict[str, bool]:
+    """The `config_class(**...)` keyword for activation checkpointing, named as this transformers names it.
+
+    transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing`; TRL's configs default it on.
+    """
+    names = {f.name for f in fields(config_class)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: bool(flag("gradient_checkpointing", value))}
 
 
 def bf16_enabled(value: str) -> bool:
