@@ -15,6 +15,7 @@ import fcntl
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -87,8 +88,19 @@ def run_job(files: JobFiles) -> int:
         state = "FAILED"
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a cancellation now must not cut the report short
     if reporter:
+        _wait_for_other_ranks(files)
         _report(client, run_id, files, state)
+    else:
+        files.root.joinpath(f"rank-{os.environ['RANK']}.done").touch()
     return {"COMPLETED": 0, "FAILED": 1}.get(state, 128 + signal.SIGTERM)
+
+
+def _wait_for_other_ranks(files: JobFiles, timeout: float = 120.0) -> None:
+    """Until every other process has ended its entry point (or `timeout`), so the attached log has their output."""
+    others = int(os.environ.get("WORLD_SIZE", "1")) - 1
+    deadline = time.monotonic() + timeout
+    while len(list(files.root.glob("rank-*.done"))) < others and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def _report(client: MlflowClient, run_id: str, files: JobFiles, state: str) -> None:
