@@ -24,7 +24,7 @@ from transformers import GenerationConfig
 
 from rlvr import rollout
 from rlvr.models import load_model
-from rlvr.rollout import enable_fast_rollouts
+from rlvr.surgery import enable_fast_rollouts
 
 
 def _sync() -> None:

@@ -44,16 +44,15 @@ from mlflow.tracking import MlflowClient
 from sklearn.decomposition import PCA
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr import plots, tracking
+from rlvr import plots, thoughts, tracking
 from rlvr.data import Split, load_split
 from rlvr.errors import InputError, check_sampling, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
 from rlvr.models import load_model
 from rlvr.rendering import latex_completion, markdown_completion
-from rlvr.rewards import split_completion
-from rlvr.tokenizer import make_faithful
+from rlvr.surgery import make_faithful
 from rlvr.training import param
-from rlvr.vocab import THINK_END, THINK_START, TOKEN_MAP_FILE, ReasoningVocab
+from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab
 
 log = logging.getLogger(__name__)
 
@@ -323,12 +322,19 @@ def token_families(
     return [Family(i, token_label(tokenizer, i), copies.get(i, ())) for i in dict.fromkeys(ids)]
 
 
-def family_texts(frame: pd.DataFrame) -> list[str]:
+def family_texts(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, vocab: ReasoningVocab) -> list[str]:
     """What default families are drawn from: the thoughts of the worked solutions, else the prompts."""
     references = [r for r in frame["reference"] if r.strip()]
     if references:
-        return [split_completion(r).thought or r for r in references]
+        return [_thought_of(tokenizer.encode(r, add_special_tokens=False), tokenizer, vocab) or r for r in references]
     return [m["content"] for messages in frame["prompt"] for m in messages if m["role"] == "user"]
+
+
+def _thought_of(ids: list[int], tokenizer: PreTrainedTokenizerBase, vocab: ReasoningVocab) -> str:
+    parts = thoughts.structure(vocab, ids)
+    tags = (vocab.think_start_id, vocab.think_end_id)
+    inside = [i for i, t in zip(ids, parts.in_thought, strict=True) if t and i not in tags]
+    return tokenizer.decode(inside, skip_special_tokens=True).strip()
 
 
 # --- measurements -------------------------------------------------------------------------------------------
@@ -404,46 +410,55 @@ def summarise(distances: torch.Tensor) -> dict[str, float]:
 
 def teacher_forced(
     frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int
-) -> list[list[int]]:
-    """Prompt + worked solution ids, the solution as one thought (wrapped in think tags when it has none), cut
-    to `max_new_tokens`; empty when the data has no worked solutions."""
+) -> list[tuple[list[int], int]]:
+    """(prompt + worked solution ids, prompt length), the solution as one thought (wrapped in the thought tags
+    when its ids hold none), cut to `max_new_tokens`; empty when the data has no worked solutions."""
+    vocab = tokenizer.reasoning_vocab
     sequences = []
     for messages, reference in zip(frame["prompt"], frame["reference"], strict=True):
         if not reference.strip():
             continue
-        thought = reference if THINK_START in reference else f"{THINK_START}\n{reference}\n{THINK_END}"
-        prompt = tokenizer.apply_chat_template(
-            as_messages(messages), tokenize=False, add_generation_prompt=True
+        completion = tokenizer.encode(reference, add_special_tokens=False)
+        if vocab.think_start_id not in completion:
+            newline = tokenizer.encode("\n", add_special_tokens=False)
+            completion = [vocab.think_start_id, *newline, *completion, *newline, vocab.think_end_id]
+        prompt = tokenizer.encode(
+            tokenizer.apply_chat_template(as_messages(messages), tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
         )
-        completion = tokenizer.encode(thought, add_special_tokens=False)[:max_new_tokens]
-        sequences.append(tokenizer.encode(prompt, add_special_tokens=False) + completion)
+        sequences.append((prompt + completion[:max_new_tokens], len(prompt)))
     return sequences
 
 
 @torch.inference_mode()
 def thought_entropy(
-    model: PreTrainedModel, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int
+    model: PreTrainedModel, sequences: Sequence[tuple[Sequence[int], int]], pad_id: int, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input token and entropy of the constrained next-token distribution, at every position inside a thought.
+    """Input token and entropy of the constrained next-token distribution, at every completion position inside
+    a thought, for (ids, prompt length) pairs.
 
     Uses the same log-prob head as the GRPO loss (`fused_lm_head=True`), so the entropy is that of the masked
-    distribution sampling draws from.
+    distribution sampling draws from, and the thought state starts at each prompt's assistant turn.
     """
     vocab = model.reasoning_vocab
     device = next(model.parameters()).device
     tokens, entropies = [], []
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start : start + batch_size]
-        ids = torch.full((len(batch), max(map(len, batch))), pad_id, dtype=torch.long)
+        ids = torch.full((len(batch), max(len(s) for s, _ in batch)), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, sequence in enumerate(batch):
-            ids[row, : len(sequence)] = torch.tensor(sequence)
+        labelled = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (sequence, prompt_length) in enumerate(batch):
+            ids[row, : len(sequence)] = torch.tensor(list(sequence))
             mask[row, : len(sequence)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+            labelled[row, prompt_length : len(sequence)] = True
+        prompt_lengths = torch.tensor([p for _, p in batch])
+        ids, mask, labelled, prompt_lengths = ids.to(device), mask.to(device), labelled.to(device), prompt_lengths.to(device)
         out = model(
-            input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), fused_lm_head=True
+            input_ids=ids, attention_mask=mask, labels=ids.masked_fill(~labelled, -100), fused_lm_head=True,
+            completion_start=prompt_lengths,
         )
-        inside = vocab.thought_state(ids)[:, :-1] & out.label_mask
+        inside = thoughts.inside_after(vocab, ids, prompt_lengths)[:, :-1] & out.label_mask
         tokens.append(ids[:, :-1][inside].cpu())
         entropies.append(out.entropy[inside].float().cpu())
     if not tokens:
@@ -485,7 +500,7 @@ class Plan:
 
     prompts: list[list[dict]]
     prompt_ids: list[list[int]]
-    forced: list[list[int]]
+    forced: list[tuple[list[int], int]]
     families: list[Family]
     settings: AnalyzeSettings
     device: str | None
@@ -520,7 +535,7 @@ def measure_run(run: TrainingRun, plan: Plan, out: Measurements) -> None:
         )  # fmt: skip
         out.usage.append(key | usage(generated))
         pairs = [(i, g) for i, samples in enumerate(generated) for g in samples]
-        sequences = plan.forced or [plan.prompt_ids[i] + g.token_ids for i, g in pairs]
+        sequences = plan.forced or [(plan.prompt_ids[i] + g.token_ids, len(plan.prompt_ids[i])) for i, g in pairs]
         tokens, entropies = thought_entropy(model, sequences, tokenizer.pad_token_id, settings.batch_size)
         positions = pd.DataFrame({"token_id": tokens.numpy(), "entropy": entropies.numpy()})
         table = positions.groupby("token_id")["entropy"].agg(positions="size", mean_entropy="mean")
@@ -708,7 +723,7 @@ def analyze(settings: AnalyzeSettings) -> str:
     tokenizer, vocab = _vocabulary(training.checkpoints[0][1])
     for other in runs[1:]:
         _check_comparable(vocab, _vocabulary(other.checkpoints[0][1])[1])
-    families = token_families(settings.tokens, family_texts(frame), tokenizer, vocab)
+    families = token_families(settings.tokens, family_texts(frame, tokenizer, vocab), tokenizer, vocab)
     prompts = [as_messages(list(p)) for p in frame["prompt"]]
     plan = Plan(
         prompts=prompts,

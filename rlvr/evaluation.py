@@ -44,7 +44,7 @@ from rlvr.errors import InputError, check_sampling, require_at_least_one
 from rlvr.generation import Generated, generate
 from rlvr.models import MLFLOW_SCHEMES, load_model
 from rlvr.rendering import PageEntry, completions_page, marked_text
-from rlvr.rewards import is_correct, is_well_formed
+from rlvr.rewards import answer_is_correct
 from rlvr.training import bf16_enabled, flag, param
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def sample_and_score(
         batch_size=settings.batch_size, seed=settings.seed,
     )  # fmt: skip
     return [
-        [Scored(g, is_correct(g.text, solution), is_well_formed(g.text)) for g in samples]
+        [Scored(g, answer_is_correct(g.answer, solution), g.well_formed) for g in samples]
         for samples, solution in zip(generated, problems["solution"], strict=True)
     ]
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr.rewards import split_completion
+from rlvr import thoughts
+from rlvr.rewards import answer_text, until_stop, well_formed
 from rlvr.tokenizer import TokenSpan
 
 Messages = list[dict[str, str]]
@@ -20,7 +21,7 @@ Messages = list[dict[str, str]]
 
 @dataclass
 class Generated:
-    """One sampled completion."""
+    """One sampled completion, split by its thought as the sampler saw it (`rlvr.thoughts`)."""
 
     token_ids: list[int]
     text: str
@@ -28,46 +29,40 @@ class Generated:
     thought: str
     answer: str
     closed: bool
+    well_formed: bool
     thought_tokens: int
+    answer_tokens: int
     reasoning_tokens: int
-
-    @property
-    def answer_tokens(self) -> int:
-        return len(self.token_ids) - self.thought_tokens
 
 
 def as_messages(prompt: str | Messages) -> Messages:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def describe(token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, vocab) -> Generated:
-    """Decode one completion's ids (EOS and padding already removed) into a `Generated`."""
+def describe(
+    token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, vocab, starts_in_thought: bool = False
+) -> Generated:
+    """Decode one completion's ids (EOS and padding already removed) into a `Generated`.
+
+    `starts_in_thought`: whether the prompt's chat template opened the thought (`thoughts.prompt_state`).
+    """
     ids = [int(i) for i in token_ids]
     text, spans = tokenizer.decode_with_spans(ids, skip_special_tokens=True)
-    parts = split_completion(text)
-    inside = vocab.thought_state(torch.tensor([ids], dtype=torch.long))[0].tolist() if ids else []
-    # a token belongs to the thought if the state before it was inside, or it opens the thought
-    in_thought = [(i > 0 and inside[i - 1]) or ids[i] == vocab.think_start_id for i in range(len(ids))]
+    parts = thoughts.structure(vocab, ids, starts_in_thought)
+    tags = (vocab.think_start_id, vocab.think_end_id)
+    thought_ids = [i for i, inside in zip(ids, parts.in_thought, strict=True) if inside and i not in tags]
     return Generated(
         token_ids=ids,
         text=text,
         spans=spans,
-        thought=parts.thought,
-        answer=parts.answer,
+        thought=tokenizer.decode(thought_ids, skip_special_tokens=True).strip(),
+        answer=answer_text(parts, ids, tokenizer) or "",
         closed=parts.closed,
-        thought_tokens=sum(in_thought),
+        well_formed=well_formed(parts, ids, tokenizer),
+        thought_tokens=parts.thought_tokens,
+        answer_tokens=parts.answer_tokens,
         reasoning_tokens=sum(1 for i in ids if i >= vocab.base_vocab_size),
     )
-
-
-def until_stop(ids: torch.Tensor, stop_ids: Sequence[int]) -> list[int]:
-    """The completion up to (not including) its first stop token; `generate` pads only after that."""
-    out = []
-    for token in ids.tolist():
-        if token in stop_ids:
-            break
-        out.append(token)
-    return out
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -111,6 +106,7 @@ def generate(
         out = model.generate(
             **batch, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **sampling
         )
-        for row in out[:, batch["input_ids"].shape[1] :]:
-            results.append(describe(until_stop(row, stops), tokenizer, model.reasoning_vocab))
+        starts = thoughts.prompt_state(model.reasoning_vocab, batch["input_ids"]).tolist()
+        for row, starts_inside in zip(out[:, batch["input_ids"].shape[1] :], starts, strict=True):
+            results.append(describe(until_stop(row.tolist(), stops), tokenizer, model.reasoning_vocab, starts_inside))
     return [results[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]

@@ -22,14 +22,18 @@ from accelerate import PartialState
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from rlvr import rewards, tracking
+from transformers import GenerationConfig
+
+from rlvr import rewards, thoughts, tracking
 from rlvr.data import load_split
 from rlvr.errors import InputError, require_at_least_one
+from rlvr.generation import describe
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
-from rlvr.rollout import enable_fast_rollouts
+from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes
+from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
 from rlvr.training import Job, bf16_enabled, checkpointing_option, flag, param
-from rlvr.vocab import ReasoningVocab, attach
+from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ class TrainSettings:
     gradient_checkpointing: str = param("false", "recompute activations in backward: true or false")
     fast_rollouts: str = param("auto", "sample with a static KV cache and a compiled decode step: true, false, or "
                                "auto (on with a GPU)")
+    sampling_correction: str = param("true", "correct the loss for the sampler/trainer log-prob mismatch of fast "
+                                     "rollouts and bf16 by truncated importance sampling: true or false")
     save_steps: int = param(50, "save a checkpoint every this many optimizer steps")
     output_dir: str = param("outputs/train", "checkpoints go here; rerunning with the same directory resumes")
     registered_model_name: str = param("rlvr", "register the final model under this name ('' to skip)")
@@ -108,7 +114,29 @@ def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
                 f"{key}=true is refused: {UNCONSTRAINED_ROLLOUTS[key]}, so the model would train unconstrained. "
                 "Use the default transformers generation."
             )
+    _refuse_sampling_options(extra)
     return extra
+
+
+def _refuse_sampling_options(extra: dict[str, Any]) -> None:
+    """Sampling options that reshape the distribution (top-p, top-k, penalties, ...) are refused: the loss scores
+    the plain masked softmax at `temperature`, so it would score another distribution than the sampled one."""
+    options = {k: v for k, v in extra.items() if k in SAMPLING_NEUTRAL}
+    generation_kwargs = extra.get("generation_kwargs") or {}
+    if not isinstance(generation_kwargs, dict):
+        raise InputError(f"generation_kwargs must be a mapping of generation options, not {generation_kwargs!r}.")
+    if "temperature" in generation_kwargs:
+        raise InputError("generation_kwargs may not set temperature: it is a parameter of its own (-P temperature=...), "
+                         "which the loss scores at too.")
+    try:
+        changes = distribution_changes(GenerationConfig(**{**generation_kwargs, **options}))
+    except (TypeError, ValueError) as error:
+        raise InputError(f"the sampling options {sorted({**generation_kwargs, **options})} are invalid: {error}") from error
+    if changes:
+        raise InputError(
+            f"sampling option {changes[0]} is refused: GRPO's loss scores the masked softmax at `temperature`, so "
+            "sampling from another distribution would train on the wrong log-probs; remove it."
+        )
 
 
 def validate(settings: TrainSettings, world_size: int) -> None:
@@ -131,6 +159,8 @@ def validate(settings: TrainSettings, world_size: int) -> None:
     flag("bf16", settings.bf16)
     flag("gradient_checkpointing", settings.gradient_checkpointing)
     flag("fast_rollouts", settings.fast_rollouts)
+    if flag("sampling_correction", settings.sampling_correction) is None:
+        raise InputError("sampling_correction must be true or false, not auto.")
 
 
 def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
@@ -157,6 +187,8 @@ def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
         report_to=report_to,
         use_cpu=not cuda,
         save_only_model=False,
+        vllm_importance_sampling_correction=flag("sampling_correction", settings.sampling_correction) is not False,
+        vllm_importance_sampling_mode="token_truncate",
         **checkpointing_option(GRPOConfig, settings.gradient_checkpointing),
     )
     kwargs.update(extra)
@@ -178,24 +210,72 @@ class ReasoningGRPOTrainer(GRPOTrainer):
     afterwards puts the constrained head back, at the trainer's temperature. Sampling is constrained by the
     model's own `generate`, which TRL calls unchanged; with `fast_rollouts` that `generate` takes the static-cache
     compiled path of `rlvr.rollout` for TRL's plain sampling requests.
+
+    Where sampling and scoring differ numerically (fast rollouts, bf16), the sampled tokens' log-probs are kept
+    and TRL's importance-sampling correction, which it gates on `use_vllm`, corrects the loss: the flag is set
+    for that alone, since generation here is rlvr's own (`_generate_single_turn` never reaches vLLM).
     """
 
     def __init__(self, *args, completions_every: int = 0, fast_rollouts: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.vocab: ReasoningVocab = self.model.reasoning_vocab
-        attach(self.model, self.vocab, temperature=self.temperature)
+        head_fp32 = bool(self.args.cast_lm_head_to_fp32)
+        attach(self.model, self.vocab, temperature=self.temperature, head_fp32=head_fp32)
         if self.ref_model is not None:
-            attach(self.ref_model, self.vocab, temperature=self.temperature)
+            attach(self.ref_model, self.vocab, temperature=self.temperature, head_fp32=head_fp32)
         if fast_rollouts:
             # sample in the precision the forward passes use: bf16 under bf16 autocast
             enable_fast_rollouts(self.model, dtype=torch.bfloat16 if self.args.bf16 else None)
+        self._check_sampling()
+        self.correct_sampling = bool(self.args.vllm_importance_sampling_correction and (fast_rollouts or self.args.bf16))
+        self.model.record_sampling_logprobs = self.correct_sampling
+        self.use_vllm = self.correct_sampling
         self.completions_every = completions_every
         self._tabled_steps: set[int] = set()
+        self._prompt_ids: list[list[int]] = []
+
+    def _check_sampling(self) -> None:
+        """The sampling request as `generate` resolves it (the model's generation_config fills unset fields) must
+        be the masked softmax at the trainer's temperature, which is what the loss scores."""
+        resolved = resolve_generation_config(self.model, self.generation_config)
+        changes = distribution_changes(resolved)
+        if resolved.temperature != self.temperature:
+            changes.append(f"temperature={resolved.temperature}")
+        if changes:
+            raise InputError(
+                f"sampling would use {', '.join(changes)} (from the model's generation_config or the GRPO settings), "
+                "but the loss scores the masked softmax at temperature; set neutral values, e.g. grpo_args="
+                "'generation_kwargs={top_k: 0, top_p: 1.0}'."
+            )
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        self.use_vllm = False  # TRL's transformers path, with the model's own (constrained) generate
+        try:
+            completion_ids, _ = super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                              has_tool_images)
+        finally:
+            self.use_vllm = self.correct_sampling
+        if not self.correct_sampling:
+            return completion_ids, None
+        recorded = self.accelerator.unwrap_model(self.model).sampling_logprobs.float().cpu()
+        return completion_ids, [recorded[row, : len(ids)].tolist() for row, ids in enumerate(completion_ids)]
+
+    def _generate(self, prompts):
+        result = super()._generate(prompts)
+        self._prompt_ids = result[0]
+        return result
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards, told for each completion whether its prompt's chat template opened the thought."""
+        starts = [bool(thoughts.prompt_state(self.vocab, torch.tensor([ids]))[0]) for ids in self._prompt_ids]
+        inputs = [{**example, "starts_in_thought": s} for example, s in zip(inputs, starts, strict=True)]
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
-        stats = thought_statistics(self.vocab, output["prompt_ids"], output["completion_ids"], output["completion_mask"])
+        stats = thoughts.batch_counts(self.vocab, output["prompt_ids"], output["completion_ids"],
+                                      output["completion_mask"])
         completions, tokens, thought, reasoning, closed = self.accelerator.gather(stats.unsqueeze(0)).sum(0).tolist()
         completions = max(completions, 1.0)
         self._metrics[mode]["reasoning/token_share"].append(reasoning / max(thought, 1.0))
@@ -213,42 +293,27 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         self._tabled_steps.add(step)
         if not self.accelerator.is_main_process or mlflow.active_run() is None:
             return
+        starts = thoughts.prompt_state(self.vocab, output["prompt_ids"]).tolist()
         rows = []
-        for example, ids, mask in zip(inputs, output["completion_ids"], output["completion_mask"]):
-            token_ids = ids[mask.bool()].tolist()
-            text, spans = self.processing_class.decode_with_spans(token_ids, skip_special_tokens=True)
+        for example, ids, mask, starts_inside in zip(inputs, output["completion_ids"], output["completion_mask"], starts,
+                                                     strict=True):
+            token_ids = rewards.until_stop(ids[mask.bool()].tolist(), self.eos_token_ids)
+            sample = describe(token_ids, self.processing_class, self.vocab, starts_inside)
             rows.append({
                 "step": step,
                 "prompt": example["prompt"][-1]["content"],
-                "completion": marked_text(text, spans),
+                "completion": marked_text(sample.text, sample.spans),
                 "solution": example["solution"],
-                "correct": rewards.is_correct(text, example["solution"]),
-                "reasoning_tokens": sum(1 for s in spans if s.multiplicity),
+                "correct": rewards.answer_is_correct(sample.answer, example["solution"]),
+                "reasoning_tokens": sample.reasoning_tokens,
             })
         mlflow.log_table(data=pd.DataFrame(rows), artifact_file=f"completions/step_{step:06d}.json")
 
 
-def thought_statistics(vocab: ReasoningVocab, prompt_ids, completion_ids, completion_mask) -> torch.Tensor:
-    """Counts over a batch: [completions, tokens, thought tokens, reasoning tokens, completions that closed a thought]."""
-    ids = torch.cat([prompt_ids, completion_ids], 1)
-    inside = vocab.thought_state(ids)
-    start = prompt_ids.shape[1]
-    before = inside[:, start - 1 : -1]
-    mask = completion_mask.bool()
-    in_thought = (before | (completion_ids == vocab.think_start_id)) & mask
-    reasoning = vocab.is_reasoning(completion_ids) & mask
-    closed = ((completion_ids == vocab.think_end_id) & before & mask).any(1)
-    return torch.tensor(
-        [mask.shape[0], mask.sum().item(), in_thought.sum().item(), reasoning.sum().item(), closed.sum().item()],
-        dtype=torch.float32, device=completion_ids.device,
-    )
-
-
 def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, int]:
     """TRL's conversational prompt dataset, without prompts longer than `max_prompt_length` tokens."""
-    lengths = [
-        len(tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True)) for p in frame["prompt"]
-    ]
+    texts = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False) for p in frame["prompt"]]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     keep = [n <= max_prompt_length for n in lengths]
     kept = frame.loc[keep, ["prompt", "solution", "id"]].reset_index(drop=True)
     if kept.empty:
@@ -294,7 +359,7 @@ def train(settings: TrainSettings) -> str | None:
             mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
         trainer = ReasoningGRPOTrainer(
             model=model,
-            reward_funcs=[rewards.accuracy_reward, rewards.format_reward],
+            reward_funcs=rewards.reward_functions(tokenizer),
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,

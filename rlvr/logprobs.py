@@ -9,6 +9,7 @@ policy, old-policy and reference log-probs come from exactly the distribution th
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -17,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
 
+from rlvr import thoughts
 from rlvr.vocab import ReasoningVocab
 
 # Logit elements materialised per chunk (fp32): 2**26 is 256 MiB, ~220 tokens of a 303k-row vocabulary; the
@@ -91,25 +93,56 @@ def constrained_token_logprobs(
     return log_probs, entropies
 
 
-def _check_plain_head(model) -> None:
-    config = model.config.get_text_config()
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"):
-        if getattr(config, name, None) not in (None, 1.0):
-            raise NotImplementedError(
-                f"{type(model).__name__} transforms its logits ({name}); the constrained log-prob head supports "
-                "models whose logits are a plain linear unembedding."
-            )
+def check_plain_head(model) -> None:
+    """Refuse a model whose logits are more than its output embedding applied to the final hidden states.
+
+    The constrained head computes logits itself from the hidden states, so a model that scales, caps or
+    otherwise transforms them (softcapping, logit multipliers, ...) would train on a distribution other than
+    the one it samples from. One short forward tells, whatever the config calls the transformation.
+    """
+    if getattr(model, "_rlvr_plain_head", False):
+        return
+    head = model.get_output_embeddings()
+    if head.weight.device.type == "meta":
+        return
+    ids = torch.arange(4, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = type(model).forward(model, input_ids=ids, use_cache=False).logits.float()
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            ours = F.linear(hidden, head.weight, getattr(head, "bias", None)).float()
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 if head.weight.dtype == torch.float32 else 2e-2
+    if not torch.allclose(logits, ours, rtol=tolerance, atol=tolerance * (1 + ours.abs().max().item())):
+        raise NotImplementedError(
+            f"{type(model).__name__} transforms its logits beyond its output embedding (e.g. softcapping or a "
+            "logit multiplier); the constrained log-prob head supports models whose logits are a plain linear "
+            "unembedding of the final hidden states."
+        )
+    model._rlvr_plain_head = True
 
 
-def constrained_forward(self, *args, fused_lm_head: bool = False, labels=None, **kwargs):
-    """The model's forward; with `fused_lm_head=True`, TRL's per-token log-prob contract under the constraint."""
+def _completion_start(labels: torch.Tensor) -> int:
+    """TRL labels only completion columns (`labels[:, :-logits_to_keep] = -100`): the first labelled column."""
+    labelled = (labels != -100).any(0).nonzero()
+    return int(labelled[0]) if labelled.numel() else labels.shape[1]
+
+
+def constrained_forward(self, *args, fused_lm_head: bool = False, labels=None, completion_start=None, **kwargs):
+    """The model's forward; with `fused_lm_head=True`, TRL's per-token log-prob contract under the constraint.
+
+    The thought state starts at the assistant turn, so the head must know where the prompt ends:
+    `completion_start` (an int or per-row tensor), else the first labelled column, as TRL labels.
+    """
     if not fused_lm_head:
         if labels is not None:
             kwargs["labels"] = labels
         return type(self).forward(self, *args, **kwargs)
     if args:
         raise TypeError("fused_lm_head=True expects keyword arguments (input_ids=..., attention_mask=...)")
-    _check_plain_head(self)
     kwargs.pop("num_items_in_batch", None)
     if kwargs.pop("shift_labels", None) is not None:
         raise NotImplementedError("pre-shifted labels (sequence parallelism) are not supported with a reasoning vocabulary")
@@ -119,17 +152,19 @@ def constrained_forward(self, *args, fused_lm_head: bool = False, labels=None, *
     targets = labels[:, 1:]
     valid = targets != -100
     vocab = self.reasoning_vocab
-    inside = vocab.thought_state(input_ids)[:, :-1]
+    start = _completion_start(labels) if completion_start is None else completion_start
+    inside = thoughts.inside_after(vocab, input_ids, start)[:, :-1]
     head = self.get_output_embeddings()
-    log_probs, entropy = constrained_token_logprobs(
-        hidden[valid].to(head.weight.device),
-        head.weight,
-        getattr(head, "bias", None),
-        targets[valid],
-        vocab,
-        inside[valid],
-        temperature=self.reasoning_temperature,
-    )
+    weight, bias = head.weight, getattr(head, "bias", None)
+    hidden = hidden[valid].to(weight.device)
+    fp32 = getattr(self, "reasoning_head_fp32", False)
+    if fp32:  # cast_lm_head_to_fp32: the projection in fp32, outside autocast
+        hidden, weight = hidden.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    with torch.autocast(weight.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+        log_probs, entropy = constrained_token_logprobs(
+            hidden, weight, bias, targets[valid], vocab, inside[valid], temperature=self.reasoning_temperature,
+        )
     # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero)
     log_probs = log_probs.new_zeros(valid.shape).masked_scatter(valid, log_probs)
     entropy = entropy.new_zeros(valid.shape).masked_scatter(valid, entropy)

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from rlvr.errors import InputError
 from rlvr.presets import PRESETS, build_preset
-from rlvr.tokenizer import make_faithful
-from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError, attach, expand_model
+from rlvr.surgery import attach, expand_model, make_faithful
+from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "dbfs:/", "s3://", "gs://", "file://")
 

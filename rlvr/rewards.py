@@ -1,45 +1,40 @@
-"""Verifiable rewards on faithful completion text: math-verify accuracy of the boxed answer, and format.
+"""Verifiable rewards, read from token ids: math-verify accuracy of the boxed answer, and format.
 
-The answer is what follows the thought. A completion whose thought never closes has no answer and earns no
-accuracy, so the policy cannot win by boxing a guess mid-thought. Both functions follow TRL's reward-function
-signature (`completions`, dataset columns as keyword lists) and work on plain strings too.
+The answer is the completion's span after its thought as the ids define it (`rlvr.thoughts`): a `</think>`
+spelled out in ordinary tokens closes nothing, and a completion that ends inside a thought has no answer, so
+the policy cannot earn reward with an answer written inside the thought, in reasoning ids or otherwise. Only
+the answer span is decoded for math-verify.
+
+`reward_functions(tokenizer)` gives TRL-style reward functions named `accuracy_reward` and `format_reward`: TRL
+calls them with `completions`, `completion_ids` and the dataset columns as keyword lists; rlvr's trainer also
+passes `starts_in_thought` (whether each prompt's chat template opened the thought).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
 
 from latex2sympy2_extended import NormalizationConfig
 from math_verify import LatexExtractionConfig, parse, verify
+from transformers import PreTrainedTokenizerBase
 
-THINK_START, THINK_END, BOXED = "<think>", "</think>", "\\boxed{"
+from rlvr import thoughts
 
-
-@dataclass(frozen=True)
-class Completion:
-    """A completion split at its thought: `thought` without tags, `answer` after `</think>`."""
-
-    thought: str
-    answer: str
-    closed: bool
-
-
-def split_completion(text: str) -> Completion:
-    start = text.find(THINK_START)
-    end = text.rfind(THINK_END)
-    if end < 0:
-        thought = text[start + len(THINK_START) :] if start >= 0 else ""
-        return Completion(thought=thought.strip(), answer="", closed=False)
-    begin = start + len(THINK_START) if 0 <= start < end else 0
-    return Completion(thought=text[begin:end].strip(), answer=text[end + len(THINK_END) :].strip(), closed=True)
+BOXED = "\\boxed{"
+MAX_ANSWER_CHARS = 1000  # longer final answers are not parsed: they score 0 rather than stall a training step
+MAX_BRACE_DEPTH = 12  # nesting deeper than this is not a final answer a problem here asks for
+MAX_TOWER = 2  # nor a power of a power (`9^{9^{9}}` has 370 million digits), nor a 5-digit exponent
+_HUGE_EXPONENT = re.compile(r"\^\s*\{?\s*\d{5,}")
+# math-verify times out with SIGALRM, which only the main thread may use; elsewhere the caps above bound the cost
+PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S = 1, 1
 
 
 def _timeouts() -> tuple[int | None, int | None]:
-    # math-verify times out with SIGALRM, which only the main thread may use
     if threading.current_thread() is threading.main_thread():
-        return 10, 5
+        return PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     return None, None
 
@@ -53,20 +48,38 @@ _ANSWER_EXTRACTION = [
 ]
 
 
+def too_costly(text: str) -> bool:
+    """Whether parsing `text` could take seconds: too long, nested too deep, or a tower of exponents."""
+    if len(text) > MAX_ANSWER_CHARS or _HUGE_EXPONENT.search(text):
+        return True
+    deepest = tower = 0
+    exponent_braces: list[bool] = []  # per open bracket: whether it holds an exponent
+    for position, char in enumerate(text):
+        if char in "{([":
+            opens_exponent = char == "{" and text[:position].rstrip().endswith("^")
+            exponent_braces.append(opens_exponent)
+            deepest = max(deepest, len(exponent_braces))
+            tower = max(tower, sum(exponent_braces) + 1) if opens_exponent else tower
+        elif char in "})]" and exponent_braces:
+            exponent_braces.pop()
+    return deepest > MAX_BRACE_DEPTH or tower > MAX_TOWER
+
+
 def parse_answer(answer: str) -> list:
     """math-verify's reading of a final answer, boxed as a completion states it; empty when it means nothing.
 
     Boxing matters: a bare `2\\pi` or `3, 4` would be read as the first or last plain number in it.
     """
+    if too_costly(answer):
+        return []
     parsing_timeout, _ = _timeouts()
     parsed = parse(f"\\boxed{{{answer}}}", parsing_timeout=parsing_timeout)
     return parsed if any(not isinstance(value, str) for value in parsed) else []
 
 
-def is_correct(completion_text: str, solution: str) -> bool:
-    """Whether the boxed answer after the thought equals `solution` (math-verify equivalence)."""
-    answer = split_completion(completion_text).answer
-    if not answer:
+def answer_is_correct(answer: str, solution: str) -> bool:
+    """Whether the boxed answer in `answer` (a completion's answer span) equals `solution` (math-verify)."""
+    if not answer or too_costly(answer):
         return False
     parsing_timeout, verify_timeout = _timeouts()
     gold = parse_answer(solution)
@@ -75,23 +88,67 @@ def is_correct(completion_text: str, solution: str) -> bool:
     return bool(gold and predicted and verify(gold, predicted, timeout_seconds=verify_timeout))
 
 
-def is_well_formed(completion_text: str) -> bool:
-    """One thought, opened first and closed once, then exactly one boxed answer."""
-    text = completion_text.lstrip()
-    if not text.startswith(THINK_START) or text.count(THINK_START) != 1 or text.count(THINK_END) != 1:
+def answer_text(structure: thoughts.Structure, ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The decoded answer span (reasoning ids as their twins), or None when the completion has no answer."""
+    if structure.answer is None:
+        return None
+    return tokenizer.decode(list(ids)[structure.answer], skip_special_tokens=True).strip()
+
+
+def well_formed(structure: thoughts.Structure, ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> bool:
+    """One thought, first in the completion (only whitespace before it) and closed, then exactly one boxed answer."""
+    if structure.thoughts != 1 or not structure.closed:
         return False
-    return split_completion(text).answer.count(BOXED) == 1
+    if tokenizer.decode(list(ids)[structure.prefix], skip_special_tokens=True).strip():
+        return False
+    return (answer_text(structure, ids, tokenizer) or "").count(BOXED) == 1
 
 
-def _texts(completions) -> list[str]:
-    return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+def _completion_ids(completion_ids, completions) -> list[list[int]]:
+    if completion_ids is None:
+        raise TypeError(
+            "rlvr's rewards read the thought from token ids: call them with completion_ids=... (TRL passes it)."
+        )
+    return [[int(i) for i in ids] for ids in completion_ids]
 
 
-def accuracy_reward(completions, solution: list[str], **kwargs) -> list[float]:
-    """1.0 for a correct final answer, else 0.0."""
-    return [float(is_correct(text, gold)) for text, gold in zip(_texts(completions), solution, strict=True)]
+def reward_functions(tokenizer: PreTrainedTokenizerBase) -> list[Callable[..., list[float]]]:
+    """`[accuracy_reward, format_reward]` for completions of a model with `tokenizer` (faithful, with its vocab).
+
+    The tokenizer's EOS and padding are stripped from the ids before the structure is read.
+    """
+    tags = tokenizer.reasoning_vocab
+    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+
+    def parsed(completion_ids, completions, starts_in_thought) -> list[tuple[thoughts.Structure, list[int]]]:
+        all_ids = _completion_ids(completion_ids, completions)
+        starts = starts_in_thought or [False] * len(all_ids)
+        out = []
+        for ids, starts_inside in zip(all_ids, starts, strict=True):
+            ids = until_stop(ids, stop)
+            out.append((thoughts.structure(tags, ids, bool(starts_inside)), ids))
+        return out
+
+    def accuracy_reward(completions, solution: list[str], completion_ids=None, starts_in_thought=None,
+                        **kwargs) -> list[float]:
+        """1.0 when the answer after the thought is correct, else 0.0."""
+        return [
+            float(answer_is_correct(answer_text(s, ids, tokenizer) or "", gold))
+            for (s, ids), gold in zip(parsed(completion_ids, completions, starts_in_thought), solution, strict=True)
+        ]
+
+    def format_reward(completions, completion_ids=None, starts_in_thought=None, **kwargs) -> list[float]:
+        """1.0 for one closed thought followed by one boxed answer, else 0.0."""
+        return [float(well_formed(s, ids, tokenizer)) for s, ids in parsed(completion_ids, completions,
+                                                                             starts_in_thought)]
+
+    return [accuracy_reward, format_reward]
 
 
-def format_reward(completions, **kwargs) -> list[float]:
-    """1.0 for a well-formed completion, else 0.0."""
-    return [float(is_well_formed(text)) for text in _texts(completions)]
+def until_stop(ids: Sequence[int], stop: Collection[int]) -> list[int]:
+    """The completion up to (not including) its first stop token; samplers pad only after that."""
+    ids = [int(i) for i in ids]
+    for position, token in enumerate(ids):
+        if token in stop:
+            return ids[:position]
+    return ids

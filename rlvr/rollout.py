@@ -7,7 +7,8 @@ temperature, sampling, the thought-state and end-of-sequence updates) is one fun
 
 It samples from exactly the distribution the training head scores (masked logits at the sampling
 temperature, Gumbel-max being an exact sampler), so every invariant of the constraint holds. Requests it does
-not cover (top-k/top-p/min-p, repetition penalties, beams, extra processors, scores) go to `generate`.
+not cover go to `generate`: which requests it serves is decided by an allowlist of generation fields
+(`plain_request`), on the configuration resolved as `generate` resolves it.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import types
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, GenerationConfig, PreTrainedModel, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from rlvr import thoughts
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +73,65 @@ class _Compiled:
     step: object
 
 
-def _plain_request(config: GenerationConfig, kwargs: dict) -> bool:
-    """Whether `generate` was asked for nothing but sampling (or greedy) at a temperature, to a token budget."""
-    if set(kwargs) - _HANDLED_KWARGS or kwargs.get("input_ids") is None:
+# Generation fields that may hold any value: they change neither which tokens may be drawn nor their
+# probabilities, and the fast path honours them (lengths, special ids, cache and compile settings).
+HARMLESS_FIELDS = frozenset({
+    "max_length", "max_new_tokens", "do_sample", "temperature", "pad_token_id", "bos_token_id", "eos_token_id",
+    "decoder_start_token_id", "use_cache", "cache_implementation", "cache_config", "max_cache_len",
+    "compile_config", "disable_compile", "transformers_version", "_from_model_config", "early_stopping",
+    "length_penalty", "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "assistant_lookbehind", "target_lookbehind", "prefill_chunk_size",
+})
+# Fields that change the sampled distribution unless they hold one of these values (None always does nothing).
+SAMPLING_NEUTRAL = {
+    "top_k": (0,), "top_p": (1.0,), "min_p": (0.0,), "top_h": (), "typical_p": (1.0,), "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,), "repetition_penalty": (1.0,), "encoder_repetition_penalty": (1.0,),
+    "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "min_length": (0,),
+    "min_new_tokens": (0,), "renormalize_logits": (False,), "remove_invalid_values": (False,),
+    "guidance_scale": (1.0,), "num_beams": (1,), "num_beam_groups": (1,), "diversity_penalty": (0.0,),
+    "bad_words_ids": (), "suppress_tokens": (), "begin_suppress_tokens": (), "sequence_bias": (),
+    "forced_bos_token_id": (), "forced_eos_token_id": (), "exponential_decay_length_penalty": (),
+    "watermarking_config": (), "penalty_alpha": (), "dola_layers": (), "constraints": (), "force_words_ids": (),
+    "token_healing": (False,), "low_memory": (False,), "use_mtp": (False,),
+}
+# Fields that leave the distribution alone but ask for output or stopping rules the fast path does not give.
+_OUTPUT_NEUTRAL = {
+    "num_return_sequences": (1,), "output_attentions": (False,), "output_hidden_states": (False,),
+    "output_scores": (False,), "output_logits": (False,), "return_dict_in_generate": (False,),
+    "stop_strings": (), "max_time": (), "is_assistant": (False,), "prompt_lookup_num_tokens": (),
+    "max_matching_ngram_size": (), "assistant_early_exit": (), "speculation_type": (),
+    "assistant_ensemble_weight": (), "continuous_batching_config": (),
+}
+
+
+# Fields that act only when sampling (`generate`'s warpers): greedy decoding ignores them.
+_WARPERS = frozenset({"top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"})
+
+
+def _unneutral(config: GenerationConfig, neutral: dict) -> list[str]:
+    values = config.to_dict()
+    ignored = frozenset() if config.do_sample else _WARPERS
+    return [
+        f"{name}={values[name]!r}" for name in sorted(neutral.keys() - ignored)
+        if values.get(name) is not None and values[name] not in neutral[name]
+    ]
+
+
+def distribution_changes(config: GenerationConfig) -> list[str]:
+    """`name=value` for each field of a resolved generation config that changes the sampled distribution away from
+    the masked softmax at `temperature`, which is what the GRPO loss scores. An allowlist: a field that is neither
+    harmless nor known with its neutral values counts as a change whenever it is set."""
+    known = HARMLESS_FIELDS | SAMPLING_NEUTRAL.keys() | _OUTPUT_NEUTRAL.keys()
+    unknown = [f"{k}={v!r}" for k, v in config.to_dict().items() if k not in known and v is not None]
+    return _unneutral(config, SAMPLING_NEUTRAL) + sorted(unknown)
+
+
+def plain_request(config: GenerationConfig, kwargs: dict) -> bool:
+    """Whether a `generate` call (its config resolved as `generate` resolves it) asks for nothing but sampling
+    (or greedy decoding) at a temperature, to a token budget: the requests the fast path serves exactly."""
+    if set(kwargs) - _HANDLED_KWARGS or kwargs.get("input_ids") is None or config.max_new_tokens is None:
         return False
-    return (
-        (config.num_beams or 1) == 1
-        and not config.top_k
-        and (config.top_p is None or config.top_p >= 1.0)
-        and not config.min_p
-        and (config.repetition_penalty or 1.0) == 1.0
-        and not config.output_scores
-        and not config.output_logits
-        and not config.return_dict_in_generate
-        and config.max_new_tokens is not None
-        and (config.min_new_tokens or 0) == 0
-        and not getattr(config, "suppress_tokens", None)
-        and not getattr(config, "bad_words_ids", None)
-        and not getattr(config, "stop_strings", None)
-        and (config.no_repeat_ngram_size or 0) == 0
-    )
+    return not distribution_changes(config) and not _unneutral(config, _OUTPUT_NEUTRAL)
 
 
 class FastRollout:
@@ -122,11 +163,12 @@ class FastRollout:
             shadow.tie_weights()
             for name, buffer in self.model.named_buffers():  # rotary frequencies stay in their own dtype
                 shadow.get_buffer(name).copy_(buffer)
+            _require_same_parameters(self.model, shadow)
             self._shadow = shadow.eval().requires_grad_(False)
-        current = dict(self.model.named_parameters())
+        shadow_parameters = dict(self._shadow.named_parameters())
         with torch.no_grad():
-            for name, parameter in self._shadow.named_parameters():
-                parameter.copy_(current[name])
+            for name, parameter in self.model.named_parameters():
+                shadow_parameters[name].copy_(parameter)
         return self._shadow
 
     def _entry(self, batch: int, length: int) -> _Compiled:
@@ -150,8 +192,11 @@ class FastRollout:
                        self.model.reasoning_vocab)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: GenerationConfig):
-        """`input_ids` followed by up to `max_new_tokens` sampled ids (padding after EOS), as `generate` returns."""
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: GenerationConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`input_ids` followed by up to `max_new_tokens` sampled ids (padding after EOS), as `generate` returns,
+        and each sampled token's log-prob (fp32) under the distribution it was drawn from."""
         runner = self._runner()
         with _attention(runner.config, DECODE_ATTENTION):
             return self._generate(runner, input_ids, attention_mask, config)
@@ -178,7 +223,7 @@ class FastRollout:
         attention[:, shift:bucket] = attention_mask
         positions = (attention[:, :bucket].long().cumsum(-1) - 1).clamp(min=0)
         forbidden = vocab.forbidden_table(device)
-        inside = vocab.thought_state(prompt)[:, -1]
+        inside = thoughts.prompt_state(vocab, prompt)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
         logits = runner(
@@ -186,11 +231,13 @@ class FastRollout:
             past_key_values=entry.cache, cache_position=torch.arange(bucket, device=device), use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1].float()
-        token, inside, finished = _choose(logits, inside, finished, forbidden, eos, pad, inv_temperature, greedy, vocab)
+        token, logprob, inside, finished = _choose(logits, inside, finished, forbidden, eos, pad, inv_temperature,
+                                                   greedy, vocab)
         if self.compile:
             _pin_cache(entry.cache)
         out = torch.full((batch, max_new), pad, dtype=torch.long, device=device)
-        out[:, 0] = token
+        logprobs = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+        out[:, 0], logprobs[:, 0] = token, logprob
         position = positions[:, -1:] + 1
         cache_position = torch.tensor([bucket], device=device)
         for t in range(1, max_new):
@@ -202,15 +249,29 @@ class FastRollout:
                 eos, pad, inv_temperature, greedy,
             )
             # a replay overwrites its outputs in place: keep copies, which the next step reads
-            token, inside, finished = (x.clone() for x in state) if self.compile else state
-            out[:, t] = token
+            token, logprob, inside, finished = (x.clone() for x in state) if self.compile else state
+            out[:, t], logprobs[:, t] = token, logprob
             position = position + 1
             cache_position = cache_position + 1
             if t % 32 == 0 and bool(finished.all()):
-                out = out[:, : t + 1]
+                out, logprobs = out[:, : t + 1], logprobs[:, : t + 1]
                 break
         self.calls += 1
-        return torch.cat([input_ids, out], 1)
+        return torch.cat([input_ids, out], 1), logprobs
+
+
+def _require_same_parameters(model: PreTrainedModel, shadow: PreTrainedModel) -> None:
+    """The low-precision copy must hold every parameter of the model, in the same shapes, or it decodes another
+    model (e.g. one whose `lm_head.bias` was added after construction, which `type(model)(config)` lacks)."""
+    own = {name: p.shape for name, p in model.named_parameters()}
+    copied = {name: p.shape for name, p in shadow.named_parameters()}
+    if own != copied:
+        missing = sorted(set(own) - set(copied)) + sorted(n for n in own.keys() & copied.keys() if own[n] != copied[n])
+        extra = sorted(set(copied) - set(own))
+        raise RuntimeError(
+            f"fast rollouts cannot copy {type(model).__name__} to a low-precision twin built from its config: "
+            f"parameters missing or reshaped {missing[:5]}, extra {extra[:5]}; run with fast_rollouts=false."
+        )
 
 
 @contextlib.contextmanager
@@ -233,37 +294,22 @@ def _pin_cache(cache: StaticCache) -> None:
 
 
 def _choose(logits, inside, finished, forbidden, eos, pad, inv_temperature, greedy: bool, vocab):
-    """Next token under the thought mask; finished rows emit padding. Returns (token, inside, finished)."""
+    """Next token under the thought mask; finished rows emit padding.
+
+    Returns (token, its log-prob under the masked distribution, inside, finished).
+    """
     logits = (logits * inv_temperature).masked_fill(forbidden[inside.long()], torch.finfo(logits.dtype).min)
     if greedy:
         token = logits.argmax(-1)
     else:  # Gumbel-max: argmax(logits - log E) with E ~ Exp(1) is a draw from softmax(logits)
         token = (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+    logprob = logits.gather(-1, token.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     token = torch.where(finished, torch.full_like(token, pad), token)
     finished = finished | torch.isin(token, eos)
-    return token, vocab.advance(inside, token), finished
+    return token, logprob, thoughts.advance(vocab, inside, token), finished
 
 
 def _as_list(ids) -> list[int]:
     if ids is None:
         return []
     return [ids] if isinstance(ids, int) else list(ids)
-
-
-def _fast_generate(self, *args, **kwargs):
-    """`generate` that serves plain sampling requests from the fast path and everything else as before."""
-    config = kwargs.get("generation_config") or self.generation_config
-    if args or not _plain_request(config, kwargs):
-        return type(self).generate(self, *args, **kwargs)
-    return self.fast_rollout.generate(kwargs["input_ids"], kwargs.get("attention_mask"), config)
-
-
-def enable_fast_rollouts(
-    model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None
-) -> PreTrainedModel:
-    """Route `model.generate`'s plain sampling requests through a `FastRollout` (in place)."""
-    if not hasattr(model, "reasoning_vocab"):
-        raise ValueError("attach a reasoning vocabulary (rlvr.vocab.attach) before enabling fast rollouts")
-    model.fast_rollout = FastRollout(model, compile=compile, dtype=dtype)
-    model.generate = types.MethodType(_fast_generate, model)
-    return model

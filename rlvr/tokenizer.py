@@ -7,6 +7,7 @@ Qwen3 shares Qwen2's byte-level BPE: 151,643 ranked byte strings (the `qwen.tikt
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -141,7 +142,7 @@ class TokenSpan:
 class FaithfulDecodeMixin:
     """Decodes reasoning ids as their standard twins' text.
 
-    Mixed into the class of an existing tokenizer instance (see `make_faithful`), so the object stays the
+    Mixed into the class of an existing tokenizer instance (see `rlvr.surgery.make_faithful`), so the object stays the
     same `PreTrainedTokenizerBase` that TRL and MLflow accept, while `decode`/`batch_decode` stop dropping the
     ids that the tokenizer does not know.
     """
@@ -179,16 +180,24 @@ class FaithfulDecodeMixin:
             position += len(piece)
         return "".join(pieces), spans
 
+    def __reduce__(self):
+        # the class is made at run time and shares its base's name, so pickle it by its base
+        base = next(cls for cls in type(self).__mro__ if not issubclass(cls, FaithfulDecodeMixin))
+        return _restore_faithful, (base, self.__getstate__())
 
-def make_faithful(tokenizer: PreTrainedTokenizerBase, vocab: ReasoningVocab) -> PreTrainedTokenizerBase:
-    """Give `tokenizer` (in place) faithful decoding for `vocab`; returns it for chaining.
 
-    The new class keeps the original class's name, so `save_pretrained` writes a config that plain
-    `AutoTokenizer` loads.
-    """
-    base = type(tokenizer)
-    if isinstance(tokenizer, FaithfulDecodeMixin):
-        base = next(cls for cls in base.__mro__[1:] if not issubclass(cls, FaithfulDecodeMixin))
-    tokenizer.__class__ = type(base.__name__, (FaithfulDecodeMixin, base), {"__module__": base.__module__})
-    tokenizer.reasoning_vocab = vocab
+@functools.cache
+def faithful_class(base: type) -> type:
+    """The faithful-decoding subclass of a tokenizer class, one per base, named like it."""
+    base = next(cls for cls in base.__mro__ if not issubclass(cls, FaithfulDecodeMixin))
+    return type(base.__name__, (FaithfulDecodeMixin, base), {"__module__": base.__module__})
+
+
+def _restore_faithful(base: type, state: dict):
+    tokenizer = object.__new__(faithful_class(base))
+    setstate = getattr(tokenizer, "__setstate__", None)
+    if setstate is not None:
+        setstate(state)
+    else:
+        tokenizer.__dict__.update(state)
     return tokenizer

@@ -5,26 +5,24 @@ sampler may pick standard or reasoning ids; outside only standard ids. Ids that 
 past the tokenizer) and reasoning copies of control tokens are never sampled, so a thought ends only with the
 standard `</think>` and an answer only with the standard EOS. `N = 0` is the baseline and runs the same code.
 
-The thought state is read from ids alone: after position t a sequence is inside a thought iff the last
-`<think>` at or before t comes after the last `</think>`.
+Where a thought begins and ends is read from ids by `rlvr.thoughts`; how a model is made to obey the map
+(generate, the log-prob head, saving) is `rlvr.surgery`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from rlvr.errors import InputError
+from rlvr.thoughts import THINK_END, THINK_START
 
 TOKEN_MAP_FILE = "reasoning_token_map.json"
-THINK_START, THINK_END = "<think>", "</think>"
 
 
 class ReasoningVocabError(InputError):
@@ -135,19 +133,18 @@ class ReasoningVocab:
     def is_reasoning(self, ids: torch.Tensor) -> torch.Tensor:
         return ids >= self.base_vocab_size
 
-    # --- thought state --------------------------------------------------------------------------------------
-    def thought_state(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """`(B, L)` bool: inside a thought after each position, by a vectorised scan over the ids."""
-        positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
-        none = torch.full_like(positions, -1)
-        last_open = torch.where(input_ids == self.think_start_id, positions, none).cummax(-1).values
-        last_close = torch.where(input_ids == self.think_end_id, positions, none).cummax(-1).values
-        return last_open > last_close
-
-    def advance(self, inside: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
-        """The state after appending `new_ids` (B,) to sequences whose state was `inside` (B,): O(1) per token."""
-        inside = torch.where(new_ids == self.think_start_id, True, inside)
-        return torch.where(new_ids == self.think_end_id, False, inside)
+    # --- what the thought structure is read from -----------------------------------------------------------
+    def turn_boundary_table(self, device: torch.device | str) -> torch.Tensor:
+        """`(E,)` bool: the control ids other than the thought tags, which end a thought inside a prompt."""
+        device = torch.device(device)
+        key = ("boundary", device)
+        table = self._tables.get(key)
+        if table is None:
+            table = torch.zeros(self.base_vocab_size, dtype=torch.bool)
+            table[list(self.control_token_ids)] = True
+            table[[self.think_start_id, self.think_end_id]] = False
+            table = self._tables[key] = table.to(device)
+        return table
 
     # --- the sampling mask ----------------------------------------------------------------------------------
     def forbidden_table(self, device: torch.device | str) -> torch.Tensor:
@@ -205,102 +202,3 @@ class ReasoningVocab:
         if list(vocab.multiplicities) != list(data.get("multiplicities", vocab.multiplicities)):
             raise ReasoningVocabError(f"{path}: multiplicities disagree with standard_token_ids; the file is corrupt.")
         return vocab
-
-
-class ThoughtConstraint(LogitsProcessor):
-    """Masks each generation step's scores by the thought state, which it carries from step to step.
-
-    One instance serves one `generate` call. The first call scans the prompt; each later call reads only the
-    newest token. Beam search reorders sequences between steps, so with beams every step rescans.
-    """
-
-    def __init__(self, vocab: ReasoningVocab, rescan_every_step: bool = False):
-        self.vocab = vocab
-        self.rescan_every_step = rescan_every_step
-        self._inside: torch.Tensor | None = None
-        self._length = -1
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        length = input_ids.shape[-1]
-        incremental = (
-            not self.rescan_every_step
-            and self._inside is not None
-            and length == self._length + 1
-            and self._inside.shape[0] == input_ids.shape[0]
-        )
-        if incremental:
-            self._inside = self.vocab.advance(self._inside, input_ids[:, -1])
-        else:
-            self._inside = self.vocab.thought_state(input_ids)[:, -1]
-        self._length = length
-        return self.vocab.mask_logits(scores, self._inside)
-
-
-def _constrained_logits_processor(self, generation_config, *args, **kwargs):
-    """`generate`'s processor list with the thought constraint first, ahead of temperature and top-k/p."""
-    processors = type(self)._get_logits_processor(self, generation_config, *args, **kwargs)
-    beams = (getattr(generation_config, "num_beams", 1) or 1) > 1
-    processors.insert(0, ThoughtConstraint(self.reasoning_vocab, rescan_every_step=beams))
-    return processors
-
-
-def _save_with_token_map(self, save_directory, *args, **kwargs):
-    """`save_pretrained` that also writes the token map, so every checkpoint carries it."""
-    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True):
-        self.reasoning_vocab.save(save_directory)
-    return result
-
-
-def expand_model(model: PreTrainedModel, vocab: ReasoningVocab) -> PreTrainedModel:
-    """Append `vocab.size` rows to the input and output embeddings, row `E + i` a copy of row `s_i`."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    if rows != vocab.base_vocab_size:
-        raise ReasoningVocabError(
-            f"the model has {rows} embedding rows but the token map expects {vocab.base_vocab_size}; "
-            "expand the unexpanded base model, or load the expanded directory with rlvr.load_model."
-        )
-    if vocab.size:
-        model.resize_token_embeddings(vocab.total_size, mean_resizing=False)
-        twins = torch.tensor(vocab.standard_token_ids, device=model.get_input_embeddings().weight.device)
-        with torch.no_grad():
-            embeddings = model.get_input_embeddings().weight
-            embeddings[vocab.base_vocab_size :] = embeddings[twins]
-            output = model.get_output_embeddings()
-            if output is not None and output.weight.data_ptr() != embeddings.data_ptr():
-                output.weight[vocab.base_vocab_size :] = output.weight[twins]
-                if getattr(output, "bias", None) is not None:
-                    output.bias[vocab.base_vocab_size :] = output.bias[twins]
-    return attach(model, vocab)
-
-
-def attach(model: PreTrainedModel, vocab: ReasoningVocab, temperature: float = 1.0) -> PreTrainedModel:
-    """Make `model` obey `vocab` (in place): in every `generate`, in the training log-prob head, and on save.
-
-    Idempotent; call again after anything that replaces `model.forward` (TRL's trainers do) to put the
-    constrained head back, with the trainer's sampling temperature.
-    """
-    from rlvr.logprobs import constrained_forward
-
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows != vocab.total_size:
-        raise ReasoningVocabError(
-            f"the model has {rows} output rows but the token map describes {vocab.total_size} "
-            f"({vocab.base_vocab_size} + {vocab.size}); the model and {TOKEN_MAP_FILE} do not belong together."
-        )
-    model.reasoning_vocab = vocab
-    model.reasoning_temperature = float(temperature)
-    model._get_logits_processor = types.MethodType(_constrained_logits_processor, model)
-    model.save_pretrained = types.MethodType(_save_with_token_map, model)
-    model.forward = types.MethodType(_with_signature_of(type(model).forward, constrained_forward), model)
-    return model
-
-
-def _with_signature_of(original, replacement):
-    """`replacement` advertising `original`'s signature: `generate` validates its kwargs against it."""
-
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        return replacement(self, *args, **kwargs)
-
-    return forward

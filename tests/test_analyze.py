@@ -216,7 +216,12 @@ def test_entropy_matches_masked_logits_computed_by_hand(analysis):
             ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False) + completion])
             with torch.no_grad():
                 logits = model(input_ids=ids).logits[0, :-1]
-            inside = vocab.thought_state(ids)[0, :-1]
+            # by hand: the reference's tokens from its <think> up to (not including) its </think> predict inside
+            prompt_length = len(ids[0]) - len(completion)
+            opened = prompt_length + completion.index(vocab.think_start_id)
+            closed = prompt_length + completion.index(vocab.think_end_id) if vocab.think_end_id in completion else len(ids[0])
+            inside = torch.zeros(len(ids[0]) - 1, dtype=torch.bool)
+            inside[opened:closed] = True
             entropy = torch.distributions.Categorical(logits=vocab.mask_logits(logits, inside)).entropy()
             for token, value in zip(ids[0, :-1][inside].tolist(), entropy[inside].tolist(), strict=True):
                 totals.setdefault(token, []).append(value)

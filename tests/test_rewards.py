@@ -1,35 +1,98 @@
-"""Rewards are pure functions of the completion text and the gold answer."""
+"""Rewards read the thought from token ids, as the sampler does, and judge only the answer after it."""
 
 import pytest
 
-from rlvr.rewards import accuracy_reward, format_reward, is_correct, is_well_formed, split_completion
+from rlvr.rewards import answer_is_correct, reward_functions
+from rlvr.surgery import make_faithful
+from rlvr.tokenizer import qwen3_tokenizer
+from rlvr.vocab import ReasoningVocab
+
+N = 151646  # reasoning row E + i is a copy of standard id i
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tokenizer = qwen3_tokenizer()
+    return make_faithful(tokenizer, ReasoningVocab.for_tokenizer(tokenizer, 151936, N))
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Text to ids; the strings <think> and </think> become the tag ids, as the tokenizer reads them."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def as_reasoning(tokenizer, text: str) -> list[int]:
+    return [tokenizer.reasoning_vocab.base_vocab_size + i for i in encode(tokenizer, text)]
+
+
+def spelled_close(tokenizer) -> list[int]:
+    """`</think>` written with three ordinary tokens: it decodes like the tag but is not the tag's id."""
+    ids = encode(tokenizer, "</") + encode(tokenizer, "think") + encode(tokenizer, ">")
+    assert tokenizer.decode(ids) == "</think>" and tokenizer.reasoning_vocab.think_end_id not in ids
+    return ids
+
+
+def score(tokenizer, completion_ids, solutions, starts_in_thought=None):
+    """Both rewards, called as TRL's GRPOTrainer calls them (decoded text, ids, dataset columns, state)."""
+    accuracy, format_ = reward_functions(tokenizer)
+    assert (accuracy.__name__, format_.__name__) == ("accuracy_reward", "format_reward")
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    kwargs = dict(prompts=[[{"role": "user", "content": "q"}]] * len(texts),
+                  completions=[[{"role": "assistant", "content": t}] for t in texts], completion_ids=completion_ids,
+                  trainer_state=None, log_extra=None, log_metric=None)
+    if starts_in_thought is not None:
+        kwargs["starts_in_thought"] = starts_in_thought
+    return accuracy(solution=solutions, **kwargs), format_(**kwargs)
+
+
+def test_a_spelled_out_close_tag_closes_nothing_so_an_answer_after_it_earns_nothing(tokenizer):
+    think = [tokenizer.reasoning_vocab.think_start_id]
+    in_reasoning_ids = think + encode(tokenizer, "6*7=42") + spelled_close(tokenizer) + as_reasoning(tokenizer, " \\boxed{42}")
+    in_standard_ids = think + encode(tokenizer, "6*7=42") + spelled_close(tokenizer) + encode(tokenizer, " \\boxed{42}")
+    for ids in (in_reasoning_ids, in_standard_ids):
+        assert tokenizer.decode(ids) == "<think>6*7=42</think> \\boxed{42}"  # the text looks like a finished answer
+    assert score(tokenizer, [in_reasoning_ids, in_standard_ids], ["42", "42"]) == ([0.0, 0.0], [0.0, 0.0])
+
+
+def test_a_reopened_thought_that_never_closes_has_no_answer(tokenizer):
+    ids = encode(tokenizer, "<think>a</think><think>\\boxed{42}")
+    assert score(tokenizer, [ids], ["42"]) == ([0.0], [0.0])
+
+
+def test_proper_completions_are_scored_on_their_answer(tokenizer):
+    eos = tokenizer.eos_token_id
+    right = encode(tokenizer, "<think>6*7=42</think>\n\nThe answer is \\boxed{42}.") + [eos]
+    wrong = encode(tokenizer, "<think>6*7=41</think>\n\nThe answer is \\boxed{41}.") + [eos, tokenizer.pad_token_id]
+    reasoned = [tokenizer.reasoning_vocab.think_start_id, *as_reasoning(tokenizer, "6*7=42"),
+                tokenizer.reasoning_vocab.think_end_id, *encode(tokenizer, " \\boxed{42}")]
+    assert score(tokenizer, [right, wrong, reasoned], ["42", "42", "42"]) == ([1.0, 0.0, 1.0], [1.0, 1.0, 1.0])
+
+
+def test_a_thought_opened_by_the_chat_template_is_closed_by_the_completion(tokenizer):
+    ids = encode(tokenizer, "6*7=42</think>\n\n\\boxed{42}")
+    assert score(tokenizer, [ids], ["42"], starts_in_thought=[True]) == ([1.0], [1.0])
+    # the same ids after a prompt that left no thought open: an answer without a thought
+    assert score(tokenizer, [ids], ["42"], starts_in_thought=[False]) == ([1.0], [0.0])
+    # inside a thought the template opened, a completion that never closes it has no answer
+    assert score(tokenizer, [encode(tokenizer, "so \\boxed{42}")], ["42"], starts_in_thought=[True]) == ([0.0], [0.0])
 
 
 @pytest.mark.parametrize(
     "text, solution, correct",
     [
         ("<think>6*7=42</think>\n\nThe answer is \\boxed{42}.", "42", True),
-        ("<think>6*7=41</think>\n\nThe answer is \\boxed{41}.", "42", False),
         ("<think>so \\boxed{42}", "42", False),  # the thought never closed: no answer
         ("<think>\\boxed{41}</think> \\boxed{42}", "42", True),  # only the answer after the thought counts
+        ("<think>\\boxed{42}</think> \\boxed{41}", "42", False),
         ("<think>a</think> \\boxed{\\frac{1}{2}}", "0.5", True),
         ("<think>a</think> \\boxed{2\\pi}", "2\\pi", True),
         ("<think>a</think> \\boxed{2}", "2\\pi", False),
         ("<think>a</think> \\boxed{(1, 2]}", "(1,2]", True),
         ("<think>a</think> The answer is 42.", "42", False),  # no boxed answer
-        ("</think>\\boxed{-7}", "-7", True),  # the template may have opened the thought
     ],
 )
-def test_accuracy_checks_the_boxed_answer_after_the_thought(text, solution, correct):
-    assert is_correct(text, solution) is correct
-
-
-def test_reward_functions_follow_trls_signature():
-    completions = [[{"role": "assistant", "content": "<think>x</think> \\boxed{3}"}],
-                   [{"role": "assistant", "content": "<think>x</think> \\boxed{4}"}]]
-    assert accuracy_reward(completions, solution=["3", "3"], trainer_state=None) == [1.0, 0.0]
-    assert format_reward(completions) == [1.0, 1.0]
-    assert accuracy_reward(["<think></think>\\boxed{3}"], solution=["3"]) == [1.0]
+def test_accuracy_checks_the_boxed_answer_after_the_thought(tokenizer, text, solution, correct):
+    assert score(tokenizer, [encode(tokenizer, text)], [solution])[0] == [float(correct)]
 
 
 @pytest.mark.parametrize(
@@ -39,17 +102,28 @@ def test_reward_functions_follow_trls_signature():
         ("  <think>a</think> so \\boxed{1}.", True),
         ("<think>a</think>", False),  # no answer
         ("<think>a</think> \\boxed{1} or \\boxed{2}", False),  # two answers
-        ("<think>a<think>b</think> \\boxed{1}", False),  # opened twice
-        ("a</think> \\boxed{1}", False),  # not opened first
-        ("<think>a</think> \\boxed{1} </think>", False),  # closed twice
+        ("<think>a</think><think>b</think> \\boxed{1}", False),  # two thoughts
+        ("a<think>b</think> \\boxed{1}", False),  # not opened first
+        ("\\boxed{1}", False),  # no thought
     ],
 )
-def test_format_wants_one_closed_thought_then_one_boxed_answer(text, well_formed):
-    assert is_well_formed(text) is well_formed
+def test_format_wants_one_closed_thought_then_one_boxed_answer(tokenizer, text, well_formed):
+    assert score(tokenizer, [encode(tokenizer, text)], ["1"])[1] == [float(well_formed)]
 
 
-def test_split_completion_separates_thought_and_answer():
-    parts = split_completion("<think>\nstep 1\n</think>\n\nThe answer is \\boxed{5}.")
-    assert (parts.thought, parts.answer, parts.closed) == ("step 1", "The answer is \\boxed{5}.", True)
-    open_only = split_completion("<think>still thinking")
-    assert (open_only.thought, open_only.answer, open_only.closed) == ("still thinking", "", False)
+def test_rewards_refuse_to_guess_the_structure_from_text(tokenizer):
+    accuracy, _ = reward_functions(tokenizer)
+    with pytest.raises(TypeError, match="completion_ids"):
+        accuracy(["<think>a</think> \\boxed{1}"], solution=["1"])
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["\\boxed{9^{9^{9^{9^{9}}}}}", "\\boxed{" + "(" * 400 + "1" + ")" * 400 + "}", "\\boxed{" + "1+" * 2000 + "1}"],
+)
+def test_a_pathological_answer_scores_zero_without_reaching_the_parser(tokenizer, answer, monkeypatch):
+    """Such answers cost sympy seconds each (a group of them stalls a step); they are refused before parsing."""
+    ids = encode(tokenizer, "<think>a</think> " + answer)
+    monkeypatch.setattr("rlvr.rewards.parse", lambda *a, **k: pytest.fail("a pathological answer was parsed"))
+    assert score(tokenizer, [ids], ["1"])[0] == [0.0]
+    assert not answer_is_correct(answer, "1")

@@ -6,7 +6,9 @@ from conftest import QWEN3_N, THINK, bias_towards_forbidden, prompts
 from transformers import GenerationConfig
 
 from rlvr import load_model
-from rlvr.rollout import DECODE_ATTENTION, _choose, decode_attention, enable_fast_rollouts
+from rlvr import thoughts
+from rlvr.rollout import DECODE_ATTENTION, _choose, decode_attention
+from rlvr.surgery import enable_fast_rollouts
 from rlvr.vocab import ReasoningVocab
 
 STOP = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
@@ -40,7 +42,7 @@ def test_sampling_on_the_fast_path_obeys_confinement_and_never_samples_forbidden
     torch.manual_seed(0)
     out = model.generate(**batch, generation_config=config)
     start = batch["input_ids"].shape[1]
-    before = vocab.thought_state(out)[:, start - 1 : -1]
+    before = thoughts.inside_after(vocab, out, start)[:, start - 1 : -1]
     completion = out[:, start:]
     live = ~torch.cumsum(torch.isin(completion, torch.tensor([151645, 151643])), 1).bool()  # before the first stop
     reasoning = vocab.is_reasoning(completion)
@@ -59,7 +61,7 @@ def test_the_sampler_draws_from_the_masked_softmax_at_its_temperature(qwen_tok):
     draws = 40_000
     inside = torch.ones(draws, dtype=torch.bool)
     torch.manual_seed(0)
-    tokens, _, _ = _choose(logits.expand(draws, -1).clone(), inside, torch.zeros(draws, dtype=torch.bool),
+    tokens, _, _, _ = _choose(logits.expand(draws, -1).clone(), inside, torch.zeros(draws, dtype=torch.bool),
                            vocab.forbidden_table("cpu"), torch.tensor([99]), 0, torch.tensor(1 / 0.7), False, vocab)
     expected = torch.softmax(vocab.mask_logits(logits / 0.7, torch.tensor(True)), -1)
     observed = torch.bincount(tokens, minlength=9).float() / draws

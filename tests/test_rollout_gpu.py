@@ -9,7 +9,8 @@ from conftest import QWEN3_N, bias_towards_forbidden, prompts
 from transformers import GenerationConfig
 
 from rlvr import load_model
-from rlvr.rollout import enable_fast_rollouts
+from rlvr import thoughts
+from rlvr.surgery import enable_fast_rollouts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 STOP = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
@@ -47,7 +48,7 @@ def test_compiled_sampling_keeps_the_constraint(compiled):
     for seed in range(4):
         torch.manual_seed(seed)
         out = model.generate(**batch, generation_config=config)
-        before = vocab.thought_state(out)[:, start - 1 : -1]
+        before = thoughts.inside_after(vocab, out, start)[:, start - 1 : -1]
         completion = out[:, start:]
         live = ~torch.cumsum(torch.isin(completion, torch.tensor([151645, 151643], device="cuda")), 1).bool()
         reasoning = vocab.is_reasoning(completion)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import QWEN3_N, ROOT
 from mlflow.tracking import MlflowClient
 
-from rlvr import load_model
+from rlvr import load_model, thoughts
 from rlvr.data import Options, load_split, preprocess
 
 SMALL = [  # a GRPO step in seconds on CPU: 2 prompts x 4 completions of 12 tokens
@@ -53,7 +53,7 @@ def only_run(experiment: str, **tags) -> mlflow.entities.Run:
 
 def reasoning_outside_thoughts(model, sequences: torch.Tensor, prompt_length: int) -> int:
     vocab = model.reasoning_vocab
-    before = vocab.thought_state(sequences)[:, prompt_length - 1 : -1]
+    before = thoughts.inside_after(vocab, sequences, prompt_length)[:, prompt_length - 1 : -1]
     completion = sequences[:, prompt_length:]
     return int((vocab.is_reasoning(completion) & ~before).sum())
 

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from rlvr import ReasoningVocab, ReasoningVocabError, load_model, save_model
 from rlvr.models import ModelSourceError
-from rlvr.tokenizer import make_faithful
-from rlvr.vocab import TOKEN_MAP_FILE, ThoughtConstraint, attach, expand_model
+from rlvr import thoughts
+from rlvr.surgery import ThoughtConstraint, attach, expand_model, make_faithful
+from rlvr.vocab import TOKEN_MAP_FILE
 
 THINK, END_THINK, IM_END = 151667, 151668, 151645
 
@@ -94,13 +95,13 @@ def test_vectorised_state_matches_the_obvious_scan(tiny_reasoning):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 6, (32, 50), generator=generator)
     ids = torch.where(ids == 0, THINK, torch.where(ids == 1, END_THINK, ids + 100))
-    states = vocab.thought_state(ids)
+    states = thoughts.inside_after(vocab, ids, completion_start=0)
     for row, state in zip(ids.tolist(), states.tolist()):
         assert state == reference_states(row)
     # the O(1) update reproduces the scan one token at a time
     inside = torch.zeros(32, dtype=torch.bool)
     for t in range(ids.shape[1]):
-        inside = vocab.advance(inside, ids[:, t])
+        inside = thoughts.advance(vocab, inside, ids[:, t])
         assert torch.equal(inside, states[:, t])
 
 
@@ -157,10 +158,10 @@ def test_constraint_costs_one_scan_then_one_token_per_step(tiny_reasoning, monke
     """Invariant 5: the prompt is scanned once, each later step reads only the newest id (no re-decoding)."""
     model, tokenizer = tiny_reasoning
     scans, advances = [], []
-    scan, advance = ReasoningVocab.thought_state, ReasoningVocab.advance
-    monkeypatch.setattr(ReasoningVocab, "thought_state", lambda self, ids: scans.append(ids.shape) or scan(self, ids))
+    scan, advance = thoughts.inside_after, thoughts.advance
+    monkeypatch.setattr(thoughts, "inside_after", lambda tags, ids, *a: scans.append(ids.shape) or scan(tags, ids, *a))
     monkeypatch.setattr(
-        ReasoningVocab, "advance", lambda self, inside, new: advances.append(new.shape) or advance(self, inside, new)
+        thoughts, "advance", lambda tags, inside, new: advances.append(new.shape) or advance(tags, inside, new)
     )
     monkeypatch.setattr(type(tokenizer), "_decode", lambda *a, **k: pytest.fail("decoded during generation"))
     batch = prompts(tokenizer, 4)
