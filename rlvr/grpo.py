@@ -101,7 +101,13 @@ def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InputError(f"grpo_args entry {item!r} is not key=value; write e.g. grpo_args='num_iterations=2'.")
-        extra[key] = yaml.safe_load(value)
+        try:
+            extra[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise InputError(
+                f"grpo_args entry {item!r} has a value YAML cannot read ({str(error).splitlines()[0]}); entries are "
+                "split at spaces and commas, so put mappings and lists in a grpo_config YAML file."
+            ) from error
     known = {f.name for f in dataclasses.fields(GRPOConfig)}
     own = {f.name for f in TrainSettings.fields()}
     for key, value in extra.items():
@@ -129,7 +135,7 @@ def _refuse_sampling_options(extra: dict[str, Any]) -> None:
         raise InputError("generation_kwargs may not set temperature: it is a parameter of its own (-P temperature=...), "
                          "which the loss scores at too.")
     try:
-        changes = distribution_changes(GenerationConfig(**{**generation_kwargs, **options}))
+        changes = distribution_changes(GenerationConfig(**{"do_sample": True, **generation_kwargs, **options}))
     except (TypeError, ValueError) as error:
         raise InputError(f"the sampling options {sorted({**generation_kwargs, **options})} are invalid: {error}") from error
     if changes:
@@ -244,8 +250,8 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         if changes:
             raise InputError(
                 f"sampling would use {', '.join(changes)} (from the model's generation_config or the GRPO settings), "
-                "but the loss scores the masked softmax at temperature; set neutral values, e.g. grpo_args="
-                "'generation_kwargs={top_k: 0, top_p: 1.0}'."
+                "but the loss scores the masked softmax at temperature; give them neutral values in a grpo_config "
+                "file, e.g. 'generation_kwargs: {top_k: 0, top_p: 1.0}'."
             )
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):

@@ -19,7 +19,7 @@ from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
 
 from rlvr import thoughts
-from rlvr.vocab import ReasoningVocab
+from rlvr.vocab import ReasoningVocab, ReasoningVocabError
 
 # Logit elements materialised per chunk (fp32): 2**26 is 256 MiB, ~220 tokens of a 303k-row vocabulary; the
 # backward pass holds a few such buffers at once, so this bounds the head's transient memory to about 1 GiB.
@@ -117,7 +117,7 @@ def check_plain_head(model) -> None:
         model.train(was_training)
     tolerance = 1e-3 if head.weight.dtype == torch.float32 else 2e-2
     if not torch.allclose(logits, ours, rtol=tolerance, atol=tolerance * (1 + ours.abs().max().item())):
-        raise NotImplementedError(
+        raise ReasoningVocabError(
             f"{type(model).__name__} transforms its logits beyond its output embedding (e.g. softcapping or a "
             "logit multiplier); the constrained log-prob head supports models whose logits are a plain linear "
             "unembedding of the final hidden states."

@@ -24,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rlvr import thoughts
+from rlvr.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,11 @@ class FastRollout:
         self._compiled: dict[tuple[int, int], _Compiled] = {}
         self.calls = 0  # rollouts served, for tests and logs
 
+    def prepare(self) -> None:
+        """Build the low-precision copy now, so a model it cannot copy is refused before training starts."""
+        if self.dtype is not None:
+            self._runner()
+
     def _runner(self) -> PreTrainedModel:
         """The module that decodes: the model itself, or its low-precision copy with current weights."""
         if self.dtype is None:
@@ -268,7 +274,7 @@ def _require_same_parameters(model: PreTrainedModel, shadow: PreTrainedModel) ->
     if own != copied:
         missing = sorted(set(own) - set(copied)) + sorted(n for n in own.keys() & copied.keys() if own[n] != copied[n])
         extra = sorted(set(copied) - set(own))
-        raise RuntimeError(
+        raise InputError(
             f"fast rollouts cannot copy {type(model).__name__} to a low-precision twin built from its config: "
             f"parameters missing or reshaped {missing[:5]}, extra {extra[:5]}; run with fast_rollouts=false."
         )

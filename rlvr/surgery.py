@@ -199,6 +199,7 @@ def enable_fast_rollouts(
     if not hasattr(model, "reasoning_vocab"):
         raise ValueError("attach a reasoning vocabulary (rlvr.surgery.attach) before enabling fast rollouts")
     model.fast_rollout = FastRollout(model, compile=compile, dtype=dtype)
+    model.fast_rollout.prepare()
     return model
 
 

@@ -74,8 +74,9 @@ def test_wilson_interval_matches_the_textbook_and_stays_open_at_the_extremes():
 
 def scored(correct: bool, thought: int = 2, reasoning: int = 1, answer: int = 3) -> Scored:
     ids = list(range(thought + answer))
-    generated = Generated(ids, "", [], "", "", True, thought, reasoning)
-    return Scored(generated, correct, well_formed=correct)
+    generated = Generated(ids, "", [], "", "", closed=True, well_formed=correct, thought_tokens=thought,
+                          answer_tokens=answer, reasoning_tokens=reasoning)
+    return Scored(generated, correct, well_formed=generated.well_formed)
 
 
 def test_dataset_metrics_average_samples_and_problems():

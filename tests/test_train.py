@@ -169,6 +169,12 @@ def test_resume_after_sigkill_continues_the_same_run(tracking_uri, data_dir, tmp
         ("train_baseline", ["--model", "no-such-org/no-such-model"], "not a preset"),
         ("train_baseline", ["--grpo_args", "use_vllm=true"], "train unconstrained"),
         ("train_baseline", ["--grpo_args", "learning_rat=1"], "not a GRPOConfig field"),
+        ("train_baseline", ["--grpo_args", "top_p=0.9"], "sampling option top_p=0.9 is refused"),
+        ("train_baseline", ["--grpo_args", "repetition_penalty=1.1"], "repetition_penalty=1.1 is refused"),
+        ("train_baseline", ["--grpo_args", 'generation_kwargs={"typical_p":0.5}'], "typical_p=0.5 is refused"),
+        ("train_baseline", ["--grpo_args", 'generation_kwargs={"temperature":0.5}'], "may not set temperature"),
+        ("train_baseline", ["--grpo_args", "generation_kwargs={typical_p: 0.5}"], "put mappings and lists in a grpo_config"),
+        ("train_baseline", ["--sampling_correction", "auto"], "sampling_correction must be true or false"),
     ],
 )
 def test_bad_input_fails_before_training_with_one_clear_line(tracking_uri, data_dir, tmp_path, module, args, message):
@@ -195,3 +201,60 @@ def test_unreachable_tracking_server_is_refused_up_front(data_dir, tmp_path, mon
                                        str(tmp_path / "out")])
     assert result.exit_code == 1 and "tracking server http://127.0.0.1:9 is unreachable" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_max_prompt_length_counts_tokens_and_leaves_out_longer_prompts(qwen_tok):
+    from rlvr.grpo import _prompt_dataset
+
+    frame = pd.DataFrame({
+        "prompt": [[{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content": "2 + " * 1000 + "2?"}]],
+        "solution": ["4", "2002"], "id": ["short", "long"],
+    })  # fmt: skip
+    short = len(qwen_tok(qwen_tok.apply_chat_template(list(frame["prompt"][0]), tokenize=False,
+                                                      add_generation_prompt=True))["input_ids"])
+    dataset, too_long = _prompt_dataset(frame, qwen_tok, max_prompt_length=short)
+    assert too_long == 1 and dataset["id"] == ["short"]
+    assert _prompt_dataset(frame, qwen_tok, max_prompt_length=4000)[1] == 0
+
+
+def test_fast_rollouts_log_the_sampling_mismatch_and_correct_it(tracking_uri, data_dir, tmp_path):
+    """Fast rollouts keep each sampled token's log-prob; TRL's truncated importance sampling then corrects the loss,
+    logging how far sampler and trainer disagree (in fp32 on a CPU: rounding only)."""
+    client = MlflowClient()
+    for correction in ("true", "false"):
+        experiment = f"sampling-correction-{correction}"
+        run_module(
+            "entrypoints.train_baseline", "--model", "micro", "--data", str(data_dir), "--output_dir",
+            str(tmp_path / correction), "--registered_model_name", "", "--fast_rollouts", "true",
+            "--sampling_correction", correction, "--max_prompt_length", "40", *SMALL,
+            env_extra={"MLFLOW_EXPERIMENT_NAME": experiment},
+        )
+        run = only_run(experiment, **{"rlvr.arm": "baseline"})
+        metrics = run.data.metrics
+        assert metrics["data/prompts_too_long"] == 0
+        if correction == "false":
+            assert not any(name.startswith("sampling/") for name in metrics)
+            continue
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "sampling/sampling_logp_difference/mean")] == [1, 2]
+        assert 0 <= metrics["sampling/sampling_logp_difference/max"] < 1e-3
+        for name in ("min", "mean", "max"):
+            assert metrics[f"sampling/importance_sampling_ratio/{name}"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_model_whose_generation_config_reshapes_sampling_is_refused(tracking_uri, data_dir, tmp_path, monkeypatch):
+    from entrypoints.train_baseline import main
+
+    model, tokenizer = load_model("micro")
+    model.generation_config.do_sample, model.generation_config.typical_p = True, 0.5  # as a hub model may ship
+    source = tmp_path / "typical"
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "refused-generation-config")
+    output = tmp_path / "out"
+    result = CliRunner().invoke(main, ["--model", str(source), "--data", str(data_dir), "--output_dir", str(output),
+                                       *SMALL])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "sampling would use typical_p=0.5" in result.output
+    assert not (output / "checkpoint-1").exists()
+    run = only_run("refused-generation-config", **{"rlvr.arm": "baseline"})
+    assert run.info.status == "FAILED"
