@@ -12,8 +12,9 @@ generations, 512 completion tokens, micro-batch 8, gradient accumulation 8, bf16
 no gradient checkpointing. Random weights never emit EOS, so every completion has full length.
 
 Per step: wall time (median over `--steps` after `--warmup`), rollout time (the `generate` call), completion
-tokens/s and peak GPU memory, overall and split into the rollout and the rest (log-probs, loss, optimizer).
-Prints one JSON line.
+tokens/s and peak GPU memory, overall and split into the rollout and the rest (log-probs, loss, optimizer);
+where the run corrects for it (fast rollouts or bf16), TRL's sampler/trainer mismatch metrics
+(`sampling/sampling_logp_difference/*`, `sampling/importance_sampling_ratio/*`). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from rlvr.grpo import REASONING_VOCAB_SIZE, ReasoningGRPOTrainer, TrainSettings,
 from rlvr.models import load_model
 from rlvr.presets import build_preset
 from rlvr.synthetic import generate as synthetic_problems
+from rlvr.vocab import ReasoningVocab
 
 
 def _sync() -> None:
@@ -92,6 +94,14 @@ def time_generate(model, meter: StepMeter) -> None:
     model.generate = types.MethodType(timed, model)
 
 
+def sampling_mismatch(logs: list[dict]) -> dict[str, float]:
+    """Means over the measured steps of TRL's sampler/trainer mismatch metrics, where the run logged them."""
+    names = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+             "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/max")
+    return {name: round(statistics.mean(values), 6) for name in names
+            if (values := [log[name] for log in logs if name in log])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", choices=("plain", "baseline", "reasoning"), required=True)
@@ -129,11 +139,12 @@ def main() -> None:
     meter = StepMeter()
     if args.variant == "plain":
         model, tokenizer = build_preset(args.preset, device=device)
-        trainer = GRPOTrainer(model=model, reward_funcs=[rewards.accuracy_reward, rewards.format_reward], args=config,
+        vocab = ReasoningVocab.for_tokenizer(tokenizer, model.get_input_embeddings().weight.shape[0], 0)
+        trainer = GRPOTrainer(model=model, reward_funcs=rewards.reward_functions(tokenizer, vocab), args=config,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[meter])
     else:
         model, tokenizer = load_model(args.preset, settings.reasoning_vocab_size, device=device)
-        trainer = ReasoningGRPOTrainer(model=model, reward_funcs=[rewards.accuracy_reward, rewards.format_reward],
+        trainer = ReasoningGRPOTrainer(model=model, reward_funcs=rewards.reward_functions(tokenizer),
                                        args=config, train_dataset=dataset, processing_class=tokenizer,
                                        callbacks=[meter], fast_rollouts=args.fast_rollouts == "true")
     time_generate(trainer.model, meter)
@@ -156,6 +167,7 @@ def main() -> None:
         "rollout_peak_gib": round(max(s["rollout_peak_gib"] for s in measured), 2),
         "training_peak_gib": round(max(s["training_peak_gib"] for s in measured), 2),
         "all_steps": [round(s["seconds"], 2) for s in meter.steps],
+        **sampling_mismatch(trainer.state.log_history[args.warmup :]),
     }
     print(json.dumps(result))
 

@@ -20,9 +20,8 @@ import torch
 import yaml
 from accelerate import PartialState
 from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
-
 from transformers import GenerationConfig
+from trl import GRPOConfig, GRPOTrainer
 
 from rlvr import rewards, thoughts, tracking
 from rlvr.data import load_split

@@ -112,12 +112,15 @@ def _completion_ids(completion_ids, completions) -> list[list[int]]:
     return [[int(i) for i in ids] for ids in completion_ids]
 
 
-def reward_functions(tokenizer: PreTrainedTokenizerBase) -> list[Callable[..., list[float]]]:
-    """`[accuracy_reward, format_reward]` for completions of a model with `tokenizer` (faithful, with its vocab).
+def reward_functions(
+    tokenizer: PreTrainedTokenizerBase, vocab: thoughts.ThoughtTags | None = None
+) -> list[Callable[..., list[float]]]:
+    """`[accuracy_reward, format_reward]` for completions of a model with `tokenizer` (faithful, with its vocab;
+    pass `vocab` for a plain tokenizer).
 
     The tokenizer's EOS and padding are stripped from the ids before the structure is read.
     """
-    tags = tokenizer.reasoning_vocab
+    tags = vocab if vocab is not None else tokenizer.reasoning_vocab
     stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
 
     def parsed(completion_ids, completions, starts_in_thought) -> list[tuple[thoughts.Structure, list[int]]]:

@@ -37,9 +37,9 @@ def score(tokenizer, completion_ids, solutions, starts_in_thought=None):
     accuracy, format_ = reward_functions(tokenizer)
     assert (accuracy.__name__, format_.__name__) == ("accuracy_reward", "format_reward")
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    kwargs = dict(prompts=[[{"role": "user", "content": "q"}]] * len(texts),
-                  completions=[[{"role": "assistant", "content": t}] for t in texts], completion_ids=completion_ids,
-                  trainer_state=None, log_extra=None, log_metric=None)
+    kwargs = {"prompts": [[{"role": "user", "content": "q"}]] * len(texts),
+                  "completions": [[{"role": "assistant", "content": t}] for t in texts], "completion_ids": completion_ids,
+                  "trainer_state": None, "log_extra": None, "log_metric": None}
     if starts_in_thought is not None:
         kwargs["starts_in_thought"] = starts_in_thought
     return accuracy(solution=solutions, **kwargs), format_(**kwargs)

@@ -5,8 +5,7 @@ import torch
 from conftest import QWEN3_N, THINK, bias_towards_forbidden, prompts
 from transformers import GenerationConfig
 
-from rlvr import load_model
-from rlvr import thoughts
+from rlvr import load_model, thoughts
 from rlvr.rollout import DECODE_ATTENTION, _choose, decode_attention
 from rlvr.surgery import enable_fast_rollouts
 from rlvr.vocab import ReasoningVocab
@@ -109,3 +108,55 @@ def test_rollouts_decode_under_packed_attention_and_restore_the_models_own(fast_
     assert len(seen) == 2 * model.config.num_hidden_layers  # each decode step after the prefill, in every layer
     assert set(seen) == {DECODE_ATTENTION}
     assert model.config._attn_implementation == original
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"typical_p": 0.9}, {"min_length": 40}, {"sequence_bias": {(5,): 1.0}}, {"epsilon_cutoff": 1e-3},
+     {"renormalize_logits": True}, {"top_k": 50}],
+)
+def test_the_fast_path_serves_only_what_its_allowlist_names(fast_model, options):
+    """Any generation option that reshapes the distribution goes to `generate`, listed or not in a denylist."""
+    model, tokenizer = fast_model
+    served = model.fast_rollout.calls
+    config = GenerationConfig(max_new_tokens=2, do_sample=True, **{"top_k": 0, **STOP, **options})
+    model.generate(**prompts(tokenizer, 2), generation_config=config)
+    assert model.fast_rollout.calls == served
+
+
+def test_the_fast_path_fills_unset_fields_from_the_models_generation_config_as_generate_does():
+    """A Qwen3-style generation_config (T=0.6, top-k 20, top-p 0.95): a request that leaves them unset samples
+    with them, so the fast path must not serve it at T=1; with neutral top-k/p it serves it at T=0.6."""
+    model, tokenizer = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
+    bias_towards_forbidden(model, model.reasoning_vocab)
+    enable_fast_rollouts(model, compile=False)
+    model.generation_config.update(do_sample=True, temperature=0.6, top_k=20, top_p=0.95)
+    batch = prompts(tokenizer, 4)
+    model.generate(**batch, generation_config=GenerationConfig(max_new_tokens=3, **STOP))
+    assert model.fast_rollout.calls == 0
+    model.generation_config.update(top_k=0, top_p=1.0)
+    model.record_sampling_logprobs = True
+    torch.manual_seed(0)
+    out = model.generate(**batch, generation_config=GenerationConfig(max_new_tokens=6, **STOP))
+    assert model.fast_rollout.calls == 1
+    start = batch["input_ids"].shape[1]
+    labels = out.clone()
+    labels[:, :start] = -100
+    attention = torch.cat([batch["attention_mask"], torch.ones_like(out[:, start:])], 1)
+    for temperature, agrees in ((0.6, True), (1.0, False)):
+        model.reasoning_temperature = temperature
+        with torch.no_grad():
+            scored = model(input_ids=out, attention_mask=attention, labels=labels, fused_lm_head=True).log_probs
+        close = torch.allclose(scored[:, start - 1 :], model.sampling_logprobs, atol=5e-4, rtol=1e-4)
+        assert close is agrees, temperature
+
+
+def test_a_low_precision_copy_that_would_drop_a_parameter_is_refused():
+    from rlvr.errors import InputError
+
+    model, _ = load_model("tiny-qwen3", reasoning_vocab_size=4)
+    bias_towards_forbidden(model, model.reasoning_vocab)  # adds lm_head.bias, which the config does not build
+    with pytest.raises(InputError, match=r"lm_head.bias.*fast_rollouts=false"):
+        enable_fast_rollouts(model, compile=False, dtype=torch.bfloat16)
+    plain, _ = load_model("tiny-qwen3", reasoning_vocab_size=4)
+    enable_fast_rollouts(plain, compile=False, dtype=torch.bfloat16)  # every parameter copies

@@ -8,8 +8,7 @@ import torch
 from conftest import QWEN3_N, bias_towards_forbidden, prompts
 from transformers import GenerationConfig
 
-from rlvr import load_model
-from rlvr import thoughts
+from rlvr import load_model, thoughts
 from rlvr.surgery import enable_fast_rollouts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

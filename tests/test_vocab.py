@@ -9,9 +9,8 @@ from conftest import QWEN3_N, bias_towards_forbidden, prompts
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlvr import ReasoningVocab, ReasoningVocabError, load_model, save_model
+from rlvr import ReasoningVocab, ReasoningVocabError, load_model, save_model, thoughts
 from rlvr.models import ModelSourceError
-from rlvr import thoughts
 from rlvr.surgery import ThoughtConstraint, attach, expand_model, make_faithful
 from rlvr.vocab import TOKEN_MAP_FILE
 
@@ -308,3 +307,50 @@ def test_thought_constraint_rescans_under_beam_search(tiny_reasoning):
     model, _ = tiny_reasoning
     processors = model._get_logits_processor(model.generation_config.__class__(num_beams=2), 0)
     assert isinstance(processors[0], ThoughtConstraint) and processors[0].rescan_every_step
+
+
+def test_a_model_that_transforms_its_logits_is_refused_by_one_forward(qwen_tok):
+    """No list of config names: a Granite-style logit divisor is caught because the logits differ from the head's."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    def granite(scaling: float):
+        config = GraniteConfig(vocab_size=len(qwen_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, logits_scaling=scaling)
+        torch.manual_seed(0)
+        return GraniteForCausalLM(config).eval()
+
+    vocab = ReasoningVocab.for_tokenizer(qwen_tok, len(qwen_tok), 2)
+    with pytest.raises(ReasoningVocabError, match="transforms its logits"):
+        expand_model(granite(4.0), vocab)
+    expand_model(granite(1.0), vocab)  # the same model without the divisor is a plain head
+
+
+def test_cast_lm_head_to_fp32_runs_the_constrained_head_in_fp32_under_bf16_autocast():
+    model, _ = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
+    vocab = model.reasoning_vocab
+    ids = torch.tensor([[151644, 872, 198, THINK, 17, 151936 + 18, END_THINK, 19, IM_END]])
+    labels = ids.clone()
+    labels[:, :3] = -100
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "fused_lm_head": True}
+    inside = torch.tensor([False, False, False, True, True, True, False, False])  # the state before tokens 1..8
+    errors = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.base_model(input_ids=ids).last_hidden_state[0, :-1]  # the body in bf16, as training runs it
+        logits = hidden.double() @ model.get_output_embeddings().weight.double().T
+        expected = torch.log_softmax(vocab.mask_logits(logits, inside), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        for head_fp32 in (False, True):
+            attach(model, vocab, head_fp32=head_fp32)
+            errors[head_fp32] = (model(**kwargs).log_probs[0, 2:] - expected[2:]).abs().max().item()
+    assert errors[True] < 1e-4 < errors[False]  # the head itself adds no bf16 rounding when cast to fp32
+
+
+def test_the_faithful_tokenizer_pickles(qwen_tok):
+    import pickle
+
+    vocab = ReasoningVocab.for_tokenizer(qwen_tok, 151936, QWEN3_N)
+    tokenizer = make_faithful(qwen_tok.__class__.from_pretrained(qwen_tok.name_or_path), vocab)
+    ids = [151936 + i for i in tokenizer.encode("6*7=42", add_special_tokens=False)]
+    restored = pickle.loads(pickle.dumps(tokenizer))
+    assert type(restored).__name__ == type(tokenizer).__name__ and restored.reasoning_vocab == vocab
+    assert restored.decode(ids) == tokenizer.decode(ids) == "6*7=42"
+    assert restored.decode_with_spans(ids)[1] == tokenizer.decode_with_spans(ids)[1]
