@@ -20,6 +20,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from rlvr.thoughts import THINK_END, THINK_START
 from rlvr.tokenizer import CHATML_TEMPLATE, qwen3_tokenizer
 
 QWEN3_EMBEDDING_ROWS = 151936
@@ -47,8 +48,8 @@ MICRO_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|endoftext|>", True),
     ("<|im_start|>", True),
     ("<|im_end|>", True),
-    ("<think>", False),
-    ("</think>", False),
+    (THINK_START, False),
+    (THINK_END, False),
 )
 _MICRO_MAX_TOKENS = 512
 _MICRO_PAD_ROWS_TO = 64  # embedding rows past the tokenizer, as Qwen3 has: ids that are no token

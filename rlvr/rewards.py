@@ -104,7 +104,7 @@ def well_formed(structure: thoughts.Structure, ids: Sequence[int], tokenizer: Pr
     return (answer_text(structure, ids, tokenizer) or "").count(BOXED) == 1
 
 
-def _completion_ids(completion_ids, completions) -> list[list[int]]:
+def _completion_ids(completion_ids) -> list[list[int]]:
     if completion_ids is None:
         raise TypeError(
             "rlvr's rewards read the thought from token ids: call them with completion_ids=... (TRL passes it)."
@@ -123,8 +123,8 @@ def reward_functions(
     tags = vocab if vocab is not None else tokenizer.reasoning_vocab
     stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
 
-    def parsed(completion_ids, completions, starts_in_thought) -> list[tuple[thoughts.Structure, list[int]]]:
-        all_ids = _completion_ids(completion_ids, completions)
+    def parsed(completion_ids, starts_in_thought) -> list[tuple[thoughts.Structure, list[int]]]:
+        all_ids = _completion_ids(completion_ids)
         starts = starts_in_thought or [False] * len(all_ids)
         out = []
         for ids, starts_inside in zip(all_ids, starts, strict=True):
@@ -137,13 +137,12 @@ def reward_functions(
         """1.0 when the answer after the thought is correct, else 0.0."""
         return [
             float(answer_is_correct(answer_text(s, ids, tokenizer) or "", gold))
-            for (s, ids), gold in zip(parsed(completion_ids, completions, starts_in_thought), solution, strict=True)
+            for (s, ids), gold in zip(parsed(completion_ids, starts_in_thought), solution, strict=True)
         ]
 
     def format_reward(completions, completion_ids=None, starts_in_thought=None, **kwargs) -> list[float]:
         """1.0 for one closed thought followed by one boxed answer, else 0.0."""
-        return [float(well_formed(s, ids, tokenizer)) for s, ids in parsed(completion_ids, completions,
-                                                                             starts_in_thought)]
+        return [float(well_formed(s, ids, tokenizer)) for s, ids in parsed(completion_ids, starts_in_thought)]
 
     return [accuracy_reward, format_reward]
 

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass, fields
 
 from rlvr.errors import InputError
+from rlvr.thoughts import THINK_END, THINK_START
 
 QUESTION = "What is {expression}?"
 ANSWER_LINE = "The answer is \\boxed{{{answer}}}."
@@ -107,7 +108,7 @@ def make_problem(rng: random.Random, difficulty: Difficulty) -> Problem:
         expression, top_precedence = f"{expression}{op}{operand}", _PRECEDENCE[op]
         value = result
     answer = str(value)
-    reference = "<think>\n" + "\n".join(steps) + "\n</think>\n\n" + ANSWER_LINE.format(answer=answer)
+    reference = f"{THINK_START}\n" + "\n".join(steps) + f"\n{THINK_END}\n\n" + ANSWER_LINE.format(answer=answer)
     return Problem(QUESTION.format(expression=expression), answer, reference)
 
 

@@ -22,6 +22,8 @@ from tokenizers import AddedToken
 from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from rlvr.thoughts import THINK_END, THINK_START
+
 if TYPE_CHECKING:
     from rlvr.vocab import ReasoningVocab
 
@@ -54,8 +56,8 @@ QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|file_sep|>", False),
     ("<tool_response>", False),
     ("</tool_response>", False),
-    ("<think>", False),
-    ("</think>", False),
+    (THINK_START, False),
+    (THINK_END, False),
 )
 
 # ChatML in Qwen3's layout. With `enable_thinking=false` the generation prompt carries an empty thought,
@@ -67,7 +69,7 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}"
     "{{- '<|im_start|>assistant\\n' }}"
     "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{{- '" + THINK_START + "\\n\\n" + THINK_END + "\\n\\n' }}"
     "{%- endif %}"
     "{%- endif %}"
 )
