@@ -17,9 +17,9 @@ def main(**parameters) -> None:
     """preprocess (synthetic) -> warmstart (micro) -> train_baseline and train_reasoning -> evaluate all three
     on held-out problems -> a comparison table; the better arm becomes REGISTERED_MODEL_NAME@champion. Finished
     identical steps are reused."""
-    results, champion = run_pipeline(PipelineSettings(**parameters))
-    click.echo(comparison_table(results, champion))
-    click.echo(f"champion: {results[champion]['model']}")
+    outcome = run_pipeline(PipelineSettings(**parameters))
+    click.echo(comparison_table(outcome))
+    click.echo(f"champion: {outcome.results[outcome.champion]['model']}")
 
 
 if __name__ == "__main__":

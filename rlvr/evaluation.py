@@ -42,6 +42,7 @@ from rlvr import tracking
 from rlvr.data import DEFAULT_INSTRUCTION, SYNTHETIC, Options, Split, load_split, preprocess
 from rlvr.errors import InputError, check_sampling, require_at_least_one
 from rlvr.generation import Generated, generate
+from rlvr.guards import require_finite_weights
 from rlvr.models import MLFLOW_SCHEMES, load_model
 from rlvr.rendering import PageEntry, completions_page, marked_text
 from rlvr.rewards import answer_is_correct
@@ -275,6 +276,7 @@ def load_for_evaluation(settings: EvalSettings) -> tuple[PreTrainedModel, PreTra
     dtype = torch.bfloat16 if bf16_enabled(settings.bf16) else torch.float32
     device = "cuda" if torch.cuda.is_available() else None
     model, tokenizer = load_model(settings.model, dtype=dtype, device=device)
+    require_finite_weights(model, settings.model)
     return model.eval(), tokenizer
 
 

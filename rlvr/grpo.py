@@ -27,6 +27,7 @@ from rlvr import rewards, thoughts, tracking
 from rlvr.data import load_split
 from rlvr.errors import InputError, require_at_least_one
 from rlvr.generation import describe
+from rlvr.guards import StopOnNonFinite
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
 from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes
@@ -279,6 +280,7 @@ class ReasoningGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
+        self._require_allowed_samples(output)
         stats = thoughts.batch_counts(self.vocab, output["prompt_ids"], output["completion_ids"],
                                       output["completion_mask"])
         completions, tokens, thought, reasoning, closed = self.accelerator.gather(stats.unsqueeze(0)).sum(0).tolist()
@@ -290,6 +292,21 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         if mode == "train":
             self._maybe_log_samples(inputs, output)
         return output
+
+    def _require_allowed_samples(self, output) -> None:
+        """No sampled token may be one the mask forbids where it stands: the loss would score it at the masked
+        value, and one such token is enough to send a step's log-probs and gradients out of range."""
+        before = thoughts.completion_states(self.vocab, thoughts.prompt_state(self.vocab, output["prompt_ids"]),
+                                            output["completion_ids"])
+        forbidden = self.vocab.forbidden_table(before.device)[before.long(), output["completion_ids"]]
+        forbidden &= output["completion_mask"].bool()
+        if forbidden.any():
+            row, column = (int(i) for i in forbidden.nonzero()[0])
+            token = int(output["completion_ids"][row, column])
+            raise RuntimeError(
+                f"the sampler drew id {token}, which the thought mask forbids at completion position {column} "
+                f"(inside a thought: {bool(before[row, column])}); this is a bug in the sampling path, not the data."
+            )
 
     def _maybe_log_samples(self, inputs, output) -> None:
         step = self.state.global_step
@@ -368,7 +385,7 @@ def train(settings: TrainSettings) -> str | None:
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[tracking.MlflowMetrics()],
+            callbacks=[tracking.MlflowMetrics(), StopOnNonFinite()],
             completions_every=settings.log_completions_steps,
             fast_rollouts=fast_rollouts_enabled(settings.fast_rollouts),
         )

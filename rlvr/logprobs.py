@@ -115,6 +115,8 @@ def check_plain_head(model) -> None:
             ours = F.linear(hidden, head.weight, getattr(head, "bias", None)).float()
     finally:
         model.train(was_training)
+    if not (torch.isfinite(logits).all() and torch.isfinite(ours).all()):
+        return  # a model that overflows cannot be judged here; the non-finite guards refuse it where it matters
     tolerance = 1e-3 if head.weight.dtype == torch.float32 else 2e-2
     if not torch.allclose(logits, ours, rtol=tolerance, atol=tolerance * (1 + ours.abs().max().item())):
         raise ReasoningVocabError(

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from rlvr import tracking
+from rlvr import statistics, tracking
 from rlvr.errors import InputError
+from rlvr.evaluation import SAMPLES_TABLE
 from rlvr.training import param
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ class PipelineSettings:
     reasoning_vocab_size: int = param(0, "N of the reasoning arm (0: every token id of the micro tokenizer)")
     registered_model_name: str = param("rlvr-demo", "both arms register here; the better one becomes @champion")
     output_dir: str = param("outputs/main", "checkpoints and data of the steps go under this directory")
-    seed: int = param(0, "seed of every step")
+    seeds: str = param("0", "comma-separated seeds; each runs its own warm start, arms and evaluations")
 
 
 def _code_version() -> str:
@@ -130,57 +132,130 @@ class Pipeline:
         return max(versions, key=lambda v: int(v.version)).version
 
 
-def run_pipeline(settings: PipelineSettings) -> tuple[dict[str, dict], str]:
-    """Run every step at `settings.scale`; returns held-out metrics per model and the champion arm."""
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(item) for item in str(text).replace(" ", "").split(",") if item]
+    except ValueError as error:
+        raise InputError(f"seeds={text!r} is not a comma-separated list of integers, e.g. seeds=0,1,2.") from error
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise InputError(f"seeds={text!r} must name at least one seed, each once.")
+    return seeds
+
+
+@dataclass
+class Outcome:
+    """What `main` found: pooled metrics per model, per-seed metrics, the paired comparisons, the champion."""
+
+    results: dict[str, dict]
+    per_seed: dict[int, dict[str, dict]]
+    comparisons: dict[str, statistics.Paired]
+    champion: str
+
+
+METRICS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "pass_at_1", "format_rate", "reasoning_share")
+# (metric prefix, model A, model B): B minus A, paired by (seed, problem)
+COMPARISONS = (("baseline/gain", "warmstart", "baseline"), ("reasoning/gain", "warmstart", "reasoning"),
+               ("reasoning_vs_baseline/diff", "baseline", "reasoning"))
+
+
+def run_pipeline(settings: PipelineSettings) -> Outcome:
+    """Run every step at `settings.scale` for each seed; returns held-out metrics, paired comparisons, champion."""
     if settings.scale not in SCALES:
         raise InputError(f"scale={settings.scale!r} is not one of {', '.join(SCALES)}.")
     from rlvr.presets import micro_tokenizer
 
+    seeds = parse_seeds(settings.seeds)
     plan = SCALES[settings.scale]
     name = settings.registered_model_name
     size = settings.reasoning_vocab_size or len(micro_tokenizer())
-    seed = settings.seed
     with tracking.entrypoint_run(run_name="main", tags={"rlvr.step": "main", "rlvr.scale": settings.scale}):
         tracking.log_params({"scale": settings.scale, "reasoning_vocab_size": size, "registered_model_name": name,
-                             "output_dir": settings.output_dir, "seed": seed})
+                             "output_dir": settings.output_dir, "seeds": ",".join(map(str, seeds))})
         pipeline = Pipeline(settings)
-        data_run = pipeline.step("preprocess", {**plan["preprocess"], "seed": seed})
-        data = f"runs:/{data_run}/data"
-        warm_run = pipeline.step("warmstart", {**plan["warmstart"], "data": data, "seed": seed,
-                                               "registered_model_name": f"{name}-warmstart"})
-        warm = f"models:/{name}-warmstart/{pipeline.registered_version(warm_run, f'{name}-warmstart')}"
-        arms = {}
-        for arm, n in (("baseline", 0), ("reasoning", size)):
-            parameters = {**plan["train"], "model": warm, "data": data, "seed": seed, "registered_model_name": name}
-            if arm == "reasoning":
-                parameters["reasoning_vocab_size"] = n
-            run = pipeline.step(f"train_{arm}", parameters)
-            arms[arm] = f"models:/{name}/{pipeline.registered_version(run, name)}"
-        results = {}
-        for label, model in (("warmstart", warm), *arms.items()):
-            run = pipeline.step("evaluate", {**plan["evaluate"], "model": model, "data": data, "seed": seed},
-                                writes_files=False)
-            metrics = pipeline.client.get_run(run).data.metrics
-            prefix = next(k.rsplit("/", 1)[0] for k in metrics if k.startswith("eval/") and k.endswith("/accuracy"))
-            results[label] = {m: metrics[f"{prefix}/{m}"] for m in ("accuracy", "accuracy_ci_low",
-                              "accuracy_ci_high", "pass_at_1", f"pass_at_{plan['evaluate']['num_samples']}",
-                              "format_rate", "reasoning_share")}
-            results[label]["model"] = model
-        champion = max(arms, key=lambda arm: results[arm]["accuracy"])
-        version = arms[champion].rsplit("/", 1)[1]
+        # one data set for every seed, so that seeds vary training and sampling, and pair on the same problems
+        data = f"runs:/{pipeline.step('preprocess', {**plan['preprocess'], 'seed': seeds[0]})}/data"
+        per_seed, problems, models = {}, {}, {}
+        for seed in seeds:
+            models[seed] = _train_arms(pipeline, plan, data, seed, name, size)
+            per_seed[seed] = {}
+            for label, model in models[seed].items():
+                run = pipeline.step("evaluate", {**plan["evaluate"], "model": model, "data": data, "seed": seed},
+                                    writes_files=False)
+                per_seed[seed][label] = {**_held_out_metrics(pipeline.client.get_run(run).data.metrics), "model": model}
+                table = mlflow.load_table(SAMPLES_TABLE, run_ids=[run])
+                problems[seed, label] = statistics.per_problem_accuracy(table)
+        outcome = _outcome(per_seed, problems, seeds)
+        version = models[seeds[0]][outcome.champion].rsplit("/", 1)[1]
         pipeline.client.set_registered_model_alias(name, CHAMPION, version)
-        for label, values in results.items():
-            mlflow.log_metrics({f"{label}/{k}": v for k, v in values.items() if isinstance(v, float)})
-        mlflow.set_tags({"rlvr.champion": arms[champion]})
-        mlflow.log_text(comparison_table(results, champion), "comparison.md")
-    return results, champion
+        _log_outcome(outcome, seeds)
+        mlflow.set_tags({"rlvr.champion": f"models:/{name}/{version}"})
+        mlflow.log_text(comparison_table(outcome), "comparison.md")
+    return outcome
 
 
-def comparison_table(results: dict[str, dict], champion: str) -> str:
-    metrics = [k for k in next(iter(results.values())) if k != "model"]
-    header = "| model | " + " | ".join(metrics) + " |"
-    lines = [header, "|" + "---|" * (len(metrics) + 1)]
-    for label, values in results.items():
-        mark = f"{label} ({CHAMPION})" if label == champion else label
-        lines.append(f"| {mark} | " + " | ".join(f"{values[m]:.3f}" for m in metrics) + " |")
+def _train_arms(pipeline: Pipeline, plan: dict, data: str, seed: int, name: str, size: int) -> dict[str, str]:
+    """The warm start and both GRPO arms of one seed, as registered model URIs."""
+    warm_run = pipeline.step("warmstart", {**plan["warmstart"], "data": data, "seed": seed,
+                                           "registered_model_name": f"{name}-warmstart"})
+    models = {"warmstart": f"models:/{name}-warmstart/{pipeline.registered_version(warm_run, f'{name}-warmstart')}"}
+    for arm, n in (("baseline", 0), ("reasoning", size)):
+        parameters = {**plan["train"], "model": models["warmstart"], "data": data, "seed": seed,
+                      "registered_model_name": name}
+        if arm == "reasoning":
+            parameters["reasoning_vocab_size"] = n
+        run = pipeline.step(f"train_{arm}", parameters)
+        models[arm] = f"models:/{name}/{pipeline.registered_version(run, name)}"
+    return models
+
+
+def _held_out_metrics(logged: dict[str, float]) -> dict[str, float]:
+    prefix = next(k.rsplit("/", 1)[0] for k in logged if k.startswith("eval/") and k.endswith("/accuracy"))
+    return {m: logged[f"{prefix}/{m}"] for m in METRICS}
+
+
+def _outcome(per_seed: dict[int, dict[str, dict]], problems: dict, seeds: list[int]) -> Outcome:
+    """Accuracy pooled over seeds, and paired comparisons of the models on the same problems (`rlvr.statistics`)."""
+    def pooled(label: str) -> pd.Series:
+        return pd.concat({seed: problems[seed, label] for seed in seeds}, names=["seed"])
+
+    results = {}
+    for label in per_seed[seeds[0]]:
+        results[label] = {m: sum(per_seed[s][label][m] for s in seeds) / len(seeds) for m in METRICS}
+        if len(seeds) > 1:  # over seeds: the pooled mean, with an interval that resamples problems
+            results[label]["accuracy"] = float(pooled(label).mean())
+            results[label]["accuracy_ci_low"], results[label]["accuracy_ci_high"] = statistics.mean_interval(
+                pooled(label))
+        results[label]["model"] = per_seed[seeds[0]][label]["model"]
+    comparisons = {prefix: statistics.paired(pooled(a), pooled(b)) for prefix, a, b in COMPARISONS}
+    champion = max(("baseline", "reasoning"), key=lambda arm: results[arm]["accuracy"])
+    return Outcome(results, per_seed, comparisons, champion)
+
+
+def _log_outcome(outcome: Outcome, seeds: list[int]) -> None:
+    for label, values in outcome.results.items():
+        mlflow.log_metrics({f"{label}/{k}": v for k, v in values.items() if isinstance(v, float)})
+    if len(seeds) > 1:
+        for seed, results in outcome.per_seed.items():
+            for label, values in results.items():
+                mlflow.log_metrics({f"{label}/seed_{seed}/{k}": v for k, v in values.items() if isinstance(v, float)})
+    for prefix, comparison in outcome.comparisons.items():
+        mlflow.log_metrics(comparison.as_metrics(prefix))
+
+
+def comparison_table(outcome: Outcome) -> str:
+    """Markdown: each model's held-out metrics (pooled over seeds), per-seed accuracy, and the paired comparisons."""
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
+    for label, values in outcome.results.items():
+        mark = f"{label} ({CHAMPION})" if label == outcome.champion else label
+        lines.append(f"| {mark} | " + " | ".join(f"{values[m]:.3f}" for m in METRICS) + " |")
+    if len(outcome.per_seed) > 1:
+        lines += ["", "| seed | " + " | ".join(outcome.results) + " |", "|" + "---|" * (len(outcome.results) + 1)]
+        for seed, results in outcome.per_seed.items():
+            lines.append(f"| {seed} | " + " | ".join(f"{results[label]['accuracy']:.3f}" for label in outcome.results)
+                         + " |")
+    lines += ["", "| paired comparison (B - A) | difference | 95% interval | p-value | problems |",
+              "|---|---|---|---|---|"]
+    for (prefix, a, b), comparison in zip(COMPARISONS, outcome.comparisons.values(), strict=True):
+        lines.append(f"| {prefix}: {b} - {a} | {comparison.diff:+.3f} | [{comparison.ci_low:+.3f}, "
+                     f"{comparison.ci_high:+.3f}] | {comparison.p_value:.3g} | {comparison.units} |")
     return "\n".join(lines) + "\n"

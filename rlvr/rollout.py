@@ -308,7 +308,10 @@ def _choose(logits, inside, finished, forbidden, eos, pad, inv_temperature, gree
     if greedy:
         token = logits.argmax(-1)
     else:  # Gumbel-max: argmax(logits - log E) with E ~ Exp(1) is a draw from softmax(logits)
-        token = (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+        # E is floored at the smallest normal float: a draw of exactly 0 would make -log E infinite, and an
+        # infinite bonus lifts even a masked id (at the dtype's most negative value) to the top
+        noise = torch.empty_like(logits).exponential_().clamp_(min=torch.finfo(logits.dtype).tiny).log()
+        token = (logits - noise).argmax(-1)
     logprob = logits.gather(-1, token.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     token = torch.where(finished, torch.full_like(token, pad), token)
     finished = finished | torch.isin(token, eos)

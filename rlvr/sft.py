@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from rlvr import tracking
 from rlvr.data import load_split
 from rlvr.errors import InputError, require_at_least_one
+from rlvr.guards import StopOnNonFinite
 from rlvr.models import load_model
 from rlvr.training import Job, bf16_enabled, checkpointing_option, param
 
@@ -98,7 +99,7 @@ def warmstart(settings: WarmstartSettings) -> str | None:
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[tracking.MlflowMetrics()],
+            callbacks=[tracking.MlflowMetrics(), StopOnNonFinite()],
         )
         trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
         tags = {"base_model": settings.model, "reasoning_vocab_size": "0", "data_digest": split.digest,

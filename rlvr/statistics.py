@@ -2,8 +2,10 @@
 a bootstrap 95% interval over problems, and a sign-flip permutation p-value.
 
 Problems are the independent units (samples of one problem are correlated), so each problem contributes one
-difference: its share of correct samples under model B minus that under model A. With several seeds a unit is a
-(seed, problem) pair, each seed's models scored against each other on the same problems.
+difference: its share of correct samples under model B minus that under model A. With several seeds (an index
+level named `seed`), each seed's models are paired on the same problems and a problem's differences are averaged
+over the seeds before resampling: the seeds share the problems, so treating (seed, problem) pairs as independent
+would understate the spread.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Paired:
     ci_low: float
     ci_high: float
     p_value: float
-    units: int
+    units: int  # problems
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         return {prefix: self.diff, f"{prefix}_ci_low": self.ci_low, f"{prefix}_ci_high": self.ci_high,
@@ -42,7 +44,10 @@ def paired(a: pd.Series, b: pd.Series, seed: int = 0, resamples: int = RESAMPLES
     if not a.index.equals(b.index) and set(a.index) != set(b.index):
         missing = sorted(set(a.index) ^ set(b.index))[:3]
         raise ValueError(f"the two models were not scored on the same problems (e.g. {missing}); pair like with like")
-    differences = (b - a.reindex(b.index)).to_numpy(dtype=np.float64)
+    differences = b - a.reindex(b.index)
+    if "seed" in (differences.index.names or ()):
+        differences = differences.groupby(level=[n for n in differences.index.names if n != "seed"]).mean()
+    differences = differences.to_numpy(dtype=np.float64)
     if differences.size == 0:
         raise ValueError("no problems to compare")
     rng = np.random.default_rng(seed)
@@ -54,6 +59,15 @@ def paired(a: pd.Series, b: pd.Series, seed: int = 0, resamples: int = RESAMPLES
         p_value=sign_flip_p_value(differences, rng, resamples),
         units=int(differences.size),
     )
+
+
+def mean_interval(values: pd.Series, seed: int = 0, resamples: int = RESAMPLES) -> tuple[float, float]:
+    """A bootstrap 95% interval of the mean per-problem value, averaging over a `seed` level first (see above)."""
+    if "seed" in (values.index.names or ()):
+        values = values.groupby(level=[n for n in values.index.names if n != "seed"]).mean()
+    low, high = np.percentile(bootstrap_means(values.to_numpy(dtype=np.float64), np.random.default_rng(seed),
+                                              resamples), [2.5, 97.5])
+    return float(low), float(high)
 
 
 def bootstrap_means(values: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:

@@ -3,15 +3,19 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
-STEPS = ["evaluate", "evaluate", "evaluate", "preprocess", "train_baseline", "train_reasoning", "warmstart"]
+SEEDS = (0, 1)
+PER_SEED = ["evaluate", "evaluate", "evaluate", "train_baseline", "train_reasoning", "warmstart"]
+STEPS = sorted(["preprocess"] + PER_SEED * len(SEEDS))
 
 
 def mlflow_run(tmp_path, experiment: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", experiment,
-               "-P", "scale=ci", "-P", f"output_dir={tmp_path / 'main'}", "-P", "registered_model_name=ci-demo"]
+               "-P", "scale=ci", "-P", f"output_dir={tmp_path / 'main'}", "-P", "registered_model_name=ci-demo",
+               "-P", f"seeds={','.join(map(str, SEEDS))}"]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500, check=False)
 
 
@@ -31,8 +35,16 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
     for child in children:
         if child.info.run_name == "evaluate":
             assert any(k.startswith("eval/") and k.endswith("/accuracy") for k in child.data.metrics)
+    metrics = parent.data.metrics
     for label in ("warmstart", "baseline", "reasoning"):
-        assert f"{label}/accuracy" in parent.data.metrics
+        assert 0 <= metrics[f"{label}/accuracy_ci_low"] <= metrics[f"{label}/accuracy"] <= metrics[f"{label}/accuracy_ci_high"]
+        by_seed = [metrics[f"{label}/seed_{seed}/accuracy"] for seed in SEEDS]  # same problems for every seed
+        assert metrics[f"{label}/accuracy"] == pytest.approx(sum(by_seed) / len(SEEDS))
+    for prefix in ("baseline/gain", "reasoning/gain", "reasoning_vs_baseline/diff"):
+        assert metrics[f"{prefix}_ci_low"] <= metrics[prefix] <= metrics[f"{prefix}_ci_high"]
+        assert 0 < metrics[f"{prefix}_p_value"] <= 1
+    assert metrics["reasoning_vs_baseline/diff"] == pytest.approx(metrics["reasoning/accuracy"] - metrics["baseline/accuracy"])
+    assert "paired comparison (B - A)" in first.stdout and "| 1 |" in first.stdout  # the per-seed table
     # a copy starts exactly as likely as its twin, so the reasoning arm's thoughts use reasoning ids; the baseline has none
     assert parent.data.metrics["reasoning/reasoning_share"] > 0.1 and parent.data.metrics["baseline/reasoning_share"] == 0
 

@@ -60,3 +60,14 @@ def test_per_problem_accuracy_averages_samples_within_each_problem():
                             "correct": [True, False, True, True, False]})
     accuracy = per_problem_accuracy(samples)
     assert accuracy.to_dict() == {("d", "1"): 0.5, ("d", "2"): 1.0, ("e", "1"): 0.0}
+
+
+def test_seeds_are_paired_within_and_averaged_per_problem_before_resampling():
+    index = pd.MultiIndex.from_product([[0, 1], ["d"], ["p1", "p2", "p3"]], names=["seed", "dataset", "id"])
+    a = pd.Series([0, 0, 1, 1, 0, 0], index=index, dtype=float)
+    b = pd.Series([1, 0, 1, 1, 1, 1], index=index, dtype=float)
+    result = paired(a, b)
+    assert result.units == 3  # problems, not seed x problem pairs
+    assert result.diff == pytest.approx((1 + 0 + 0 + 0 + 1 + 1) / 6)
+    # per problem, averaged over seeds: p1 0.5, p2 0.5, p3 0.5; every sign pattern but the all-equal ones is smaller
+    assert result.p_value == 0.25
