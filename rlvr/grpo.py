@@ -27,7 +27,7 @@ from rlvr import rewards, thoughts, tracking
 from rlvr.data import load_split
 from rlvr.errors import InputError, require_at_least_one
 from rlvr.generation import describe
-from rlvr.guards import StopOnNonFinite
+from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
 from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes
@@ -352,6 +352,7 @@ def train(settings: TrainSettings) -> str | None:
     """Run GRPO as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
     world = PartialState().num_processes
     validate(settings, world)
+    avoid_cudnn_attention_backward()
     extra = extra_grpo_fields(settings)
     arm = "reasoning" if settings.reasoning_vocab_size else "baseline"
     job = Job(settings.output_dir, run_name=f"train_{arm}", tags={"rlvr.step": f"train_{arm}", "rlvr.arm": arm})

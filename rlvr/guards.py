@@ -9,6 +9,17 @@ from transformers import PreTrainedModel, TrainerCallback
 from rlvr.errors import InputError
 
 
+def avoid_cudnn_attention_backward() -> None:
+    """Train without cuDNN's fused attention kernel.
+
+    Under bf16 on an H200 its backward pass (`ScaledDotProductCudnnAttentionBackward0`) returned NaN gradients from
+    finite inputs on left-padded GRPO batches, intermittently, tens of steps into a run (found with autograd's
+    anomaly detection; BENCHMARKS.md). PyTorch then picks its flash, memory-efficient or math kernels instead.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class TrainingDiverged(InputError):
     """Training produced a non-finite loss or gradient; reported like bad input: one line, the run FAILED."""
 

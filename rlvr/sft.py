@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from rlvr import tracking
 from rlvr.data import load_split
 from rlvr.errors import InputError, require_at_least_one
-from rlvr.guards import StopOnNonFinite
+from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
 from rlvr.models import load_model
 from rlvr.training import Job, bf16_enabled, checkpointing_option, param
 
@@ -63,6 +63,7 @@ def warmstart(settings: WarmstartSettings) -> str | None:
     require_at_least_one(settings, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                          "save_steps")
     checkpointing = checkpointing_option(SFTConfig, settings.gradient_checkpointing)  # a bad value fails here
+    avoid_cudnn_attention_backward()
     job = Job(settings.output_dir, run_name="warmstart", tags={"rlvr.step": "warmstart", "rlvr.arm": "baseline"})
     split = load_split(settings.data, "train")
     dataset = _sft_dataset(split.frame)

@@ -14,10 +14,11 @@ from rlvr.models import load_model
 from rlvr.sft import WarmstartSettings, warmstart
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-STEPS = 120
+STEPS = 150
 
 
-def test_bf16_grpo_with_fast_rollouts_from_a_warm_start_stays_finite(tmp_path, monkeypatch):
+@pytest.mark.parametrize("correction", ["true", "false"])
+def test_bf16_grpo_with_fast_rollouts_from_a_warm_start_stays_finite(tmp_path, monkeypatch, correction):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     data = tmp_path / "data"
@@ -29,7 +30,8 @@ def test_bf16_grpo_with_fast_rollouts_from_a_warm_start_stays_finite(tmp_path, m
     train(TrainSettings(model=str(tmp_path / "warm" / "final"), data=str(data), reasoning_vocab_size=0,
                         max_steps=STEPS, learning_rate=1e-4, per_device_train_batch_size=16,
                         gradient_accumulation_steps=4, num_generations=4, max_completion_length=48, format_weight=0.5,
-                        bf16="true", fast_rollouts="true", save_steps=10_000, log_completions_steps=0,
+                        bf16="true", fast_rollouts="true", sampling_correction=correction, save_steps=10_000,
+                        log_completions_steps=0,
                         output_dir=str(output), registered_model_name=""))  # fmt: skip
 
     run_id = json.loads((output / "mlflow_run.json").read_text())["run_id"]
