@@ -39,8 +39,8 @@ def require_finite_weights(model: PreTrainedModel, source: str) -> None:
     bad = non_finite_parameters(model)
     if bad:
         raise InputError(
-            f"model {source!r} has non-finite weights ({', '.join(bad)}); it comes from a diverged training, so "
-            "evaluate an earlier checkpoint instead."
+            f"model {source!r} has non-finite weights ({', '.join(bad)}); it comes from a diverged training: "
+            "use one of its earlier checkpoints instead."
         )
 
 

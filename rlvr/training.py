@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr import tracking
 from rlvr.errors import InputError
+from rlvr.guards import require_finite_weights
 from rlvr.models import load_model, save_model
 from rlvr.vocab import TOKEN_MAP_FILE
 
@@ -127,6 +128,7 @@ class Job:
         """Save `final/`, tag the run, log the pyfunc model and register it. Returns the model URI on rank 0."""
         if not self.main:
             return None
+        require_finite_weights(model, f"the trained model in {self.output_dir}")  # never saved, logged or registered
         final = save_model(model, tokenizer, self.output_dir / FINAL_DIR)
         mlflow.set_tags({f"rlvr.{k}": v for k, v in tags.items()})
         return tracking.log_model(final, registered_model_name or None, tags)
