@@ -24,6 +24,22 @@ def _prompts(model_input: Any) -> list:
     return list(model_input)
 
 
+def _check_options(options: dict) -> None:
+    """A request's sampling options, refused with a message (the scoring server answers 400) when out of range."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    problems = []
+    if int(options["max_new_tokens"]) < 1:
+        problems.append(f"max_new_tokens={options['max_new_tokens']} must be at least 1")
+    if float(options["temperature"]) < 0:
+        problems.append(f"temperature={options['temperature']} must be 0 (greedy) or positive")
+    if not 0 < float(options["top_p"]) <= 1:
+        problems.append(f"top_p={options['top_p']} must be in (0, 1]")
+    if problems:
+        raise MlflowException("; ".join(problems) + ".", error_code=INVALID_PARAMETER_VALUE)
+
+
 class ReasoningLM(mlflow.pyfunc.PythonModel):
     """Input: a list of prompts (strings or chat messages) or a DataFrame with a `prompt` column.
     Output: one row per prompt with `completion`, `thought`, `answer` and `reasoning_tokens`."""
@@ -41,6 +57,7 @@ class ReasoningLM(mlflow.pyfunc.PythonModel):
         from rlvr.generation import generate
 
         options = {**GENERATION_DEFAULTS, **(params or {})}
+        _check_options(options)
         completions = generate(
             self.model,
             self.tokenizer,

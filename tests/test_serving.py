@@ -1,0 +1,101 @@
+"""A registered model served over REST by `mlflow models serve`, as a user would call it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import mlflow
+import pytest
+
+from rlvr import load_model, save_model, tracking
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def served(mlflow_server, tmp_path_factory):
+    """micro with 64 reasoning rows, registered, and served on a free loopback port."""
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    model, tokenizer = load_model("micro", reasoning_vocab_size=64)
+    directory = save_model(model, tokenizer, tmp_path_factory.mktemp("served") / "model")
+    mlflow.set_experiment("serving")
+    with mlflow.start_run():
+        uri = tracking.log_model(directory, "served-micro", {"arm": "reasoning"})
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert server.poll() is None, open(log.name).read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"the model server did not answer in 240 s: {open(log.name).read()[-3000:]}")
+        yield base, model.reasoning_vocab
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_prompts_in_completions_out_with_params(served):
+    base, _ = served
+    status, body = post(f"{base}/invocations", {"inputs": ["What is 2+3?", "What is 7*6?"],
+                                                "params": {"max_new_tokens": 12, "temperature": 1.0, "seed": 1}})
+    assert status == 200, body
+    rows = body["predictions"]
+    assert len(rows) == 2 and set(rows[0]) == {"completion", "thought", "answer", "reasoning_tokens"}
+    assert all(isinstance(row["reasoning_tokens"], int) for row in rows)
+    again = post(f"{base}/invocations", {"inputs": ["What is 2+3?", "What is 7*6?"],
+                                         "params": {"max_new_tokens": 12, "temperature": 1.0, "seed": 1}})[1]
+    assert again == body  # the seed makes a request repeatable
+    frame = post(f"{base}/invocations", {"dataframe_records": [{"prompt": "What is 1+1?"}],
+                                         "params": {"max_new_tokens": 4}})
+    assert frame[0] == 200 and len(frame[1]["predictions"]) == 1
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"inputs": []}, "0 inputs"),
+        ({"inputs": ["hi"], "params": {"max_new_tokens": "many"}}, "max_new_tokens"),
+        ({"inputs": ["hi"], "params": {"max_new_tokens": 0}}, "max_new_tokens=0 must be at least 1"),
+        ({"inputs": ["hi"], "params": {"temperature": -1.0}}, "temperature=-1.0 must be 0"),
+        ({"inputs": ["hi"], "params": {"top_p": 1.5}}, "top_p=1.5 must be in (0, 1]"),
+        ({"dataframe_records": "not records"}, ""),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_stays_up(served, body, message):
+    base, _ = served
+    status, reply = post(f"{base}/invocations", body)
+    assert 400 <= status < 500, (status, reply)
+    assert message in json.dumps(reply) and reply.get("message")
+    assert post(f"{base}/invocations", {"inputs": ["ok?"], "params": {"max_new_tokens": 2}})[0] == 200
