@@ -92,8 +92,9 @@ class Pipeline:
         self.code = _code_version()
         self.root = Path(settings.output_dir)
 
-    def step(self, entry_point: str, parameters: dict[str, object], writes_files: bool = True) -> str:
-        """Run `entry_point` (or reuse its finished twin); returns the child run's id.
+    def step(self, entry_point: str, parameters: dict[str, object], writes_files: bool = True, name: str = "") -> str:
+        """Run `entry_point` (or reuse its finished twin) as a child run named `name` (default: the entry point);
+        returns the child run's id.
 
         A step that writes files gets an `output_dir` of its own under the pipeline's, named by its key, so
         steps with other parameters never meet a finished training in their directory.
@@ -113,7 +114,7 @@ class Pipeline:
             return found[0].info.run_id
         child = self.client.create_run(
             self.experiment_id,
-            run_name=entry_point,
+            run_name=name or entry_point,
             tags={"mlflow.parentRunId": self.parent.info.run_id, "rlvr.step_key": key, "rlvr.code": self.code},
         )
         log.info("%s: starting run %s", entry_point, child.info.run_id)
@@ -152,6 +153,7 @@ class Outcome:
     champion: str
 
 
+STEP_OF = {"warmstart": "warmstart", "baseline": "train_baseline", "reasoning": "train_reasoning"}
 METRICS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "pass_at_1", "format_rate", "reasoning_share")
 # (metric prefix, model A, model B): B minus A, paired by (seed, problem)
 COMPARISONS = (("baseline/gain", "warmstart", "baseline"), ("reasoning/gain", "warmstart", "reasoning"),
@@ -176,11 +178,12 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
         data = f"runs:/{pipeline.step('preprocess', {**plan['preprocess'], 'seed': seeds[0]})}/data"
         per_seed, problems, models = {}, {}, {}
         for seed in seeds:
-            models[seed] = _train_arms(pipeline, plan, data, seed, name, size)
+            suffix = f" seed {seed}" if len(seeds) > 1 else ""
+            models[seed] = _train_arms(pipeline, plan, data, seed, name, size, suffix)
             per_seed[seed] = {}
             for label, model in models[seed].items():
                 run = pipeline.step("evaluate", {**plan["evaluate"], "model": model, "data": data, "seed": seed},
-                                    writes_files=False)
+                                    writes_files=False, name=f"evaluate {STEP_OF[label]}{suffix}")
                 per_seed[seed][label] = {**_held_out_metrics(pipeline.client.get_run(run).data.metrics), "model": model}
                 table = mlflow.load_table(SAMPLES_TABLE, run_ids=[run])
                 problems[seed, label] = statistics.per_problem_accuracy(table)
@@ -193,17 +196,18 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
     return outcome
 
 
-def _train_arms(pipeline: Pipeline, plan: dict, data: str, seed: int, name: str, size: int) -> dict[str, str]:
-    """The warm start and both GRPO arms of one seed, as registered model URIs."""
+def _train_arms(pipeline: Pipeline, plan: dict, data: str, seed: int, name: str, size: int,
+                suffix: str) -> dict[str, str]:
+    """The warm start and both GRPO arms of one seed, as registered model URIs (child runs named with `suffix`)."""
     warm_run = pipeline.step("warmstart", {**plan["warmstart"], "data": data, "seed": seed,
-                                           "registered_model_name": f"{name}-warmstart"})
+                                           "registered_model_name": f"{name}-warmstart"}, name=f"warmstart{suffix}")
     models = {"warmstart": f"models:/{name}-warmstart/{pipeline.registered_version(warm_run, f'{name}-warmstart')}"}
     for arm, n in (("baseline", 0), ("reasoning", size)):
         parameters = {**plan["train"], "model": models["warmstart"], "data": data, "seed": seed,
                       "registered_model_name": name}
         if arm == "reasoning":
             parameters["reasoning_vocab_size"] = n
-        run = pipeline.step(f"train_{arm}", parameters)
+        run = pipeline.step(f"train_{arm}", parameters, name=f"train_{arm}{suffix}")
         models[arm] = f"models:/{name}/{pipeline.registered_version(run, name)}"
     return models
 

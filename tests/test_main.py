@@ -8,8 +8,9 @@ from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
 SEEDS = (0, 1)
-PER_SEED = ["evaluate", "evaluate", "evaluate", "train_baseline", "train_reasoning", "warmstart"]
-STEPS = sorted(["preprocess"] + PER_SEED * len(SEEDS))
+PER_SEED = ["evaluate warmstart", "evaluate train_baseline", "evaluate train_reasoning", "train_baseline",
+            "train_reasoning", "warmstart"]
+STEPS = sorted(["preprocess"] + [f"{step} seed {seed}" for step in PER_SEED for seed in SEEDS])
 
 
 def mlflow_run(tmp_path, experiment: str) -> subprocess.CompletedProcess:
@@ -33,7 +34,7 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
     assert sorted(c.info.run_name for c in children) == STEPS
     assert all(c.info.status == "FINISHED" for c in children)
     for child in children:
-        if child.info.run_name == "evaluate":
+        if child.info.run_name.startswith("evaluate"):
             assert any(k.startswith("eval/") and k.endswith("/accuracy") for k in child.data.metrics)
     metrics = parent.data.metrics
     for label in ("warmstart", "baseline", "reasoning"):

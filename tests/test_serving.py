@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,9 @@ import urllib.request
 
 import mlflow
 import pytest
+from conftest import _free_port
 
 from rlvr import load_model, save_model, tracking
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def post(url: str, body) -> tuple[int, dict]:
@@ -41,7 +35,8 @@ def served(mlflow_server, tmp_path_factory):
     with mlflow.start_run():
         uri = tracking.log_model(directory, "served-micro", {"arm": "reasoning"})
     port = _free_port()
-    log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
+    log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    log = log_path.open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
@@ -51,14 +46,14 @@ def served(mlflow_server, tmp_path_factory):
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            assert server.poll() is None, open(log.name).read()[-3000:]
+            assert server.poll() is None, log_path.read_text()[-3000:]
             try:
                 with urllib.request.urlopen(f"{base}/ping", timeout=2):
                     break
             except OSError:
                 time.sleep(1)
         else:
-            pytest.fail(f"the model server did not answer in 240 s: {open(log.name).read()[-3000:]}")
+            pytest.fail(f"the model server did not answer in 240 s: {log_path.read_text()[-3000:]}")
         yield base, model.reasoning_vocab
     finally:
         os.killpg(server.pid, signal.SIGTERM)
