@@ -25,7 +25,7 @@ Private names of the libraries relied on (pinned by `pyproject.toml`; tests exer
   `PretrainedConfig._attn_implementation` (rollouts decode under `rlvr.rollout.DECODE_ATTENTION`).
 - TRL: `trl.kernels.ChunkedLogProbFunction`, `trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE` and
   `FusedCausalLMOutput` (the fused log-prob contract, `fused_lm_head=True`); in `GRPOTrainer` (see
-  `rlvr.grpo`): `_generate_single_turn`, `_tokenize_prompts`, `_calculate_rewards`,
+  `rlvr.grpo`): `_generate_single_turn`, `_generate` (its first result, the prompt ids), `_calculate_rewards`,
   `_generate_and_score_completions`, `_metrics`, and the `use_vllm` flag that gates its sampling-mismatch
   correction (`vllm_importance_sampling_*`).
 """
