@@ -12,6 +12,7 @@ import urllib.request
 import mlflow
 import pytest
 from conftest import _free_port
+from mlflow.tracking import MlflowClient
 
 from rlvr import load_model, save_model, tracking
 
@@ -28,37 +29,44 @@ def post(url: str, body) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def served(mlflow_server, tmp_path_factory):
     """micro with 64 reasoning rows, registered, and served on a free loopback port."""
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
-    model, tokenizer = load_model("micro", reasoning_vocab_size=64)
-    directory = save_model(model, tokenizer, tmp_path_factory.mktemp("served") / "model")
-    mlflow.set_experiment("serving")
-    with mlflow.start_run():
-        uri = tracking.log_model(directory, "served-micro", {"arm": "reasoning"})
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    log = log_path.open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail(f"the model server did not answer in 240 s: {log_path.read_text()[-3000:]}")
-        yield base, model.reasoning_vocab
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
+    with pytest.MonkeyPatch.context() as patch:  # nothing leaks into later tests' environment
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name("serving")
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment("serving")
+        model, tokenizer = load_model("micro", reasoning_vocab_size=64)
+        directory = save_model(model, tokenizer, tmp_path_factory.mktemp("served") / "model")
+        with mlflow.start_run(experiment_id=experiment_id):
+            uri = tracking.log_model(directory, "served-micro", {"arm": "reasoning"})
+        port = _free_port()
+        log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
+        with log_path.open("w") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "--host",
+                 "127.0.0.1", "--port", str(port), "--workers", "1"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ},
+            )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_for(base, server, log_path)
+            yield base, model.reasoning_vocab
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+def _wait_for(base: str, server: subprocess.Popen, log_path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, log_path.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{base}/ping", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"the model server did not answer in {timeout} s: {log_path.read_text()[-3000:]}")
 
 
 def test_prompts_in_completions_out_with_params(served):
