@@ -280,9 +280,10 @@ class ReasoningGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
-        self._require_allowed_samples(output)
-        stats = thoughts.batch_counts(self.vocab, output["prompt_ids"], output["completion_ids"],
-                                      output["completion_mask"])
+        starts = thoughts.prompt_state(self.vocab, output["prompt_ids"])
+        before = thoughts.completion_states(self.vocab, starts, output["completion_ids"])
+        self._require_allowed_samples(output, before)
+        stats = thoughts.batch_counts(self.vocab, before, output["completion_ids"], output["completion_mask"])
         completions, tokens, thought, reasoning, closed = self.accelerator.gather(stats.unsqueeze(0)).sum(0).tolist()
         completions = max(completions, 1.0)
         self._metrics[mode]["reasoning/token_share"].append(reasoning / max(thought, 1.0))
@@ -290,14 +291,12 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["reasoning/answer_length"].append((tokens - thought) / completions)
         self._metrics[mode]["reasoning/closed_thought_rate"].append(closed / completions)
         if mode == "train":
-            self._maybe_log_samples(inputs, output)
+            self._maybe_log_samples(inputs, output, starts.tolist())
         return output
 
-    def _require_allowed_samples(self, output) -> None:
-        """No sampled token may be one the mask forbids where it stands: the loss would score it at the masked
-        value, and one such token is enough to send a step's log-probs and gradients out of range."""
-        before = thoughts.completion_states(self.vocab, thoughts.prompt_state(self.vocab, output["prompt_ids"]),
-                                            output["completion_ids"])
+    def _require_allowed_samples(self, output, before: torch.Tensor) -> None:
+        """No sampled token may be one the mask forbids where it stands (`before`: the state before each token): the
+        loss would score it at the masked value, and one such token sends a step's log-probs out of range."""
         forbidden = self.vocab.forbidden_table(before.device)[before.long(), output["completion_ids"]]
         forbidden &= output["completion_mask"].bool()
         if forbidden.any():
@@ -308,14 +307,13 @@ class ReasoningGRPOTrainer(GRPOTrainer):
                 f"(inside a thought: {bool(before[row, column])}); this is a bug in the sampling path, not the data."
             )
 
-    def _maybe_log_samples(self, inputs, output) -> None:
+    def _maybe_log_samples(self, inputs, output, starts: list[bool]) -> None:
         step = self.state.global_step
         if not self.completions_every or step % self.completions_every or step in self._tabled_steps:
             return
         self._tabled_steps.add(step)
         if not self.accelerator.is_main_process or mlflow.active_run() is None:
             return
-        starts = thoughts.prompt_state(self.vocab, output["prompt_ids"]).tolist()
         rows = []
         for example, ids, mask, starts_inside in zip(inputs, output["completion_ids"], output["completion_mask"], starts,
                                                      strict=True):

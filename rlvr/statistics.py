@@ -41,7 +41,7 @@ def per_problem_accuracy(samples: pd.DataFrame) -> pd.Series:
 
 def paired(a: pd.Series, b: pd.Series, seed: int = 0, resamples: int = RESAMPLES) -> Paired:
     """Compare B with A over the units (index entries) both were scored on; refuses unmatched units."""
-    if not a.index.equals(b.index) and set(a.index) != set(b.index):
+    if set(a.index) != set(b.index):
         missing = sorted(set(a.index) ^ set(b.index))[:3]
         raise ValueError(f"the two models were not scored on the same problems (e.g. {missing}); pair like with like")
     differences = b - a.reindex(b.index)

@@ -129,12 +129,11 @@ def structure(tags: ThoughtTags, completion_ids: Sequence[int], starts_inside: b
     )
 
 
-def batch_counts(tags: ThoughtTags, prompt_ids: torch.Tensor, completion_ids: torch.Tensor,
+def batch_counts(tags: ThoughtTags, before: torch.Tensor, completion_ids: torch.Tensor,
                  completion_mask: torch.Tensor) -> torch.Tensor:
     """Counts over a padded batch, for training metrics: [completions, tokens, thought tokens, reasoning tokens,
-    completions that closed their thought and ended outside it]."""
+    completions that closed their thought and ended outside it]. `before`: `completion_states` of the batch."""
     mask = completion_mask.bool()
-    before = completion_states(tags, prompt_state(tags, prompt_ids), completion_ids)
     in_thought = (before | (completion_ids == tags.think_start_id)) & mask
     reasoning = (completion_ids >= tags.base_vocab_size) & mask
     lengths = mask.sum(1)

@@ -79,7 +79,8 @@ def test_batch_counts_agree_with_each_completions_structure(vocab):
     mask = torch.arange(12).expand(40, -1) < lengths.unsqueeze(1)
     prompts = torch.full((40, 3), 200)
     prompts[::2, -1] = THINK  # half the prompts end inside a thought
-    counts = thoughts.batch_counts(vocab, prompts, completions, mask.long()).tolist()
+    before = thoughts.completion_states(vocab, thoughts.prompt_state(vocab, prompts), completions)
+    counts = thoughts.batch_counts(vocab, before, completions, mask.long()).tolist()
     structures = [thoughts.structure(vocab, row[:n].tolist(), i % 2 == 0)
                   for i, (row, n) in enumerate(zip(completions, lengths, strict=True))]
     assert counts == [40, lengths.sum().item(), sum(s.thought_tokens for s in structures),
