@@ -46,8 +46,21 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
         "evaluate": {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48,
                      "batch_size": 64, "max_examples": 200},
     },
+    # one GPU, ~15 minutes: the ~25M-parameter `small` preset on multi-step, multi-digit problems
+    "gpu": {
+        "preprocess": {"source": "synthetic:count=40000,digits=2,min_ops=2,max_ops=3,errors=0.3", "test_size": 500,
+                       "instruction": ""},
+        "warmstart": {"model": "small", "max_steps": 1500, "learning_rate": 1e-3, "per_device_train_batch_size": 64,
+                      "save_steps": 500},
+        "train": {"max_steps": 100, "learning_rate": 3e-5, "per_device_train_batch_size": 64,
+                  "gradient_accumulation_steps": 4, "num_generations": 8, "max_completion_length": 128,
+                  "temperature": 1.0, "save_steps": 50, "log_completions_steps": 50, "format_weight": 0.5,
+                  "fast_rollouts": "true"},
+        "evaluate": {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 128,
+                     "batch_size": 500, "max_examples": 500},
+    },
     "ci": {
-        "preprocess": {"source": "synthetic:count=300", "test_size": 20, "instruction": ""},
+        "preprocess": {"source": "synthetic:count=300,errors=0.3", "test_size": 20, "instruction": ""},
         "warmstart": {"model": "micro", "max_steps": 20, "learning_rate": 3e-3, "per_device_train_batch_size": 16},
         "train": {"max_steps": 2, "learning_rate": 5e-5, "per_device_train_batch_size": 8,
                   "gradient_accumulation_steps": 1, "num_generations": 4, "max_completion_length": 16,
@@ -62,7 +75,8 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
 class PipelineSettings:
     """Every parameter of the `main` entry point, with its one default."""
 
-    scale: str = param("demo", "demo (the offline experiment, minutes on 2 CPU cores) or ci (a smoke run)")
+    scale: str = param("demo", "demo (the offline experiment, minutes on 2 CPU cores), gpu (a larger one, minutes on one "
+                       "GPU) or ci (a smoke run)")
     reasoning_vocab_size: int = param(0, "N of the reasoning arm (0: every token id of the micro tokenizer)")
     registered_model_name: str = param("rlvr-demo", "both arms register here; the better one becomes @champion")
     output_dir: str = param("outputs/main", "checkpoints and data of the steps go under this directory")

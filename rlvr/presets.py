@@ -2,7 +2,8 @@
 
 `tiny-qwen3` is Qwen3 at toy width for fast tests; `qwen3-0.6b-shape` is Qwen3-0.6B's published architecture
 (random weights) for GPU benchmarks. Both use the offline Qwen3 tokenizer. `micro` is a ~1M-parameter Qwen3
-with its own small tokenizer, small enough to learn the synthetic task on a laptop CPU in minutes.
+with the synthetic task's own small tokenizer, small enough to learn the task on a laptop CPU in minutes;
+`small` is a ~25M-parameter Qwen3 on that tokenizer, for harder problems on one GPU.
 """
 
 from __future__ import annotations
@@ -95,26 +96,26 @@ def micro_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _micro() -> tuple[Qwen3Config, PreTrainedTokenizerBase]:
-    tokenizer = micro_tokenizer()
-    rows = -(-len(tokenizer) // _MICRO_PAD_ROWS_TO) * _MICRO_PAD_ROWS_TO
-    config = Qwen3Config(
-        vocab_size=rows,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
-        bos_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return config, tokenizer
+def _task_model(**shape) -> Callable[[], tuple[Qwen3Config, PreTrainedTokenizerBase]]:
+    """A Qwen3 of the given shape over the synthetic task's own small tokenizer."""
+
+    def build():
+        tokenizer = micro_tokenizer()
+        rows = -(-len(tokenizer) // _MICRO_PAD_ROWS_TO) * _MICRO_PAD_ROWS_TO
+        config = Qwen3Config(
+            vocab_size=rows,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+            bos_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **shape,
+        )
+        return config, tokenizer
+
+    return build
 
 
 PRESETS: dict[str, Callable[[], tuple[Qwen3Config, PreTrainedTokenizerBase]]] = {
@@ -136,7 +137,11 @@ PRESETS: dict[str, Callable[[], tuple[Qwen3Config, PreTrainedTokenizerBase]]] = 
         head_dim=128,
         max_position_embeddings=40960,
     ),
-    "micro": _micro,
+    "micro": _task_model(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32),
+    # ~25M parameters on the same tokenizer: the GPU scale's model, for multi-step, multi-digit problems
+    "small": _task_model(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=64),
 }
 
 

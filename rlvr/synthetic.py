@@ -25,7 +25,8 @@ _PRECEDENCE = {"+": 1, "-": 1, "*": 2}
 
 @dataclass(frozen=True)
 class Difficulty:
-    """Knobs of the generator: operand digits, chain length, operations, multiplier size, negative results."""
+    """Knobs of the generator: operand digits, chain length, operations, multiplier size, negative results, and
+    `errors`, the fraction of worked solutions with one wrong step (the answer column stays right)."""
 
     digits: int = 2
     min_ops: int = 1
@@ -33,9 +34,12 @@ class Difficulty:
     operations: str = "+-*"
     factor_digits: int = 1
     negative: bool = False
+    errors: float = 0.0
 
     def __post_init__(self):
         problems = []
+        if not 0.0 <= self.errors <= 1.0:
+            problems.append("errors must be a fraction in 0..1")
         if not 1 <= self.digits <= 18 or not 1 <= self.factor_digits <= 18:
             problems.append("digits and factor_digits must be 1..18")
         if not 1 <= self.min_ops <= self.max_ops:
@@ -64,6 +68,8 @@ class Difficulty:
 def _parse_option(value: str, kind: str):
     if kind == "int":
         return int(value)
+    if kind == "float":
+        return float(value)
     if kind == "bool":
         if value.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{value!r} is not a boolean")
@@ -94,22 +100,40 @@ def _next_operand(rng: random.Random, op: str, value: int, difficulty: Difficult
 
 
 def make_problem(rng: random.Random, difficulty: Difficulty) -> Problem:
-    """Draw one problem; operations apply left to right, with parentheses where precedence would reorder them."""
-    value = _operand(rng, difficulty.digits)
+    """Draw one problem; operations apply left to right, with parentheses where precedence would reorder them.
+
+    With `difficulty.errors`, that fraction of worked solutions gets one step whose result is off by 1-9 (as a
+    noisy teacher writes them); the following steps go on from the wrong value, so the reference's boxed answer
+    is wrong too, while `solution`, which rewards and evaluation check against, is the true value.
+    """
+    value = truth = _operand(rng, difficulty.digits)
     expression, top_precedence = str(value), 3
     steps = []
-    for _ in range(rng.randint(difficulty.min_ops, difficulty.max_ops)):
+    count = rng.randint(difficulty.min_ops, difficulty.max_ops)
+    # drawn only when errors are asked for, so error-free data is the same as before the knob existed
+    wrong_step = rng.randrange(count) if difficulty.errors and rng.random() < difficulty.errors else -1
+    for index in range(count):
         op = rng.choice(difficulty.operations)
         operand = _next_operand(rng, op, value, difficulty)
-        result = value + operand if op == "+" else value - operand if op == "-" else value * operand
+        result, truth = _apply(value, op, operand), _apply(truth, op, operand)
+        if index == wrong_step:
+            result = _miscalculate(rng, result, difficulty.negative)
         steps.append(f"{value}{op}{operand}={result}")
         if _PRECEDENCE[op] > top_precedence:
             expression = f"({expression})"
         expression, top_precedence = f"{expression}{op}{operand}", _PRECEDENCE[op]
         value = result
-    answer = str(value)
-    reference = f"{THINK_START}\n" + "\n".join(steps) + f"\n{THINK_END}\n\n" + ANSWER_LINE.format(answer=answer)
-    return Problem(QUESTION.format(expression=expression), answer, reference)
+    reference = f"{THINK_START}\n" + "\n".join(steps) + f"\n{THINK_END}\n\n" + ANSWER_LINE.format(answer=value)
+    return Problem(QUESTION.format(expression=expression), str(truth), reference)
+
+
+def _apply(value: int, op: str, operand: int) -> int:
+    return value + operand if op == "+" else value - operand if op == "-" else value * operand
+
+
+def _miscalculate(rng: random.Random, result: int, negative: bool) -> int:
+    offsets = [d for d in range(-9, 10) if d and (negative or result + d >= 0)]
+    return result + rng.choice(offsets)
 
 
 def generate(count: int, seed: int = 0, difficulty: Difficulty = Difficulty()) -> list[Problem]:
