@@ -30,23 +30,26 @@ log = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
 
-# Per scale: the parameters of every step. `demo` is the experiment (minutes on 2 CPU cores); `ci` the same
-# pipeline shrunk to a smoke run.
+# Per scale: the parameters of every step. `demo` is the experiment (10 minutes on 2 CPU cores); `gpu` a larger
+# one (about 10 minutes on one H200); `ci` the same pipeline shrunk to a smoke run.
 SCALES: dict[str, dict[str, dict[str, object]]] = {
+    # The warm start imitates a noisy teacher (30% of its worked solutions have one wrong step, `errors=0.3`), as
+    # distilled traces do; GRPO's verifiable reward then has something to correct. Clean data left GRPO +2-4
+    # points in the budget; lr 2e-4 degrades; an 800-step warm start left one seed in five unable to learn
+    # (BENCHMARKS.md records each try).
     "demo": {
-        "preprocess": {"source": "synthetic:count=6000,digits=1", "test_size": 200, "instruction": ""},
-        "warmstart": {"model": "micro", "max_steps": 800, "learning_rate": 1.2e-3, "per_device_train_batch_size": 16,
+        "preprocess": {"source": "synthetic:count=6000,digits=1,errors=0.3", "test_size": 200, "instruction": ""},
+        "warmstart": {"model": "micro", "max_steps": 1200, "learning_rate": 1.2e-3, "per_device_train_batch_size": 16,
                       "save_steps": 400},
-        # 16 prompts x 4 completions a step: at ~57% accuracy few groups of 4 are flat, and more prompts make a
-        # steadier gradient than larger groups; above 1e-4 the policy degrades within 100 steps. 80 steps moved
-        # held-out accuracy by ~2 points, 160 by ~11 (BENCHMARKS.md)
+        # 16 prompts x 4 completions a step: more prompts make a steadier gradient than larger groups
         "train": {"max_steps": 150, "learning_rate": 1e-4, "per_device_train_batch_size": 16,
                   "gradient_accumulation_steps": 4, "num_generations": 4, "max_completion_length": 48,
                   "temperature": 1.0, "save_steps": 75, "log_completions_steps": 25, "format_weight": 0.5},
         "evaluate": {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48,
                      "batch_size": 64, "max_examples": 200},
     },
-    # one GPU, ~15 minutes: the ~25M-parameter `small` preset on multi-step, multi-digit problems
+    # The ~25M-parameter `small` preset on 2-3 step problems over 1-2 digit numbers (results up to 4 digits),
+    # with the same noisy teacher; fast rollouts (BENCHMARKS.md: +25 points over the warm start)
     "gpu": {
         "preprocess": {"source": "synthetic:count=40000,digits=2,min_ops=2,max_ops=3,errors=0.3", "test_size": 500,
                        "instruction": ""},
@@ -77,7 +80,7 @@ class PipelineSettings:
 
     scale: str = param("demo", "demo (the offline experiment, minutes on 2 CPU cores), gpu (a larger one, minutes on one "
                        "GPU) or ci (a smoke run)")
-    reasoning_vocab_size: int = param(0, "N of the reasoning arm (0: every token id of the micro tokenizer)")
+    reasoning_vocab_size: int = param(0, "N of the reasoning arm (0: every token id of the scale's tokenizer)")
     registered_model_name: str = param("rlvr-demo", "both arms register here; the better one becomes @champion")
     output_dir: str = param("outputs/main", "checkpoints and data of the steps go under this directory")
     seeds: str = param("0", "comma-separated seeds; each runs its own warm start, arms and evaluations")
@@ -178,12 +181,12 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
     """Run every step at `settings.scale` for each seed; returns held-out metrics, paired comparisons, champion."""
     if settings.scale not in SCALES:
         raise InputError(f"scale={settings.scale!r} is not one of {', '.join(SCALES)}.")
-    from rlvr.presets import micro_tokenizer
+    from rlvr.presets import PRESETS
 
     seeds = parse_seeds(settings.seeds)
     plan = SCALES[settings.scale]
     name = settings.registered_model_name
-    size = settings.reasoning_vocab_size or len(micro_tokenizer())
+    size = settings.reasoning_vocab_size or len(PRESETS[plan["warmstart"]["model"]]()[1])
     with tracking.entrypoint_run(run_name="main", tags={"rlvr.step": "main", "rlvr.scale": settings.scale}):
         tracking.log_params({"scale": settings.scale, "reasoning_vocab_size": size, "registered_model_name": name,
                              "output_dir": settings.output_dir, "seeds": ",".join(map(str, seeds))})
