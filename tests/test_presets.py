@@ -35,7 +35,7 @@ def micro():
 
 
 def test_presets_are_listed():
-    assert {"tiny-qwen3", "micro", "qwen3-0.6b-shape"} <= set(PRESETS)
+    assert {"tiny-qwen3", "micro", "small", "qwen3-0.6b-shape"} <= set(PRESETS)
 
 
 def test_micro_tokenizer_has_chatml_and_thought_tokens(micro):
@@ -94,6 +94,15 @@ def test_micro_model_shape(micro):
     rows = model.config.vocab_size
     assert len(tokenizer) <= rows < len(tokenizer) + 64 and rows % 64 == 0
     assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.pad_token_id]
+
+
+def test_small_is_tens_of_millions_of_parameters_on_the_task_tokenizer(micro):
+    model, tokenizer = build_preset("small", seed=0)
+    assert 20e6 <= sum(p.numel() for p in model.parameters()) <= 40e6
+    assert tokenizer.get_vocab() == micro[1].get_vocab()
+    assert model.config.vocab_size == micro[0].config.vocab_size
+    ids = tokenizer("What is 47*8-3?", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
 
 def test_micro_is_deterministic_across_processes(micro):
