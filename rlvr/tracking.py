@@ -52,9 +52,16 @@ def check_tracking_server() -> None:
 
 @contextmanager
 def entrypoint_run(run_name: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """The run of this invocation: the one `mlflow run` created, else a new one. FAILED if the body raises."""
+    """The run of this invocation: the one `mlflow run` created, else a new one. FAILED if the body raises.
+
+    A run that `mlflow run` created with a random name is renamed `run_name`; one that `main` created for a step
+    (tagged `rlvr.step_key`) keeps the name `main` gave it.
+    """
     check_tracking_server()
-    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name) as run:
+    created_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
+    with mlflow.start_run(run_name=None if created_by_mlflow_run else run_name) as run:
+        if created_by_mlflow_run and run_name and "rlvr.step_key" not in run.data.tags:
+            mlflow.set_tag("mlflow.runName", run_name)
         if tags:
             mlflow.set_tags(dict(tags))
         yield run

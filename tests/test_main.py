@@ -29,7 +29,7 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     (parent,) = client.search_runs([experiment_id], "tags.`rlvr.step` = 'main'")
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "main"
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == STEPS
     assert all(c.info.status == "FINISHED" for c in children)
