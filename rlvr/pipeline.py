@@ -141,7 +141,8 @@ class Pipeline:
         )
         if not submitted.wait():
             raise InputError(f"step {entry_point} failed (run {child.info.run_id}); its log is in the run's output above.")
-        return child.info.run_id
+        # a training killed earlier resumes into its first run; the new child then only points to it
+        return self.client.get_run(child.info.run_id).data.tags.get(tracking.RESUMED_INTO, child.info.run_id)
 
     def registered_version(self, run_id: str, name: str) -> str:
         versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

@@ -26,6 +26,7 @@ from rlvr.errors import InputError
 
 log = logging.getLogger(__name__)
 
+RESUMED_INTO = "rlvr.resumed_into"  # tag of a run `mlflow run` made for a restart: the run resumed
 RUN_FILE = "mlflow_run.json"
 MAX_PARAM_LENGTH = 6000
 SERVED_PACKAGES = (
@@ -73,8 +74,9 @@ def resumable_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """`entrypoint_run`, except that resuming a training reopens the run recorded in `output_dir`.
 
-    A restart launched by `mlflow run` arrives with a fresh run of its own; that duplicate is deleted (and tagged
-    with the run it was folded into) so the experiment keeps one run per training.
+    A restart launched by `mlflow run` arrives with a fresh run of its own, which `mlflow run` closes when the
+    command ends; it is left as a pointer, tagged `rlvr.resumed_into` and named for the run it was folded into, and
+    loses its `rlvr.step_key` so `main` never reuses it. The training's metrics stay in the first run.
     """
     record = output_dir / RUN_FILE
     saved = json.loads(record.read_text())["run_id"] if resuming and record.exists() else None
@@ -88,9 +90,11 @@ def resumable_run(
     fresh = os.environ.pop("MLFLOW_RUN_ID", None)
     if fresh and fresh != saved:
         client = MlflowClient()
-        client.set_tag(fresh, "rlvr.resumed_into", saved)
-        client.delete_run(fresh)
-        log.info("resuming MLflow run %s; the new run %s was folded into it", saved, fresh)
+        client.set_tag(fresh, RESUMED_INTO, saved)
+        client.set_tag(fresh, "mlflow.runName", f"{run_name or 'run'} (resumed in {saved})")
+        if "rlvr.step_key" in client.get_run(fresh).data.tags:
+            client.delete_tag(fresh, "rlvr.step_key")
+        log.info("resuming MLflow run %s; the new run %s points to it", saved, fresh)
     with mlflow.start_run(run_id=saved) as run:
         yield run
 
@@ -117,10 +121,25 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 
 class MlflowMetrics(TrainerCallback):
-    """Every Trainer log (TRL's rewards, KL, lengths, ours) as MLflow metrics at the global step, from rank 0 only."""
+    """Every Trainer log (TRL's rewards, KL, lengths, ours) as MLflow metrics at the global step, from rank 0 only.
+
+    A resumed training repeats the steps between its checkpoint and the kill; those steps are already in the run,
+    so they are not logged again: each step appears once.
+    """
+
+    def __init__(self):
+        self.logged_until = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        run = mlflow.active_run()
+        if state.is_world_process_zero and run is not None:
+            history = MlflowClient().get_metric_history(run.info.run_id, "learning_rate")
+            self.logged_until = max((m.step for m in history), default=0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or mlflow.active_run() is None:
+            return
+        if 0 < state.global_step <= self.logged_until:
             return
         metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if metrics:

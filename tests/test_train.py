@@ -153,10 +153,44 @@ def test_resume_after_sigkill_continues_the_same_run(tracking_uri, data_dir, tmp
     assert "Error" not in result.stdout
     run = only_run(experiment)
     assert run.info.run_id == first and run.info.status == "FINISHED"
-    steps = {m.step for m in MlflowClient().get_metric_history(first, "reward")}
-    assert steps == {1, 2, 3, 4}
+    steps = sorted(m.step for m in MlflowClient().get_metric_history(first, "reward"))
+    assert steps == [1, 2, 3, 4]  # each step once, though the steps after the checkpoint ran twice
     state = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and (output / "final" / "reasoning_token_map.json").exists()
+
+
+def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(tracking_uri, data_dir, tmp_path):
+    """SIGKILL of the whole `mlflow run` process group after a checkpoint, then the same command again."""
+    output = tmp_path / "resume"
+    experiment = "mlflow-run-resume"
+    command = [sys.executable, "-m", "mlflow", "run", ".", "-e", "train_baseline", "--env-manager", "local",
+               "--experiment-name", experiment]
+    for key, value in {"model": "micro", "data": data_dir, "output_dir": output, "registered_model_name": "",
+                       "max_steps": 4, "save_steps": 1, "per_device_train_batch_size": 4,
+                       "gradient_accumulation_steps": 2, "num_generations": 4, "max_completion_length": 12}.items():
+        command += ["-P", f"{key}={value}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (output / "checkpoint-2" / "trainer_state.json").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "training ended before its second checkpoint"
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    first = json.loads((output / "mlflow_run.json").read_text())["run_id"]
+    (training,) = [r for r in runs if r.info.run_id == first]
+    (pointer,) = [r for r in runs if r.info.run_id != first]
+    assert training.info.status == "FINISHED" and training.info.run_name == "train_baseline"
+    assert pointer.info.status == "FINISHED" and pointer.data.tags["rlvr.resumed_into"] == first
+    assert first in pointer.info.run_name and not pointer.data.metrics
+    for key in ("reward", "loss", "learning_rate"):
+        assert sorted(m.step for m in client.get_metric_history(first, key)) == [1, 2, 3, 4], key
 
 
 @pytest.mark.parametrize(
