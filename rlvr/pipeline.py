@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -169,6 +169,7 @@ class Outcome:
     per_seed: dict[int, dict[str, dict]]
     comparisons: dict[str, statistics.Paired]
     champion: str
+    seed_comparisons: dict[int, dict[str, statistics.Paired]] = field(default_factory=dict)  # with several seeds
 
 
 STEP_OF = {"warmstart": "warmstart", "baseline": "train_baseline", "reasoning": "train_reasoning"}
@@ -249,8 +250,10 @@ def _outcome(per_seed: dict[int, dict[str, dict]], problems: dict, seeds: list[i
                 pooled(label))
         results[label]["model"] = per_seed[seeds[0]][label]["model"]
     comparisons = {prefix: statistics.paired(pooled(a), pooled(b)) for prefix, a, b in COMPARISONS}
+    by_seed = {seed: {prefix: statistics.paired(problems[seed, a], problems[seed, b]) for prefix, a, b in COMPARISONS}
+               for seed in seeds} if len(seeds) > 1 else {}
     champion = max(("baseline", "reasoning"), key=lambda arm: results[arm]["accuracy"])
-    return Outcome(results, per_seed, comparisons, champion)
+    return Outcome(results, per_seed, comparisons, champion, by_seed)
 
 
 def _log_outcome(outcome: Outcome, seeds: list[int]) -> None:
@@ -262,6 +265,9 @@ def _log_outcome(outcome: Outcome, seeds: list[int]) -> None:
                 mlflow.log_metrics({f"{label}/seed_{seed}/{k}": v for k, v in values.items() if isinstance(v, float)})
     for prefix, comparison in outcome.comparisons.items():
         mlflow.log_metrics(comparison.as_metrics(prefix))
+    for seed, comparisons in outcome.seed_comparisons.items():  # e.g. baseline/seed_0/gain
+        for prefix, comparison in comparisons.items():
+            mlflow.log_metrics(comparison.as_metrics(prefix.replace("/", f"/seed_{seed}/")))
 
 
 def comparison_table(outcome: Outcome) -> str:
@@ -277,7 +283,10 @@ def comparison_table(outcome: Outcome) -> str:
                          + " |")
     lines += ["", "| paired comparison (B - A) | difference | 95% interval | p-value | problems |",
               "|---|---|---|---|---|"]
-    for (prefix, a, b), comparison in zip(COMPARISONS, outcome.comparisons.values(), strict=True):
-        lines.append(f"| {prefix}: {b} - {a} | {comparison.diff:+.3f} | [{comparison.ci_low:+.3f}, "
-                     f"{comparison.ci_high:+.3f}] | {comparison.p_value:.3g} | {comparison.units} |")
+    rows = [("", outcome.comparisons)] + [(f", seed {s}", c) for s, c in outcome.seed_comparisons.items()]
+    for suffix, comparisons in rows:
+        for prefix, a, b in COMPARISONS:
+            c = comparisons[prefix]
+            lines.append(f"| {prefix}{suffix}: {b} - {a} | {c.diff:+.3f} | [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | "
+                         f"{c.p_value:.3g} | {c.units} |")
     return "\n".join(lines) + "\n"

@@ -44,6 +44,9 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
     for prefix in ("baseline/gain", "reasoning/gain", "reasoning_vs_baseline/diff"):
         assert metrics[f"{prefix}_ci_low"] <= metrics[prefix] <= metrics[f"{prefix}_ci_high"]
         assert 0 < metrics[f"{prefix}_p_value"] <= 1
+        per_seed = [metrics[prefix.replace("/", f"/seed_{seed}/")] for seed in SEEDS]  # each seed's own paired test
+        assert metrics[prefix] == pytest.approx(sum(per_seed) / len(SEEDS))
+        assert all(f"| {prefix}, seed {seed}: " in first.stdout for seed in SEEDS)
     assert metrics["reasoning_vs_baseline/diff"] == pytest.approx(metrics["reasoning/accuracy"] - metrics["baseline/accuracy"])
     assert "paired comparison (B - A)" in first.stdout and "| 1 |" in first.stdout  # the per-seed table
     # a copy starts exactly as likely as its twin, so the reasoning arm's thoughts use reasoning ids; the baseline has none
