@@ -35,7 +35,7 @@ CHAMPION = "champion"
 SCALES: dict[str, dict[str, dict[str, object]]] = {
     # The warm start imitates a noisy teacher (30% of its worked solutions have one wrong step, `errors=0.3`), as
     # distilled traces do; GRPO's verifiable reward then has something to correct. Clean data left GRPO +2-4
-    # points in the budget; lr 2e-4 degrades; an 800-step warm start left one seed in five unable to learn
+    # points in the budget; lr 2e-4 degrades; an 800-step warm start left one seed in four unable to learn
     # (BENCHMARKS.md records each try).
     "demo": {
         "preprocess": {"source": "synthetic:count=6000,digits=1,errors=0.3", "test_size": 200, "instruction": ""},
