@@ -122,7 +122,7 @@ class Pipeline:
             parameters["output_dir"] = str(self.root / entry_point / key[:12])
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`rlvr.step_key` = '{key}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.`{tracking.STEP_KEY}` = '{key}' and attributes.status = 'FINISHED'",
             max_results=1,
         )
         if found:
@@ -132,7 +132,7 @@ class Pipeline:
         child = self.client.create_run(
             self.experiment_id,
             run_name=name or entry_point,
-            tags={"mlflow.parentRunId": self.parent.info.run_id, "rlvr.step_key": key, "rlvr.code": self.code},
+            tags={"mlflow.parentRunId": self.parent.info.run_id, tracking.STEP_KEY: key, "rlvr.code": self.code},
         )
         log.info("%s: starting run %s", entry_point, child.info.run_id)
         submitted = mlflow.projects.run(

@@ -26,6 +26,7 @@ from rlvr.errors import InputError
 
 log = logging.getLogger(__name__)
 
+STEP_KEY = "rlvr.step_key"  # tag of a run `main` made for a step: the step's entry point, parameters and code
 RESUMED_INTO = "rlvr.resumed_into"  # tag of a run `mlflow run` made for a restart: the run resumed
 RUN_FILE = "mlflow_run.json"
 MAX_PARAM_LENGTH = 6000
@@ -61,7 +62,7 @@ def entrypoint_run(run_name: str | None = None, tags: Mapping[str, str] | None =
     check_tracking_server()
     created_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
     with mlflow.start_run(run_name=None if created_by_mlflow_run else run_name) as run:
-        if created_by_mlflow_run and run_name and "rlvr.step_key" not in run.data.tags:
+        if created_by_mlflow_run and run_name and STEP_KEY not in run.data.tags:
             mlflow.set_tag("mlflow.runName", run_name)
         if tags:
             mlflow.set_tags(dict(tags))
@@ -92,8 +93,8 @@ def resumable_run(
         client = MlflowClient()
         client.set_tag(fresh, RESUMED_INTO, saved)
         client.set_tag(fresh, "mlflow.runName", f"{run_name or 'run'} (resumed in {saved})")
-        if "rlvr.step_key" in client.get_run(fresh).data.tags:
-            client.delete_tag(fresh, "rlvr.step_key")
+        if STEP_KEY in client.get_run(fresh).data.tags:
+            client.delete_tag(fresh, STEP_KEY)
         log.info("resuming MLflow run %s; the new run %s points to it", saved, fresh)
     with mlflow.start_run(run_id=saved) as run:
         yield run
