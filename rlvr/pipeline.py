@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,8 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
     },
     "ci": {
         "preprocess": {"source": "synthetic:count=300,errors=0.3", "test_size": 20, "instruction": ""},
-        "warmstart": {"model": "micro", "max_steps": 20, "learning_rate": 3e-3, "per_device_train_batch_size": 16},
+        "warmstart": {"model": "micro", "max_steps": 20, "learning_rate": 3e-3, "per_device_train_batch_size": 16,
+                      "save_steps": 10},
         "train": {"max_steps": 2, "learning_rate": 5e-5, "per_device_train_batch_size": 8,
                   "gradient_accumulation_steps": 1, "num_generations": 4, "max_completion_length": 16,
                   "save_steps": 1, "log_completions_steps": 1},
@@ -132,14 +134,17 @@ class Pipeline:
         child = self.client.create_run(
             self.experiment_id,
             run_name=name or entry_point,
-            tags={"mlflow.parentRunId": self.parent.info.run_id, tracking.STEP_KEY: key, "rlvr.code": self.code},
+            tags={"mlflow.parentRunId": self.parent.info.run_id, tracking.STEP_KEY: key, "rlvr.code": self.code,
+                  tracking.PROCESS: tracking.this_process()},  # until the step's own process takes it over
         )
         log.info("%s: starting run %s", entry_point, child.info.run_id)
-        submitted = mlflow.projects.run(
-            str(PROJECT_DIR), entry_point=entry_point, parameters=parameters, env_manager="local",
-            run_id=child.info.run_id, experiment_id=self.experiment_id, synchronous=False,
-        )
-        if not submitted.wait():
+        # `mlflow run` as a plain child, in main's process group (mlflow.projects.run would start it in a session
+        # of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main
+        command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "local",
+                   "--run-id", child.info.run_id, "--experiment-id", self.experiment_id]
+        for k, v in parameters.items():
+            command += ["-P", f"{k}={v}"]
+        if subprocess.run(command, cwd=PROJECT_DIR, check=False).returncode:
             raise InputError(f"step {entry_point} failed (run {child.info.run_id}); its log is in the run's output above.")
         # a training killed earlier resumes into its first run; the new child then only points to it
         return self.client.get_run(child.info.run_id).data.tags.get(tracking.RESUMED_INTO, child.info.run_id)

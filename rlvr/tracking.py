@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STEP_KEY = "rlvr.step_key"  # tag of a run `main` made for a step: the step's entry point, parameters and code
 RESUMED_INTO = "rlvr.resumed_into"  # tag of a run `mlflow run` made for a restart: the run resumed
+PROCESS = "rlvr.process"  # tag: `<host>/<pid>` of the process that is filling the run
 RUN_FILE = "mlflow_run.json"
 MAX_PARAM_LENGTH = 6000
 SERVED_PACKAGES = (
@@ -64,9 +66,45 @@ def entrypoint_run(run_name: str | None = None, tags: Mapping[str, str] | None =
     with mlflow.start_run(run_name=None if created_by_mlflow_run else run_name) as run:
         if created_by_mlflow_run and run_name and STEP_KEY not in run.data.tags:
             mlflow.set_tag("mlflow.runName", run_name)
-        if tags:
-            mlflow.set_tags(dict(tags))
+        mlflow.set_tags({**(tags or {}), PROCESS: this_process()})
+        close_orphans(run.info.experiment_id)
         yield run
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process nobody reaped yet is a zombie: dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def close_orphans(experiment_id: str) -> None:
+    """Mark KILLED the RUNNING runs of this host whose process is gone (a SIGKILL, an OOM kill, a lost node).
+
+    A killed training is still resumed into its run later (resuming sets it RUNNING again); runs of other hosts
+    are left alone, since their processes cannot be checked from here.
+    """
+    host = socket.gethostname()
+    client = MlflowClient()
+    running = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{PROCESS}` LIKE '{host}/%'"
+    )
+    for run in running:
+        owner = run.data.tags[PROCESS]
+        pid = owner.rsplit("/", 1)[1]
+        if owner.rsplit("/", 1)[0] == host and pid.isdigit() and not _alive(int(pid)):
+            log.info("run %s was left RUNNING by process %s, which is gone; marking it KILLED", run.info.run_id, owner)
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 @contextmanager
@@ -97,6 +135,7 @@ def resumable_run(
             client.delete_tag(fresh, STEP_KEY)
         log.info("resuming MLflow run %s; the new run %s points to it", saved, fresh)
     with mlflow.start_run(run_id=saved) as run:
+        mlflow.set_tag(PROCESS, this_process())
         yield run
 
 
