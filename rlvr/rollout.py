@@ -29,6 +29,7 @@ from rlvr.errors import InputError
 log = logging.getLogger(__name__)
 
 PROMPT_BUCKET = 128  # prompt lengths are padded up to a multiple of this, so few cache shapes get compiled
+KV_BUCKET = 64  # a decode step attends over the cache positions in use, rounded up to a multiple of this
 _HANDLED_KWARGS = {"input_ids", "attention_mask", "generation_config"}
 DECODE_ATTENTION = "rlvr_decode"  # the attention implementation rollouts run under, registered below
 
@@ -58,6 +59,9 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if query.shape[2] != 1 or groups == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
+        # the rollout passes a mask over the positions written so far: read only those from the static cache
+        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     batch, heads, _, dim = query.shape
     packed = query.reshape(batch, heads // groups, groups, dim)
     output = _attend(packed, key, value, attention_mask, scaling)  # masks are (B, 1, 1, L): they broadcast
@@ -183,15 +187,17 @@ class FastRollout:
             cache = StaticCache(config=self.model.config, max_cache_len=length)
             step = self._decode_step
             if self.compile:
-                step = torch.compile(step, mode="reduce-overhead", dynamic=False, fullgraph=False)
+                # static shapes, except the length of the visible cache (marked dynamic): one compilation, and one
+                # CUDA graph recorded per KV_BUCKET
+                step = torch.compile(step, mode="reduce-overhead", dynamic=None, fullgraph=False)
             self._compiled[key] = _Compiled(cache, step)
             log.info("fast rollouts: new decode step for batch %d, cache length %d", batch, length)
         return self._compiled[key]
 
     def _decode_step(self, runner, cache, token, position, cache_position, attention, inside, finished, forbidden,
                      eos, pad, inv_temperature, greedy: bool):
-        logits = runner(
-            input_ids=token, attention_mask=attention, position_ids=position, past_key_values=cache,
+        logits = runner(  # a 4D mask goes to the attention as it is: (batch, 1, 1, visible cache positions)
+            input_ids=token, attention_mask=attention.bool(), position_ids=position, past_key_values=cache,
             cache_position=cache_position, use_cache=True,
         ).logits[:, -1].float()
         return _choose(logits, inside, finished, forbidden, eos, pad, inv_temperature, greedy,
@@ -248,10 +254,12 @@ class FastRollout:
         cache_position = torch.tensor([bucket], device=device)
         for t in range(1, max_new):
             attention[:, bucket + t - 1] = 1
+            visible = attention[:, None, None, : min(length, -(-(bucket + t) // KV_BUCKET) * KV_BUCKET)]
             if self.compile:
+                torch._dynamo.mark_dynamic(visible, 3)
                 torch.compiler.cudagraph_mark_step_begin()
             state = entry.step(
-                runner, entry.cache, token.unsqueeze(-1), position, cache_position, attention, inside, finished, forbidden,
+                runner, entry.cache, token.unsqueeze(-1), position, cache_position, visible, inside, finished, forbidden,
                 eos, pad, inv_temperature, greedy,
             )
             # a replay overwrites its outputs in place: keep copies, which the next step reads
