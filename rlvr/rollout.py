@@ -59,8 +59,7 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if query.shape[2] != 1 or groups == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
-        # the rollout passes a mask over the positions written so far: read only those from the static cache
+    if attention_mask is not None:  # the rollout's mask covers the positions in use: read only those of the cache
         key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     batch, heads, _, dim = query.shape
     packed = query.reshape(batch, heads // groups, groups, dim)
@@ -184,7 +183,9 @@ class FastRollout:
     def _entry(self, batch: int, length: int) -> _Compiled:
         key = (batch, length)
         if key not in self._compiled:
-            cache = StaticCache(config=self.model.config, max_cache_len=length)
+            # one spare position: the visible part of the cache is then always a strict slice, never the whole
+            # (contiguous) tensor, so the compiled step's guards hold for every bucket
+            cache = StaticCache(config=self.model.config, max_cache_len=length + 1)
             step = self._decode_step
             if self.compile:
                 # static shapes, except the length of the visible cache (marked dynamic): one compilation, and one
@@ -197,7 +198,7 @@ class FastRollout:
     def _decode_step(self, runner, cache, token, position, cache_position, attention, inside, finished, forbidden,
                      eos, pad, inv_temperature, greedy: bool):
         logits = runner(  # a 4D mask goes to the attention as it is: (batch, 1, 1, visible cache positions)
-            input_ids=token, attention_mask=attention.bool(), position_ids=position, past_key_values=cache,
+            input_ids=token, attention_mask=attention, position_ids=position, past_key_values=cache,
             cache_position=cache_position, use_cache=True,
         ).logits[:, -1].float()
         return _choose(logits, inside, finished, forbidden, eos, pad, inv_temperature, greedy,
@@ -254,7 +255,8 @@ class FastRollout:
         cache_position = torch.tensor([bucket], device=device)
         for t in range(1, max_new):
             attention[:, bucket + t - 1] = 1
-            visible = attention[:, None, None, : min(length, -(-(bucket + t) // KV_BUCKET) * KV_BUCKET)]
+            # a fresh contiguous mask: a view of `attention` would turn contiguous at the last bucket, a new guard
+            visible = attention[:, None, None, : min(length, -(-(bucket + t) // KV_BUCKET) * KV_BUCKET)].bool()
             if self.compile:
                 torch._dynamo.mark_dynamic(visible, 3)
                 torch.compiler.cudagraph_mark_step_begin()
