@@ -191,14 +191,15 @@ def attach(
 
 
 def enable_fast_rollouts(
-    model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None
+    model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None, own_copy: bool = False
 ) -> PreTrainedModel:
-    """Route `model.generate`'s plain sampling requests through a `FastRollout` (in place)."""
+    """Route `model.generate`'s plain sampling requests through a `FastRollout` (in place); `own_copy` for a
+    model whose weights will be sharded (see `FastRollout`)."""
     from rlvr.rollout import FastRollout
 
     if not hasattr(model, "reasoning_vocab"):
         raise ValueError("attach a reasoning vocabulary (rlvr.surgery.attach) before enabling fast rollouts")
-    model.fast_rollout = FastRollout(model, compile=compile, dtype=dtype)
+    model.fast_rollout = FastRollout(model, compile=compile, dtype=dtype, own_copy=own_copy)
     model.fast_rollout.prepare()
     return model
 

@@ -55,6 +55,19 @@ def checkpointing_option(config_class: type, value: str) -> dict[str, bool]:
     return {name: bool(flag("gradient_checkpointing", value))}
 
 
+def process_state() -> PartialState:
+    """This process's place among the job's processes, set up as the Trainer will set it up.
+
+    On a machine without a GPU, the processes a launcher started (`accelerate launch --multi_gpu`, torchrun, the
+    SLURM `accelerate` template) are CPU processes joined over gloo, and accelerate recognises them only when
+    told that the job runs on the CPU; otherwise each process would count itself as the only one, and every one
+    of them would open its own MLflow run.
+    """
+    import torch
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def bf16_enabled(value: str) -> bool:
     import torch
 
@@ -69,7 +82,7 @@ class Job:
         self.output_dir = Path(output_dir)
         self.run_name = run_name
         self.tags = dict(tags)
-        self.state = PartialState()
+        self.state = process_state()
         self.main = self.state.is_main_process
         if (self.output_dir / FINAL_DIR / TOKEN_MAP_FILE).exists():
             raise InputError(
