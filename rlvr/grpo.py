@@ -388,7 +388,8 @@ def train(settings: TrainSettings) -> str | None:
                 "data_digest": split.digest,
                 "grpo": {k: v for k, v in config.to_dict().items() if k not in own},
             })
-            mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
+            if job.resume_from is None:  # a resumed run has them: every metric step once
+                mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
         trainer = ReasoningGRPOTrainer(
             model=model,
             reward_funcs=rewards.reward_functions(tokenizer),
@@ -406,4 +407,4 @@ def train(settings: TrainSettings) -> str | None:
             "data_digest": split.digest,
             "arm": arm,
         }
-        return job.finish(trainer.model, tokenizer, settings.registered_model_name, tags)
+        return job.finish(trainer, tokenizer, settings.registered_model_name, tags)

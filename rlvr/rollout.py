@@ -154,6 +154,7 @@ class FastRollout:
     def __init__(self, model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None,
                  own_copy: bool = False):
         self.model = model
+        self._model_class = type(model)  # before sharding, which may swap the class for a wrapper
         self.compile = compile  # None: compile when the first rollout decodes on a GPU
         self.dtype = dtype if dtype is not None and dtype != model.dtype else None
         self.copies = own_copy or self.dtype is not None
@@ -168,7 +169,7 @@ class FastRollout:
 
     def _empty_copy(self, device: torch.device) -> PreTrainedModel:
         with torch.device("meta"):
-            shadow = type(self.model)(copy.deepcopy(self.model.config))
+            shadow = self._model_class(copy.deepcopy(self.model.config))
         if device.type != "meta":
             shadow = shadow.to_empty(device=device)
         for parameter in shadow.parameters():
