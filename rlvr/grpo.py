@@ -311,7 +311,8 @@ class ReasoningGRPOTrainer(GRPOTrainer):
             )
 
     def _maybe_log_samples(self, inputs, output, starts: list[bool]) -> None:
-        """Every `completions_every` steps, a table of the step's completions from every process (rank 0 logs it).
+        """Every `completions_every` steps, a table of the step's completions from every process (rank 0 logs
+        it).
 
         Each row keeps the sampled ids as the loss saw them (EOS included), so the table can be re-read with
         `rlvr.thoughts` without decoding text.
@@ -324,8 +325,8 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         for example, ids, mask, starts_inside in zip(inputs, output["completion_ids"], output["completion_mask"], starts,
                                                      strict=True):
             sampled = ids[mask.bool()].tolist()
-            sample = describe(rewards.until_stop(sampled, self.eos_token_ids), self.processing_class, self.vocab,
-                              starts_inside)
+            token_ids = rewards.until_stop(sampled, self.eos_token_ids)
+            sample = describe(token_ids, self.processing_class, self.vocab, starts_inside)
             rows.append({
                 "step": step,
                 "rank": self.accelerator.process_index,

@@ -19,8 +19,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface, GenerationConfig, PreTrainedModel, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -144,11 +144,12 @@ class FastRollout:
     weights in that dtype, refreshed before each rollout: the decode step then reads half the bytes and skips
     autocast's per-step weight casts, and the KV cache has one dtype.
 
-    `own_copy` decodes on such a copy even in the model's own dtype. A sharded model needs it: under FSDP2 each
-    process holds a slice of every parameter (a DTensor), which the refresh gathers whole; under DeepSpeed ZeRO-3
-    the weights are whole only inside TRL's gather around `generate`. A copy also keeps the compiled decode step
-    reading weights at fixed addresses, which sharding frees and reallocates. The copy is made on the device of
-    the first rollout's inputs, since a sharded model may still sit on the CPU when the trainer is built.
+    `own_copy` decodes on such a copy even in the model's own dtype. A sharded model needs it: under FSDP2
+    each process holds a slice of every parameter (a DTensor), which the refresh gathers whole; under
+    DeepSpeed ZeRO-3 the weights are whole only inside TRL's gather around `generate`. A copy also keeps the
+    compiled decode step reading weights at fixed addresses, which sharding frees and reallocates. The copy
+    is made on the device of the first rollout's inputs: a sharded model may still sit on the CPU when the
+    trainer is built.
     """
 
     def __init__(self, model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None,
@@ -163,7 +164,7 @@ class FastRollout:
         self.calls = 0  # rollouts served, for tests and logs
 
     def prepare(self) -> None:
-        """Check now that the model can be copied, so a model it cannot copy is refused before training starts."""
+        """Check now that the model can be copied, so that a model it cannot copy is refused up front."""
         if self.copies:
             _require_same_parameters(self.model, self._empty_copy(torch.device("meta")))
 
@@ -177,7 +178,7 @@ class FastRollout:
         return shadow
 
     def _runner(self, device: torch.device) -> PreTrainedModel:
-        """The module that decodes: the model itself, or its copy (on `device`) with current, whole weights."""
+        """The module that decodes: the model, or its copy (on `device`) with current, whole weights."""
         if not self.copies:
             return self.model
         if self._shadow is None or self._shadow.device != device:
@@ -195,8 +196,8 @@ class FastRollout:
                 if whole.shape != target.shape:
                     raise RuntimeError(
                         f"fast rollouts got {tuple(whole.shape)} of parameter {name}, which holds "
-                        f"{tuple(target.shape)}: its weights are sharded and were not gathered for the rollout; "
-                        "run with fast_rollouts=false (or ds3_gather_for_generation=true under ZeRO-3)."
+                        f"{tuple(target.shape)}: its weights are sharded and were not gathered for the "
+                        "rollout; run with fast_rollouts=false (ZeRO-3: ds3_gather_for_generation=true)."
                     )
                 target.copy_(whole)
         return self._shadow
@@ -302,22 +303,22 @@ class RolloutWeights:
 
 
 def rollout_weights(accelerator, ds3_gather_for_generation: bool) -> RolloutWeights:
-    """What the accelerator's sharding leaves fast rollouts to read (from its public state: distributed type, ZeRO
-    stage, FSDP version); when they cannot read the whole model, the main process logs one warning.
+    """What the accelerator's sharding leaves fast rollouts to read (from its public state: distributed type,
+    ZeRO stage, FSDP version); when they cannot read the whole model, the main process logs one warning.
 
-    DDP and ZeRO-1/2 keep whole weights in every process. ZeRO-3 makes them whole only inside TRL's gather around
-    `generate`, which `ds3_gather_for_generation` turns on. FSDP2 shards parameters as DTensors, which the copy
-    gathers itself. FSDP1 flattens parameters into shards that TRL does not gather for generation.
+    DDP and ZeRO-1/2 keep whole weights in every process. ZeRO-3 makes them whole only inside TRL's gather
+    around `generate`, which `ds3_gather_for_generation` turns on. FSDP2 shards parameters as DTensors, which
+    the copy gathers itself. FSDP1 flattens parameters into shards that TRL does not gather for generation.
     """
     kind = accelerator.distributed_type
     weights = RolloutWeights(sharded=False)
     if kind == DistributedType.DEEPSPEED and accelerator.deepspeed_plugin.zero_stage == 3:
         weights = RolloutWeights(sharded=True, obstacle=None if ds3_gather_for_generation else (
-            "DeepSpeed ZeRO-3 with ds3_gather_for_generation=false leaves each process only its partition of the "
-            "weights while it samples"))
+            "DeepSpeed ZeRO-3 with ds3_gather_for_generation=false leaves each process only its partition of "
+            "the weights while it samples"))
     elif kind == DistributedType.FSDP:
         weights = RolloutWeights(sharded=True, obstacle=None if accelerator.is_fsdp2 else (
-            "FSDP1 keeps flattened shards that are not gathered for sampling (FSDP2, configs/fsdp2.yaml, is)"))
+            "FSDP1 keeps flattened shards that are not gathered for sampling (FSDP2: configs/fsdp2.yaml)"))
     if weights.obstacle and accelerator.is_main_process:
         log.warning("fast rollouts are off: %s; TRL's generation samples instead (constrained, slower).",
                     weights.obstacle)
@@ -325,7 +326,7 @@ def rollout_weights(accelerator, ds3_gather_for_generation: bool) -> RolloutWeig
 
 
 def _whole(parameter: torch.Tensor) -> torch.Tensor:
-    """A parameter as one tensor: an FSDP2 slice (a DTensor) gathered from every process, else the parameter."""
+    """A parameter as one tensor: an FSDP2 slice (a DTensor) gathered from every process, else itself."""
     return parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
 
 

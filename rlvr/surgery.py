@@ -191,7 +191,8 @@ def attach(
 
 
 def enable_fast_rollouts(
-    model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None, own_copy: bool = False
+    model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None,
+    own_copy: bool = False,
 ) -> PreTrainedModel:
     """Route `model.generate`'s plain sampling requests through a `FastRollout` (in place); `own_copy` for a
     model whose weights will be sharded (see `FastRollout`)."""

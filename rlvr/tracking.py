@@ -124,9 +124,9 @@ def log_params(params: Mapping[str, Any]) -> None:
 class MlflowMetrics(TrainerCallback):
     """Every Trainer log (TRL's rewards, KL, lengths, ours) as MLflow metrics at the global step, from rank 0 only.
 
-    Each metric appears once per step: a resumed training repeats the steps between its checkpoint and the kill,
-    which are already in the run, so they are not logged again; and the Trainer's closing summary repeats `epoch`
-    at the last step, which keeps its first value.
+    Each metric appears once per step: a resumed training repeats the steps between its checkpoint and the
+    kill, which are already in the run, so they are not logged again; and the Trainer's closing summary
+    repeats `epoch` at the last step, which keeps its first value.
     """
 
     def __init__(self):

@@ -64,23 +64,26 @@ def checkpointing_option(config_class: type, value: str) -> dict[str, bool]:
 def process_state() -> PartialState:
     """This process's place among the job's processes, set up as the Trainer will set it up.
 
-    On a machine without a GPU, the processes a launcher started (`accelerate launch --multi_gpu`, torchrun, the
-    SLURM `accelerate` template) are CPU processes joined over gloo, and accelerate recognises them only when
-    told that the job runs on the CPU; otherwise each process would count itself as the only one, and every one
-    of them would open its own MLflow run.
+    On a machine without a GPU, the processes a launcher started (`accelerate launch --multi_gpu`, torchrun,
+    the SLURM `accelerate` template) are CPU processes joined over gloo, and accelerate recognises them only
+    when told that the job runs on the CPU; otherwise each process would count itself as the only one, and
+    every one of them would open its own MLflow run.
     """
     return PartialState(cpu=not torch.cuda.is_available())
 
 
 def end_with_launcher(poll_s: float = 0.5) -> None:
-    """Under torchrun (`accelerate launch` with several processes, the SLURM `accelerate` template) end this process
-    when its launcher is gone.
+    """Under torchrun (`accelerate launch` with several processes, the SLURM `accelerate` template) end this
+    process when its launcher is gone.
 
-    torchrun starts every process in a session of its own, so killing the launcher's process group (`kill -9`, a
-    closed terminal) would leave them training on, and a rerun would then share `output_dir` with them. A killed
-    launcher thus ends its processes as it would end one process: abruptly, the newest checkpoint left to resume.
+    torchrun starts every process in a session of its own, so killing the launcher's process group (`kill -9`,
+    a closed terminal) would leave them training on, and a rerun would then share `output_dir` with them. A
+    killed launcher thus ends its processes as it would end one process: abruptly, leaving the newest
+    checkpoint to resume from.
     """
-    if not torch.distributed.is_torchelastic_launched() or any(t.name == _WATCHER for t in threading.enumerate()):
+    if not torch.distributed.is_torchelastic_launched():
+        return
+    if any(thread.name == _WATCHER for thread in threading.enumerate()):
         return
     launcher = os.getppid()
 
@@ -93,16 +96,17 @@ def end_with_launcher(poll_s: float = 0.5) -> None:
 
 
 def bf16_enabled(value: str) -> bool:
-    """Whether training runs under bf16 autocast. The `bf16` parameter decides, not the launcher: rlvr sets the
-    sampling precision and the sampling correction from it, so a launcher asking for another precision (an
-    accelerate config's `mixed_precision`) is refused rather than left to change the numerics unseen."""
+    """Whether training runs under bf16 autocast. The `bf16` parameter decides, not the launcher: rlvr sets
+    the sampling precision and the sampling correction from it, so a launcher asking for another precision
+    (an accelerate config's `mixed_precision`) is refused rather than left to change the numerics unseen."""
     chosen = flag("bf16", value)
     enabled = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if chosen is None else chosen
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher not in ("no", "bf16" if enabled else "no"):
         raise InputError(
-            f"the launcher asks for mixed_precision={launcher}, but training runs {'with' if enabled else 'without'} "
-            f"bf16 (bf16={value}); launch with mixed_precision no (as configs/*.yaml do) and choose with -P bf16=..."
+            f"the launcher asks for mixed_precision={launcher}, but training runs "
+            f"{'with' if enabled else 'without'} bf16 (bf16={value}); launch with mixed_precision no (as "
+            "configs/*.yaml do) and choose with -P bf16=..."
         )
     return enabled
 
@@ -168,12 +172,14 @@ class Job:
         return model, tokenizer
 
     def finish(
-        self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, registered_model_name: str, tags: Mapping[str, str],
+        self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, registered_model_name: str,
+        tags: Mapping[str, str],
     ) -> str | None:
         """Save `final/`, tag the run, log the pyfunc model and register it. Returns the model URI on rank 0.
 
-        Every process calls it: the trained weights are gathered whole first (under FSDP and DeepSpeed ZeRO-3 each
-        process holds a shard; ZeRO-3 needs `stage3_gather_16bit_weights_on_model_save`), then rank 0 writes them.
+        Every process calls it: the trained weights are gathered whole first (under FSDP and DeepSpeed ZeRO-3
+        each process holds a shard; ZeRO-3 needs `stage3_gather_16bit_weights_on_model_save`), then rank 0
+        writes them.
         """
         weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if not self.main:
@@ -182,8 +188,8 @@ class Job:
         bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()][:3]
         if bad:  # never saved, logged or registered
             raise TrainingDiverged(
-                f"the trained model in {self.output_dir} has non-finite weights ({', '.join(bad)}); use one of its "
-                "earlier checkpoints instead."
+                f"the trained model in {self.output_dir} has non-finite weights ({', '.join(bad)}); use "
+                "one of its earlier checkpoints instead."
             )
         final = self.output_dir / FINAL_DIR
         model.save_pretrained(final, state_dict=weights)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
@@ -50,10 +51,11 @@ def _free_port() -> int:
 
 def _tables(run_id: str, tmp_path, name: str) -> dict[int, pd.DataFrame]:
     """The run's samples tables by the step that generated them."""
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="completions", dst_path=str(tmp_path / name))
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="completions",
+                                                dst_path=str(tmp_path / name))
     tables = {}
-    for path in sorted(os.listdir(local)):
-        table = json.loads((tmp_path / name / "completions" / path).read_text())
+    for path in sorted(Path(local).iterdir()):
+        table = json.loads(path.read_text())
         frame = pd.DataFrame(table["data"], columns=table["columns"])
         tables[int(frame["step"].iloc[0])] = frame
     return tables
@@ -67,18 +69,20 @@ def _reasoning_metrics(vocab: ReasoningVocab, rows: pd.DataFrame) -> dict[str, f
         before = thoughts.completion_states(vocab, torch.tensor([False]), ids)
         totals += thoughts.batch_counts(vocab, before, ids, torch.ones_like(ids))
     completions, tokens, thought, reasoning, closed = totals.tolist()
-    return dict(zip(METRICS, (reasoning / max(thought, 1.0), thought / completions, (tokens - thought) / completions,
-                              closed / completions), strict=True))
+    values = (reasoning / max(thought, 1.0), thought / completions, (tokens - thought) / completions,
+              closed / completions)
+    return dict(zip(METRICS, values, strict=True))
 
 
 def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri, tmp_path, monkeypatch):
-    """`accelerate launch --config_file configs/ddp.yaml --num_processes 2` on a CPU: torchrun starts two processes
-    that join over gloo. Killed after its first checkpoint and launched again, the training ends in one MLflow run,
-    which rank 0 alone logged and registered, with every step once.
+    """`accelerate launch --config_file configs/ddp.yaml --num_processes 2` on a CPU: torchrun starts two
+    processes that join over gloo. Killed after its first checkpoint and launched again, the training ends in
+    one MLflow run, which rank 0 alone logged and registered, with every step once.
 
     Compared with one process that draws the same global batch with the same seed: the starting model and the
-    prompts of every step are the same; the completions are not, since each process samples from its own random
-    stream, sized by its own batch, so rewards and later weights agree only statistically and are not compared.
+    prompts of every step are the same; the completions are not, since each process samples from its own
+    random stream, sized by its own batch, so rewards and later weights agree only statistically and are not
+    compared.
     """
     data = tmp_path / "data"
     preprocess("synthetic:count=120", data, Options(test_size=20, instruction=""))
@@ -88,8 +92,9 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
               "--save_steps", "1", "--gradient_accumulation_steps", "2", "--num_generations", "4",
               "--max_completion_length", "16", "--log_completions_steps", "1"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/ddp.yaml",
-               "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "entrypoints.train_reasoning",
-               *common, "--per_device_train_batch_size", "4", "--output_dir", str(output),
+               "--num_processes", "2", "--main_process_port", str(_free_port()),
+               "-m", "entrypoints.train_reasoning", *common, "--per_device_train_batch_size", "4",
+               "--output_dir", str(output),
                "--registered_model_name", "two-processes"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_EXPERIMENT_NAME"] = experiment
@@ -98,10 +103,10 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
     first_checkpoint = output / "checkpoint-1"
     deadline = time.monotonic() + 600
     while not all((first_checkpoint / name).exists() for name in ("trainer_state.json", "rng_state_1.pth")):
-        assert job.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
+        assert job.poll() is None and time.monotonic() < deadline, "training ended before its checkpoint"
         time.sleep(0.1)
     workers = psutil.Process(job.pid).children(recursive=True)
-    os.killpg(job.pid, signal.SIGKILL)  # the launcher; torchrun started the two processes in sessions of their own
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher (torchrun starts each process in a session of its own)
     job.wait()
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, "processes outlived their launcher"
@@ -109,7 +114,8 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
     run_id = json.loads((output / "mlflow_run.json").read_text())["run_id"]
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # killed: nobody closed it
 
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                           check=False)
     assert rerun.returncode == 0, rerun.stderr[-5000:]
 
     client = MlflowClient()
@@ -133,10 +139,10 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
         for ids in table["completion_ids"]:
             ids = torch.tensor([ids])
             inside = thoughts.completion_states(vocab, torch.tensor([False]), ids)
-            assert not (vocab.is_reasoning(ids) & ~inside).any(), f"a reasoning id outside a thought at step {step}"
+            assert not (vocab.is_reasoning(ids) & ~inside).any(), f"reasoning id outside a thought ({step})"
             sampled += ids.numel()
         # the logged metrics are the whole batch's, not rank 0's alone
-        logged = {name: [m.value for m in client.get_metric_history(run_id, name) if m.step == step + 1][0]
+        logged = {name: next(m.value for m in client.get_metric_history(run_id, name) if m.step == step + 1)
                   for name in METRICS}
         assert logged == pytest.approx(_reasoning_metrics(vocab, table), abs=1e-6), step
         rank0 = _reasoning_metrics(vocab, table[table["rank"] == 0])
@@ -161,7 +167,8 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
 
 def _accelerator(kind, zero_stage=None, fsdp2=False):
     plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
-    return SimpleNamespace(distributed_type=kind, deepspeed_plugin=plugin, is_fsdp2=fsdp2, is_main_process=True)
+    return SimpleNamespace(distributed_type=kind, deepspeed_plugin=plugin, is_fsdp2=fsdp2,
+                           is_main_process=True)
 
 
 @pytest.mark.parametrize(
@@ -172,12 +179,14 @@ def _accelerator(kind, zero_stage=None, fsdp2=False):
         (_accelerator(DistributedType.MULTI_CPU), False, False, None),
         (_accelerator(DistributedType.DEEPSPEED, zero_stage=2), False, False, None),
         (_accelerator(DistributedType.DEEPSPEED, zero_stage=3), True, True, None),
-        (_accelerator(DistributedType.DEEPSPEED, zero_stage=3), False, True, "ds3_gather_for_generation=false"),
+        (_accelerator(DistributedType.DEEPSPEED, zero_stage=3), False, True,
+         "ds3_gather_for_generation=false"),
         (_accelerator(DistributedType.FSDP, fsdp2=True), True, True, None),
         (_accelerator(DistributedType.FSDP, fsdp2=False), True, True, "FSDP1"),
     ],
 )
-def test_fast_rollouts_read_whole_weights_or_turn_off_with_one_warning(accelerator, gather, sharded, warned, caplog):
+def test_fast_rollouts_read_whole_weights_or_turn_off_with_one_warning(accelerator, gather, sharded, warned,
+                                                                       caplog):
     with caplog.at_level(logging.WARNING, logger="rlvr.rollout"):
         weights = rollout_weights(accelerator, ds3_gather_for_generation=gather)
     assert weights.sharded is sharded
@@ -194,8 +203,8 @@ def test_fast_rollouts_read_whole_weights_or_turn_off_with_one_warning(accelerat
 
 
 def test_fast_rollouts_gather_fsdp2_shards_into_their_own_copy():
-    """Under FSDP2 every parameter is a DTensor holding this process's slice; the rollout copy gathers them whole
-    and samples what the unsharded model samples (one process here: the gather itself is what is exercised)."""
+    """Under FSDP2 every parameter is a DTensor holding this process's slice; the rollout copy gathers them
+    whole and samples what the unsharded model samples (one process here: the gather is what is exercised)."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -205,8 +214,8 @@ def test_fast_rollouts_gather_fsdp2_shards_into_their_own_copy():
     plain, _ = load_model("micro", reasoning_vocab_size=64)
     plain.load_state_dict(model.state_dict())
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(as_messages(f"What is {i}+{i}?"), tokenize=False, add_generation_prompt=True)
-             for i in range(4)]
+    texts = [tokenizer.apply_chat_template(as_messages(f"What is {i}+{i}?"), tokenize=False,
+                                           add_generation_prompt=True) for i in range(4)]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     config = plain.generation_config
     config.update(do_sample=True, temperature=1.0, max_new_tokens=24, top_k=0)
@@ -214,7 +223,7 @@ def test_fast_rollouts_gather_fsdp2_shards_into_their_own_copy():
     torch.manual_seed(3)
     want, want_logprobs = expected.generate(batch["input_ids"], batch["attention_mask"], config)
 
-    enable_fast_rollouts(model, compile=False, own_copy=True)  # as the trainer does, before it shards the model
+    enable_fast_rollouts(model, compile=False, own_copy=True)  # as the trainer does: before the sharding
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         for layer in model.model.layers:
@@ -230,8 +239,8 @@ def test_fast_rollouts_gather_fsdp2_shards_into_their_own_copy():
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero3"])
 def test_the_shipped_accelerate_configs_set_up_what_their_comments_say(name, monkeypatch):
-    """Each file read as `accelerate launch --config_file` reads it (the launcher's own validation and the environment
-    it hands the processes), then the plugin the training processes build from that environment."""
+    """Each file read as `accelerate launch --config_file` reads it (the launcher's own validation and the
+    environment it hands the processes), then the plugin the training processes build from it."""
     from accelerate.commands.launch import _validate_launch_command
 
     path = ROOT / "configs" / f"{name}.yaml"
@@ -249,7 +258,8 @@ def test_the_shipped_accelerate_configs_set_up_what_their_comments_say(name, mon
     if name == "fsdp2":
         environment = prepare_multi_gpu_env(args)
     else:
-        args.deepspeed_fields_from_accelerate_config = ",".join(config["deepspeed_config"])  # as launch_command does
+        # as launch_command does before it starts DeepSpeed's launcher
+        args.deepspeed_fields_from_accelerate_config = ",".join(config["deepspeed_config"])
         _, environment = prepare_deepspeed_cmd_env(args)
     for key, value in environment.items():
         if key.startswith(("ACCELERATE_", "FSDP_")):
@@ -257,7 +267,7 @@ def test_the_shipped_accelerate_configs_set_up_what_their_comments_say(name, mon
     if name == "fsdp2":
         fsdp = FullyShardedDataParallelPlugin()
         assert fsdp.fsdp_version == 2 and fsdp.reshard_after_forward
-        assert fsdp.state_dict_type.name == "FULL_STATE_DICT"  # checkpoints stay plain Hugging Face directories
+        assert fsdp.state_dict_type.name == "FULL_STATE_DICT"  # checkpoints stay Hugging Face directories
         assert not fsdp.cpu_ram_efficient_loading and not fsdp.activation_checkpointing
     else:
         zero = DeepSpeedPlugin()
