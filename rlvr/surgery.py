@@ -27,7 +27,8 @@ Private names of the libraries relied on (pinned by `pyproject.toml`; tests exer
   `FusedCausalLMOutput` (the fused log-prob contract, `fused_lm_head=True`); in `GRPOTrainer` (see
   `rlvr.grpo`): `_generate_single_turn`, `_generate` (its first result, the prompt ids), `_calculate_rewards`,
   `_generate_and_score_completions`, `_metrics`, and the `use_vllm` flag that gates its sampling-mismatch
-  correction (`vllm_importance_sampling_*`).
+  correction (`vllm_importance_sampling_*`); under DeepSpeed ZeRO-3, that its transformers generation path
+  calls `generate` inside a gather of the whole model (`ds3_gather_for_generation`), which fast rollouts copy.
 """
 
 from __future__ import annotations
