@@ -18,7 +18,7 @@ import mlflow
 import pandas as pd
 import torch
 import yaml
-from accelerate import PartialState
+from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import GenerationConfig
 from trl import GRPOConfig, GRPOTrainer
@@ -30,9 +30,9 @@ from rlvr.generation import describe
 from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
-from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes
+from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes, rollout_weights
 from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
-from rlvr.training import Job, bf16_enabled, checkpointing_option, flag, param
+from rlvr.training import Job, bf16_enabled, checkpointing_option, flag, param, process_state
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)
@@ -230,8 +230,11 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         if self.ref_model is not None:
             attach(self.ref_model, self.vocab, temperature=self.temperature, head_fp32=head_fp32)
         if fast_rollouts:
-            # sample in the precision the forward passes use: bf16 under bf16 autocast
-            enable_fast_rollouts(self.model, dtype=torch.bfloat16 if self.args.bf16 else None)
+            weights = rollout_weights(self.accelerator, self.args.ds3_gather_for_generation)
+            fast_rollouts = weights.obstacle is None
+            if fast_rollouts:  # sample in the precision the forward passes use: bf16 under bf16 autocast
+                enable_fast_rollouts(self.model, dtype=torch.bfloat16 if self.args.bf16 else None,
+                                     own_copy=weights.sharded)
         self._check_sampling()
         self.correct_sampling = bool(self.args.vllm_importance_sampling_correction and (fast_rollouts or self.args.bf16))
         self.model.record_sampling_logprobs = self.correct_sampling
@@ -308,26 +311,35 @@ class ReasoningGRPOTrainer(GRPOTrainer):
             )
 
     def _maybe_log_samples(self, inputs, output, starts: list[bool]) -> None:
+        """Every `completions_every` steps, a table of the step's completions from every process (rank 0 logs
+        it).
+
+        Each row keeps the sampled ids as the loss saw them (EOS included), so the table can be re-read with
+        `rlvr.thoughts` without decoding text.
+        """
         step = self.state.global_step
         if not self.completions_every or step % self.completions_every or step in self._tabled_steps:
             return
         self._tabled_steps.add(step)
-        if not self.accelerator.is_main_process or mlflow.active_run() is None:
-            return
         rows = []
         for example, ids, mask, starts_inside in zip(inputs, output["completion_ids"], output["completion_mask"], starts,
                                                      strict=True):
-            token_ids = rewards.until_stop(ids[mask.bool()].tolist(), self.eos_token_ids)
+            sampled = ids[mask.bool()].tolist()
+            token_ids = rewards.until_stop(sampled, self.eos_token_ids)
             sample = describe(token_ids, self.processing_class, self.vocab, starts_inside)
             rows.append({
                 "step": step,
+                "rank": self.accelerator.process_index,
                 "prompt": example["prompt"][-1]["content"],
                 "completion": marked_text(sample.text, sample.spans),
                 "solution": example["solution"],
                 "correct": rewards.answer_is_correct(sample.answer, example["solution"]),
                 "reasoning_tokens": sample.reasoning_tokens,
+                "completion_ids": sampled,
             })
-        mlflow.log_table(data=pd.DataFrame(rows), artifact_file=f"completions/step_{step:06d}.json")
+        rows = gather_object(rows)  # every process takes part, so the table holds the whole batch
+        if self.accelerator.is_main_process and mlflow.active_run() is not None:
+            mlflow.log_table(data=pd.DataFrame(rows), artifact_file=f"completions/step_{step:06d}.json")
 
 
 def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, int]:
@@ -348,7 +360,7 @@ def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, 
 
 def train(settings: TrainSettings) -> str | None:
     """Run GRPO as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
-    world = PartialState().num_processes
+    world = process_state().num_processes
     validate(settings, world)
     avoid_cudnn_attention_backward()
     extra = extra_grpo_fields(settings)
@@ -377,7 +389,8 @@ def train(settings: TrainSettings) -> str | None:
                 "data_digest": split.digest,
                 "grpo": {k: v for k, v in config.to_dict().items() if k not in own},
             })
-            mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
+            if job.resume_from is None:  # a resumed run has them: every metric step once
+                mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
         trainer = ReasoningGRPOTrainer(
             model=model,
             reward_funcs=rewards.reward_functions(tokenizer),
@@ -395,4 +408,4 @@ def train(settings: TrainSettings) -> str | None:
             "data_digest": split.digest,
             "arm": arm,
         }
-        return job.finish(trainer.model, tokenizer, settings.registered_model_name, tags)
+        return job.finish(trainer, tokenizer, settings.registered_model_name, tags)

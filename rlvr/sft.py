@@ -94,7 +94,8 @@ def warmstart(settings: WarmstartSettings) -> str | None:
             own = dataclasses.asdict(settings)
             tracking.log_params({**own, "data_digest": split.digest,
                                  "sft": {k: v for k, v in config.to_dict().items() if k not in own}})
-            mlflow.log_metric("data/train_examples", len(dataset))
+            if job.resume_from is None:  # a resumed run has it: every metric step once
+                mlflow.log_metric("data/train_examples", len(dataset))
         trainer = SFTTrainer(
             model=model,
             args=config,
@@ -105,6 +106,6 @@ def warmstart(settings: WarmstartSettings) -> str | None:
         trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
         tags = {"base_model": settings.model, "reasoning_vocab_size": "0", "data_digest": split.digest,
                 "arm": "warmstart"}
-        return job.finish(trainer.model, tokenizer, settings.registered_model_name, tags)
+        return job.finish(trainer, tokenizer, settings.registered_model_name, tags)
 
 

@@ -163,12 +163,14 @@ def log_params(params: Mapping[str, Any]) -> None:
 class MlflowMetrics(TrainerCallback):
     """Every Trainer log (TRL's rewards, KL, lengths, ours) as MLflow metrics at the global step, from rank 0 only.
 
-    A resumed training repeats the steps between its checkpoint and the kill; those steps are already in the run,
-    so they are not logged again: each step appears once.
+    Each metric appears once per step: a resumed training repeats the steps between its checkpoint and the
+    kill, which are already in the run, so they are not logged again; and the Trainer's closing summary
+    repeats `epoch` at the last step, which keeps its first value.
     """
 
     def __init__(self):
         self.logged_until = 0
+        self._step_keys: tuple[int, set[str]] = (-1, set())
 
     def on_train_begin(self, args, state, control, **kwargs):
         run = mlflow.active_run()
@@ -181,9 +183,14 @@ class MlflowMetrics(TrainerCallback):
             return
         if 0 < state.global_step <= self.logged_until:
             return
-        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._step_keys[0] != state.global_step:
+            self._step_keys = (state.global_step, set())
+        logged = self._step_keys[1]
+        metrics = {k: float(v) for k, v in logs.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in logged}
         if metrics:
             mlflow.log_metrics(metrics, step=state.global_step)
+            logged.update(metrics)
 
 
 def _requirements() -> list[str]:
