@@ -165,7 +165,7 @@ def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(trac
     """SIGKILL of the whole `mlflow run` process group after a checkpoint, then the same command again (or with
     MLflow's own `--run-id` of the killed run)."""
     output = tmp_path / "resume"
-    experiment = "mlflow-run-resume"
+    experiment = f"mlflow-run-resume-{rerun_with.strip('-').replace(' ', '-')}"
     command = [sys.executable, "-m", "mlflow", "run", ".", "-e", "train_baseline", "--env-manager", "local",
                "--experiment-name", experiment]
     for key, value in {"model": "micro", "data": data_dir, "output_dir": output, "registered_model_name": "",
