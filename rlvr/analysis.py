@@ -142,12 +142,14 @@ class TrainingRun:
 
 def _get_run(run_id: str, name: str, reference: str) -> Run:
     try:
-        return MlflowClient().get_run(run_id)
+        run = MlflowClient().get_run(run_id)
     except MlflowException as error:
         raise InputError(
             f"{name}={reference!r}: MLflow has no run {run_id} ({error.message}); check the id and that "
             "MLFLOW_TRACKING_URI points at the server that holds it."
         ) from error
+    tracking.refuse_deleted_run(name, reference, run_id)
+    return run
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

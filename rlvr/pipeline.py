@@ -140,6 +140,8 @@ class Pipeline:
             run_id=child.info.run_id, experiment_id=self.experiment_id, synchronous=False,
         )
         if not submitted.wait():
+            if self.client.get_run(child.info.run_id).info.status == "RUNNING":  # it died before adopting it
+                self.client.set_terminated(child.info.run_id, "FAILED")
             raise InputError(f"step {entry_point} failed (run {child.info.run_id}); its log is in the run's output above.")
         # a training killed earlier resumes into its first run; the new child then only points to it
         return self.client.get_run(child.info.run_id).data.tags.get(tracking.RESUMED_INTO, child.info.run_id)
@@ -188,7 +190,15 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
     seeds = parse_seeds(settings.seeds)
     plan = SCALES[settings.scale]
     name = settings.registered_model_name
-    size = settings.reasoning_vocab_size or len(PRESETS[plan["warmstart"]["model"]]()[1])
+    if not name.strip():
+        raise InputError("registered_model_name is empty; both arms register under it: pass e.g. rlvr-demo.")
+    token_ids = len(PRESETS[plan["warmstart"]["model"]]()[1])
+    if not 0 <= settings.reasoning_vocab_size <= token_ids:
+        raise InputError(
+            f"reasoning_vocab_size={settings.reasoning_vocab_size} is not in 0..{token_ids}, the token ids of "
+            f"the {plan['warmstart']['model']} model at scale {settings.scale}; pass 0 for one copy of each."
+        )
+    size = settings.reasoning_vocab_size or token_ids
     with tracking.entrypoint_run(run_name="main", tags={"rlvr.step": "main", "rlvr.scale": settings.scale}):
         tracking.log_params({"scale": settings.scale, "reasoning_vocab_size": size, "registered_model_name": name,
                              "output_dir": settings.output_dir, "seeds": ",".join(map(str, seeds))})
