@@ -382,8 +382,8 @@ def train(settings: TrainSettings) -> str | None:
     if model.reasoning_vocab.size != settings.reasoning_vocab_size:
         raise InputError(
             f"output_dir {job.output_dir} holds a run with reasoning_vocab_size="
-            f"{model.reasoning_vocab.size}, not {settings.reasoning_vocab_size}; resume with the same size or "
-            "choose another output_dir."
+            f"{model.reasoning_vocab.size}, not {settings.reasoning_vocab_size}; resume with the same size "
+            "or choose another output_dir."
         )
     dataset, too_long = _prompt_dataset(split.frame, tokenizer, settings.max_prompt_length)
     config = grpo_config(settings, extra)

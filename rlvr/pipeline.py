@@ -195,8 +195,8 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
     token_ids = len(PRESETS[plan["warmstart"]["model"]]()[1])
     if not 0 <= settings.reasoning_vocab_size <= token_ids:
         raise InputError(
-            f"reasoning_vocab_size={settings.reasoning_vocab_size} is not in 0..{token_ids}, the token ids of "
-            f"the {plan['warmstart']['model']} model at scale {settings.scale}; pass 0 for one copy of each."
+            f"reasoning_vocab_size={settings.reasoning_vocab_size} is not in 0..{token_ids}, the token ids "
+            f"of the {plan['warmstart']['model']} model at scale {settings.scale}; pass 0 to copy every one."
         )
     size = settings.reasoning_vocab_size or token_ids
     with tracking.entrypoint_run(run_name="main", tags={"rlvr.step": "main", "rlvr.scale": settings.scale}):
