@@ -233,11 +233,7 @@ def held_out(settings: AnalyzeSettings, training: TrainingRun) -> Split:
         raise InputError(
             f"the training run's data is not readable here ({error}); pass data=<held-out prompts>."
         ) from error
-    if split.frame.empty:
-        raise InputError(
-            f"data {data!r} has no rows in its {settings.split!r} split; pass another split or data."
-        )
-    return split
+    return split.require_rows(data)
 
 
 # --- token families -----------------------------------------------------------------------------------------

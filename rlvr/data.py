@@ -606,6 +606,14 @@ class Split:
     digest: str
     frame: pd.DataFrame = field(repr=False)
 
+    def require_rows(self, data: str) -> Split:
+        """This split, refused (naming `data`, the input it came from) when it holds no rows."""
+        if self.frame.empty:
+            raise InputError(
+                f"data {data!r} has no rows in its {self.split!r} split; pass another split or data with rows."
+            )
+        return self
+
     def mlflow_dataset(self) -> PandasDataset:
         """For `mlflow.log_input(dataset, context=split)`."""
         with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it

@@ -194,11 +194,7 @@ def load_eval_sets(items: Sequence[str], settings: EvalSettings, scratch: Path) 
     """Every data item read (or normalised), labelled uniquely and logged as an input of the active run."""
     sets: list[EvalSet] = []
     for index, item in enumerate(items):
-        split = _load_item(item, settings, scratch / str(index))
-        if split.frame.empty:
-            raise InputError(
-                f"data {item!r} has no rows in its {settings.split!r} split; pass another split or data with rows."
-            )
+        split = _load_item(item, settings, scratch / str(index)).require_rows(item)
         label = _unique(metric_label(split), {s.label for s in sets})
         if not is_preprocess_output(item):
             split = _keep_in_run(split, label)

@@ -374,7 +374,7 @@ def train(settings: TrainSettings) -> str | None:
     extra = extra_grpo_fields(settings)
     arm = "reasoning" if settings.reasoning_vocab_size else "baseline"
     job = Job(settings.output_dir, run_name=f"train_{arm}", tags={"rlvr.step": f"train_{arm}", "rlvr.arm": arm})
-    split = load_split(settings.data, "train")
+    split = load_split(settings.data, "train").require_rows(settings.data)
     # everything that can refuse the request comes before the run starts and before anything is written
     model, tokenizer = job.starting_model(
         lambda: load_model(settings.model, settings.reasoning_vocab_size, seed=settings.seed)

@@ -66,7 +66,7 @@ def warmstart(settings: WarmstartSettings) -> str | None:
     checkpointing = checkpointing_option(SFTConfig, settings.gradient_checkpointing)  # a bad value fails here
     avoid_cudnn_attention_backward()
     job = Job(settings.output_dir, run_name="warmstart", tags={"rlvr.step": "warmstart", "rlvr.arm": "baseline"})
-    split = load_split(settings.data, "train")
+    split = load_split(settings.data, "train").require_rows(settings.data)
     dataset = _sft_dataset(split.frame, settings.data)
     # the model is loaded before the run starts, so one that cannot be loaded leaves nothing behind
     model, tokenizer = job.starting_model(lambda: load_model(settings.model, 0, seed=settings.seed))
