@@ -94,7 +94,10 @@ def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise InputError(f"grpo_config {path} is not a readable YAML file ({error}).") from error
+            raise InputError(
+                f"grpo_config {path} is not a readable YAML file ({error}); pass the path of a YAML mapping of "
+                "GRPOConfig fields."
+            ) from error
         if not isinstance(loaded, dict):
             raise InputError(f"grpo_config {path} must hold a mapping of GRPOConfig fields, not {type(loaded).__name__}.")
         extra.update(loaded)
