@@ -71,9 +71,10 @@ def _load_base(source: str, directory: Path | None, dtype: torch.dtype, device, 
     except (OSError, ValueError, SafetensorError) as error:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         if directory is not None:  # found, but its files do not load: truncated weights, broken JSON, ...
+            where = "" if Path(source) == directory else f" ({directory})"
             raise ModelSourceError(
-                f"model {source!r} is a model directory ({directory}) whose files do not load ({reason}); "
-                "it is incomplete or corrupt: copy or save it again, or pass an intact checkpoint."
+                f"model {source!r} is a model directory{where} whose files do not load ({reason}); it is "
+                "incomplete or corrupt: copy or save it again, or pass an intact checkpoint."
             ) from error
         raise ModelSourceError(
             f"model {source!r} is not a preset ({', '.join(sorted(PRESETS))}), a local model directory, an MLflow "
