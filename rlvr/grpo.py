@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,14 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rlvr import rewards, thoughts, tracking
 from rlvr.data import load_split
-from rlvr.errors import InputError, require_at_least_one
+from rlvr.errors import InputError, require_at_least_one, require_finite
 from rlvr.generation import describe
 from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
 from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes, rollout_weights
 from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
-from rlvr.training import Job, bf16_enabled, checkpointing_option, flag, param, process_state
+from rlvr.training import Job, bf16_enabled, check_schedule, checkpointing_option, flag, param, process_state
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,10 @@ def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise InputError(f"grpo_config {path} is not a readable YAML file ({error}).") from error
+            raise InputError(
+                f"grpo_config {path} is not a readable YAML file ({error}); pass the path of a YAML mapping of "
+                "GRPOConfig fields."
+            ) from error
         if not isinstance(loaded, dict):
             raise InputError(f"grpo_config {path} must hold a mapping of GRPOConfig fields, not {type(loaded).__name__}.")
         extra.update(loaded)
@@ -145,12 +149,31 @@ def _refuse_sampling_options(extra: dict[str, Any]) -> None:
         )
 
 
+def _loss_types() -> tuple[str, ...]:
+    """The loss types TRL accepts. It names them only in the help of `GRPOConfig.loss_type` and checks them
+    mid-step, so a misspelling would fail after the run started; () if that help text changes."""
+    help_text = {f.name: f for f in dataclasses.fields(GRPOConfig)}["loss_type"].metadata.get("help", "")
+    listed = re.search(r"Supported values are ([^.]*)\.", help_text)
+    return tuple(re.findall(r"'(\w+)'", listed.group(1))) if listed else ()
+
+
 def validate(settings: TrainSettings, world_size: int) -> None:
     """Checks that need no model or data, so a bad request fails in seconds."""
     if settings.reasoning_vocab_size < 0:
         raise InputError(f"reasoning_vocab_size={settings.reasoning_vocab_size} is negative; use 0 for the baseline.")
     require_at_least_one(settings, "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
                          "max_prompt_length", "max_completion_length", "save_steps")
+    check_schedule(settings)
+    require_finite(settings, "temperature", "beta", "accuracy_weight", "format_weight")
+    known = _loss_types()
+    if known and settings.loss_type not in known:
+        raise InputError(
+            f"loss_type={settings.loss_type!r} is not a GRPO loss TRL knows; use one of {', '.join(known)}."
+        )
+    if settings.log_completions_steps < 0:
+        raise InputError(
+            f"log_completions_steps={settings.log_completions_steps} is negative; pass 0 to log none."
+        )
     if settings.num_generations < 2:
         raise InputError("num_generations must be at least 2: GRPO compares completions within a group.")
     batch = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * world_size
@@ -366,20 +389,23 @@ def train(settings: TrainSettings) -> str | None:
     extra = extra_grpo_fields(settings)
     arm = "reasoning" if settings.reasoning_vocab_size else "baseline"
     job = Job(settings.output_dir, run_name=f"train_{arm}", tags={"rlvr.step": f"train_{arm}", "rlvr.arm": arm})
-    split = load_split(settings.data, "train")
+    split = load_split(settings.data, "train").require_rows(settings.data)
+    # everything that can refuse the request comes before the run starts and before anything is written
+    model, tokenizer = job.starting_model(
+        lambda: load_model(settings.model, settings.reasoning_vocab_size, seed=settings.seed)
+    )
+    if model.reasoning_vocab.size != settings.reasoning_vocab_size:
+        raise InputError(
+            f"output_dir {job.output_dir} holds a run with reasoning_vocab_size="
+            f"{model.reasoning_vocab.size}, not {settings.reasoning_vocab_size}; resume with the same size "
+            "or choose another output_dir."
+        )
+    dataset, too_long = _prompt_dataset(split.frame, tokenizer, settings.max_prompt_length)
+    config = grpo_config(settings, extra)
     with job.run():
         if job.main:
             mlflow.log_input(split.mlflow_dataset(), context="train")
-        model, tokenizer = job.starting_model(
-            lambda: load_model(settings.model, settings.reasoning_vocab_size, seed=settings.seed)
-        )
-        if model.reasoning_vocab.size != settings.reasoning_vocab_size:
-            raise InputError(
-                f"output_dir {job.output_dir} holds a run with reasoning_vocab_size={model.reasoning_vocab.size}, not "
-                f"{settings.reasoning_vocab_size}; resume with the same size or choose another output_dir."
-            )
-        dataset, too_long = _prompt_dataset(split.frame, tokenizer, settings.max_prompt_length)
-        config = grpo_config(settings, extra)
+        job.save_start(model, tokenizer)
         if job.main:
             own = dataclasses.asdict(settings)
             tracking.log_params({

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -139,12 +140,16 @@ class Pipeline:
         )
         log.info("%s: starting run %s", entry_point, child.info.run_id)
         # `mlflow run` as a plain child, in main's process group (mlflow.projects.run would start it in a session
-        # of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main
+        # of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main. The experiment
+        # is passed as an id only: with MLFLOW_EXPERIMENT_NAME also set, `mlflow run` would refuse the pair.
         command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "local",
                    "--run-id", child.info.run_id, "--experiment-id", self.experiment_id]
         for k, v in parameters.items():
             command += ["-P", f"{k}={v}"]
-        if subprocess.run(command, cwd=PROJECT_DIR, check=False).returncode:
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}
+        if subprocess.run(command, cwd=PROJECT_DIR, env=env, check=False).returncode:
+            if self.client.get_run(child.info.run_id).info.status == "RUNNING":  # it died before adopting it
+                self.client.set_terminated(child.info.run_id, "FAILED")
             raise InputError(f"step {entry_point} failed (run {child.info.run_id}); its log is in the run's output above.")
         # a training killed earlier resumes into its first run; the new child then only points to it
         return self.client.get_run(child.info.run_id).data.tags.get(tracking.RESUMED_INTO, child.info.run_id)
@@ -193,7 +198,15 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
     seeds = parse_seeds(settings.seeds)
     plan = SCALES[settings.scale]
     name = settings.registered_model_name
-    size = settings.reasoning_vocab_size or len(PRESETS[plan["warmstart"]["model"]]()[1])
+    if not name.strip():
+        raise InputError("registered_model_name is empty; both arms register under it: pass e.g. rlvr-demo.")
+    token_ids = len(PRESETS[plan["warmstart"]["model"]]()[1])
+    if not 0 <= settings.reasoning_vocab_size <= token_ids:
+        raise InputError(
+            f"reasoning_vocab_size={settings.reasoning_vocab_size} is not in 0..{token_ids}, the token ids "
+            f"of the {plan['warmstart']['model']} model at scale {settings.scale}; pass 0 to copy every one."
+        )
+    size = settings.reasoning_vocab_size or token_ids
     with tracking.entrypoint_run(run_name="main", tags={"rlvr.step": "main", "rlvr.scale": settings.scale}):
         tracking.log_params({"scale": settings.scale, "reasoning_vocab_size": size, "registered_model_name": name,
                              "output_dir": settings.output_dir, "seeds": ",".join(map(str, seeds))})

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import LifecycleStage
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
@@ -52,6 +54,24 @@ def check_tracking_server() -> None:
             f"the MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server ...) or point "
             "MLFLOW_TRACKING_URI at a running server."
         ) from error
+
+
+def refuse_deleted_run(name: str, reference: str, run_id: str | None = None) -> None:
+    """Say so when `reference` (a `runs:/<id>/...` URI, or whatever names the run `run_id`) is a deleted run:
+    MLflow still serves a deleted run's metadata, and of its artifacts only says it cannot download them."""
+    if run_id is None and reference.startswith("runs:/"):
+        run_id = reference.removeprefix("runs:/").split("/", 1)[0]
+    if not run_id:
+        return
+    try:
+        deleted = MlflowClient().get_run(run_id).info.lifecycle_stage == LifecycleStage.DELETED
+    except MlflowException:
+        return  # no such run: the caller's own message says what was tried
+    if deleted:
+        raise InputError(
+            f"{name}={reference!r} names run {run_id}, which is deleted; restore it (mlflow runs restore "
+            f"--run-id {run_id}) or pass a run that exists."
+        )
 
 
 @contextmanager

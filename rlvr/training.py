@@ -24,7 +24,7 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from rlvr import tracking
-from rlvr.errors import InputError
+from rlvr.errors import InputError, require_finite
 from rlvr.guards import TrainingDiverged
 from rlvr.models import load_model, save_model
 from rlvr.vocab import TOKEN_MAP_FILE
@@ -49,6 +49,27 @@ def flag(name: str, value: str) -> bool | None:
     if lowered == "auto":
         return None
     raise InputError(f"{name}={value!r} is not a switch; use true, false or auto.")
+
+
+def check_schedule(settings: Any) -> None:
+    """The schedule both trainers take: a finite, non-negative learning rate and at least one step.
+
+    Without this, `nan` fails deep inside the optimizer, `inf` epochs overflow, and `max_steps=0` (or -2)
+    trains for no step and still registers a model.
+    """
+    require_finite(settings, "learning_rate", "num_train_epochs")
+    if settings.learning_rate < 0:
+        raise InputError(f"learning_rate={settings.learning_rate} is negative; pass a positive one.")
+    if settings.max_steps != -1 and settings.max_steps < 1:
+        raise InputError(
+            f"max_steps={settings.max_steps} is neither a positive step count nor -1; pass e.g. "
+            "max_steps=100, or -1 to train for num_train_epochs."
+        )
+    if settings.max_steps == -1 and settings.num_train_epochs <= 0:
+        raise InputError(
+            f"num_train_epochs={settings.num_train_epochs} with max_steps=-1 trains for no step; pass a "
+            "positive num_train_epochs or a positive max_steps."
+        )
 
 
 def checkpointing_option(config_class: type, value: str) -> dict[str, bool]:
@@ -155,21 +176,24 @@ class Job:
     def starting_model(
         self, load: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """`load()`'s model saved as `checkpoint-0`, or that checkpoint when resuming.
+        """`load()`'s model, or `checkpoint-0` when resuming. Called before the run starts, so a model that
+        cannot be loaded fails with nothing written; `save_start` writes `checkpoint-0` in the run."""
+        if self.resume_from is not None:
+            return load_model(str(self.start_dir))
+        return load()
+
+    def save_start(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Save the starting model as `checkpoint-0` (kept as it is when resuming).
 
         The model then names `checkpoint-0` as its origin, so a reference model TRL builds from the
         name is the same expanded model.
         """
-        if self.resume_from is not None:
-            model, tokenizer = load_model(str(self.start_dir))
-        else:
-            model, tokenizer = load()
+        if self.resume_from is None:
             if self.main:
                 shutil.rmtree(self.start_dir, ignore_errors=True)
                 save_model(model, tokenizer, self.start_dir)
             self.state.wait_for_everyone()
         model.config._name_or_path = str(self.start_dir)
-        return model, tokenizer
 
     def finish(
         self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, registered_model_name: str,
