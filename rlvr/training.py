@@ -130,5 +130,9 @@ class Job:
             return None
         require_finite_weights(model, f"the trained model in {self.output_dir}")  # never saved, logged or registered
         final = save_model(model, tokenizer, self.output_dir / FINAL_DIR)
-        mlflow.set_tags({f"rlvr.{k}": v for k, v in tags.items()})
-        return tracking.log_model(final, registered_model_name or None, tags)
+        try:
+            mlflow.set_tags({f"rlvr.{k}": v for k, v in tags.items()})
+            return tracking.log_model(final, registered_model_name or None, tags)
+        except BaseException:
+            shutil.rmtree(final)  # not finished until logged: the rerun resumes from the last checkpoint and retries
+            raise
