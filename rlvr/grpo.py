@@ -312,7 +312,8 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         if not self.completions_every or step % self.completions_every or step in self._tabled_steps:
             return
         self._tabled_steps.add(step)
-        tracker = next((c for c in self.callback_handler.callbacks if isinstance(c, tracking.MlflowMetrics)), None)
+        callbacks = self.callback_handler.callbacks
+        tracker = next((c for c in callbacks if isinstance(c, tracking.MlflowMetrics)), None)
         if not self.accelerator.is_main_process or mlflow.active_run() is None or tracker is None:
             return
         rows = []

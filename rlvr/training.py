@@ -134,5 +134,5 @@ class Job:
             mlflow.set_tags({f"rlvr.{k}": v for k, v in tags.items()})
             return tracking.log_model(final, registered_model_name or None, tags)
         except BaseException:
-            shutil.rmtree(final)  # not finished until logged: the rerun resumes from the last checkpoint and retries
+            shutil.rmtree(final)  # unfinished until logged: a rerun resumes from the last checkpoint, retries
             raise
