@@ -62,7 +62,8 @@ class AuthServer:
             "auth_cache_ttl_seconds = 600\n"  # one password hash per login, not one per request
         )
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        self.env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_FLASK_SERVER_SECRET_KEY=token_hex(16))
+        self.env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_FLASK_SERVER_SECRET_KEY=token_hex(16),
+                        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # its job workers would only cost CPU here
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -209,6 +210,7 @@ def test_training_and_evaluation_with_credentials_leave_none_behind(
     assert any(p.endswith("samples.html") for p in places) and any("completions/step_" in p for p in places)
     assert any(p.endswith("model.safetensors") for p in places)
     assert b"model: models:/auth-micro/1" in trained.stdout
+    assert leaks({"canary": f"...{PASSWORD}...".encode()}) == ["canary"]  # the search would see one
     assert leaks(places) == []
 
 
@@ -281,6 +283,7 @@ def test_a_server_killed_mid_training_stops_it_at_a_checkpoint_and_the_rerun_log
     assert len(warned) == 1
     assert mlflow.active_run() is None
     assert json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    assert (output / "checkpoint-0" / "reasoning_token_map.json").exists()
     assert not (output / "checkpoint-4").exists() and not (output / "final").exists()
     kept = json.loads((output / "mlflow_unlogged.json").read_text())
     first_kept = min(r["step"] for r in kept if "metrics" in r)
