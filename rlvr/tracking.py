@@ -286,10 +286,10 @@ class MlflowMetrics(TrainerCallback):
         for record in json.loads(self.unlogged_file.read_text()):
             if record["step"] > resumed_step:
                 continue  # after the checkpoint: trained again now, and logged then
-            if "metrics" in record and record["step"] > self.logged_until:
-                mlflow.log_metrics(record["metrics"], step=record["step"])
-            elif "table" in record:
+            if "table" in record:
                 mlflow.log_table(data=pd.DataFrame(record["rows"]), artifact_file=record["table"])
+            elif record["step"] > self.logged_until:
+                mlflow.log_metrics(record["metrics"], step=record["step"])
         self.logged_until = max(self.logged_until, resumed_step)
         self.unlogged_file.unlink()
         log.info("logged what the last attempt could not, up to step %d", resumed_step)
