@@ -1,6 +1,8 @@
 """Run names: a run that `mlflow run` created is named for its entry point, unless `main` named it for its
 step. A training's `final/` appears only once its model is logged and registered."""
 
+from types import SimpleNamespace
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -41,6 +43,8 @@ def test_a_model_that_could_not_be_registered_leaves_no_finished_looking_output(
     job = Job(str(tmp_path / "out"), run_name="train_baseline", tags={})
     with pytest.raises(MlflowException, match="Invalid model name"), job.run():
         model, tokenizer = job.starting_model(lambda: load_model("micro"))
-        job.finish(model, tokenizer, "not/a/name", {"arm": "baseline"})
+        accelerator = SimpleNamespace(get_state_dict=lambda m: m.state_dict(), unwrap_model=lambda m: m)
+        trainer = SimpleNamespace(accelerator=accelerator, model=model, model_wrapped=model)  # one process
+        job.finish(trainer, tokenizer, "not/a/name", {"arm": "baseline"})
     assert not (tmp_path / "out" / "final").exists() and mlflow.active_run() is None
     assert Job(str(tmp_path / "out"), run_name="train_baseline", tags={}).output_dir.exists()  # not refused
