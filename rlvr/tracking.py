@@ -113,6 +113,24 @@ def _leave_pointer(launched: str, run: mlflow.ActiveRun, run_name: str | None, e
 
 
 @contextmanager
+def _current_experiment(experiment_id: str | None) -> Iterator[None]:
+    """Make `experiment_id` (if given) the experiment that MLflow's fluent calls without one use, such as
+    `mlflow.load_table` and `mlflow.search_runs`, while the block runs."""
+    if experiment_id is None:
+        yield
+        return
+    previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MLFLOW_EXPERIMENT_ID"]
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = previous
+
+
+@contextmanager
 def entrypoint_run(
     run_name: str | None = None, tags: Mapping[str, str] | None = None, default_experiment: str | None = None
 ) -> Iterator[mlflow.ActiveRun]:
@@ -130,7 +148,9 @@ def entrypoint_run(
     if moved:
         del os.environ["MLFLOW_RUN_ID"]  # else start_run would adopt it
     adopted = bool(launched) and not moved
-    with mlflow.start_run(run_name=None if adopted else run_name, experiment_id=experiment_id) as run:
+    with _current_experiment(experiment_id), mlflow.start_run(
+        run_name=None if adopted else run_name, experiment_id=experiment_id
+    ) as run:
         if moved:
             _leave_pointer(launched, run, run_name, default_experiment)
         if adopted and run_name and STEP_KEY not in run.data.tags:

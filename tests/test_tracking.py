@@ -40,7 +40,8 @@ def launched_by_mlflow_run(client, monkeypatch, experiment_id: str) -> str:
 
 def run_main(demo: str) -> mlflow.entities.Run:
     with tracking.entrypoint_run("main", tags={"rlvr.step": "main"}, default_experiment=demo) as run:
-        pass
+        # fluent calls without an experiment (main's mlflow.load_table) look in the run's experiment
+        assert run.info.run_id in {r.info.run_id for r in mlflow.search_runs(output_format="list")}
     assert mlflow.active_run() is None
     return MlflowClient().get_run(run.info.run_id)
 
