@@ -1,14 +1,14 @@
-"""Screenshot of the MLflow UI comparing runs by name, taken by headless Chromium (Debian: `apt-get install chromium`).
+"""Screenshot of the MLflow UI comparing runs by name, taken by headless Chromium (Debian package `chromium`).
 
     python docs/ui_screenshot.py --tracking-uri http://127.0.0.1:5000 --experiment rlvr-demo
     python docs/ui_screenshot.py --tracking-uri http://127.0.0.1:5000 --experiment rlvr-demo \\
         --runs train_baseline,train_reasoning --output compare-arms.png
 
-For each name in `--runs` the newest FINISHED run of that name in the experiment is compared (by default the three
-evaluations of a `main` run). Chromium is driven over its DevTools pipe (no extra Python packages): the script
-waits until the page shows every run name, closes the assistant panel that the UI opens on a local server,
-collapses the sections named in `--collapse`, and saves the viewport as a PNG. It stops with one line when
-Chromium is missing, a run is not found, or the page does not show the runs in time.
+For each name in `--runs` the newest FINISHED run of that name in the experiment is compared (by default the
+three evaluations of a `main` run). Chromium is driven over its DevTools pipe (no extra Python packages): the
+script waits until the page shows every run name, closes the assistant panel that the UI opens on a local
+server, collapses the sections named in `--collapse`, and saves the viewport as a PNG. It stops with one line
+when Chromium is missing, a run is not found, or the page does not show the runs in time.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def comparison_url(tracking_uri: str, experiment_id: str, run_ids: list[str]) ->
 
 
 class Chromium:
-    """Headless Chromium spoken to over `--remote-debugging-pipe` (fd 3 carries commands in, fd 4 replies out)."""
+    """Headless Chromium spoken to over `--remote-debugging-pipe`: commands go in on fd 3, replies come out on
+    fd 4, each a JSON message ended by a NUL byte."""
 
     def __init__(self, binary: str, profile: str, deadline: float):
         commands_in, self._commands = os.pipe()
@@ -78,8 +79,9 @@ class Chromium:
                  "--disable-dev-shm-usage", "--remote-debugging-pipe", f"--user-data-dir={profile}"]
         if os.geteuid() == 0:
             flags.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
+        wire = f'exec "$0" "$@" 3<&{commands_in} 4>&{replies_out}'  # the pipe ends on the fds Chromium reads
         self.process = subprocess.Popen(
-            ["/bin/sh", "-c", f'exec "$0" "$@" 3<&{commands_in} 4>&{replies_out}', binary, *flags, "about:blank"],
+            ["/bin/sh", "-c", wire, binary, *flags, "about:blank"],
             pass_fds=(commands_in, replies_out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # its helper processes form one group, ended together
         )
@@ -118,7 +120,8 @@ class Chromium:
     def close(self) -> None:
         """Ask Chromium to quit; end its process group if it has not within 10 s."""
         try:
-            os.write(self._commands, json.dumps({"id": self._last_id + 1, "method": "Browser.close"}).encode() + b"\0")
+            quit_message = {"id": self._last_id + 1, "method": "Browser.close"}
+            os.write(self._commands, json.dumps(quit_message).encode() + b"\0")
             self.process.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             pass
@@ -146,7 +149,8 @@ def screenshot(binary: str, url: str, names: list[str], width: int, height: int,
             while not all(name in text for name in names):
                 if time.monotonic() > browser.deadline:
                     missing = [name for name in names if name not in text]
-                    raise Failure(f"the MLflow UI did not show {', '.join(missing)} within {timeout:.0f} s ({url})")
+                    raise Failure(f"the MLflow UI did not show {', '.join(missing)} within {timeout:.0f} s "
+                                  f"({url})")
                 time.sleep(0.5)
                 text = evaluate(browser, page, "() => document.body ? document.body.innerText : ''")
             evaluate(browser, page, PREPARE_PAGE, collapse)
@@ -159,7 +163,8 @@ def screenshot(binary: str, url: str, names: list[str], width: int, height: int,
 def evaluate(browser: Chromium, page: str, function: str, *arguments):
     """Call a JavaScript function in the page with JSON arguments; its JSON result."""
     expression = f"({function})(...{json.dumps(list(arguments))})"
-    return browser.send("Runtime.evaluate", page, expression=expression, returnByValue=True)["result"].get("value")
+    reply = browser.send("Runtime.evaluate", page, expression=expression, returnByValue=True)
+    return reply["result"].get("value")
 
 
 def main(argv: list[str] | None = None) -> int:
