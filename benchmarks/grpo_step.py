@@ -11,6 +11,11 @@ Default workload (the reference configuration): `qwen3-0.6b-shape` with random w
 generations, 512 completion tokens, micro-batch 8, gradient accumulation 8, bf16 autocast over fp32 weights,
 no gradient checkpointing. Random weights never emit EOS, so every completion has full length.
 
+The reward is a seeded random number per completion unless `--reward task`: it varies within every group, so
+advantages, gradients and the optimizer step are real work (`grad_norm` is printed per step).
+`--steps-per-generation K` lets one rollout serve K micro-batches (TRL's `steps_per_generation`), the way to
+larger generation batches; completion tokens/s then counts the step's share of the rollout.
+
 Per step: wall time (median over `--steps` after `--warmup`), rollout time (the `generate` call), completion
 tokens/s and peak GPU memory, overall and split into the rollout and the rest (log-probs, loss, optimizer);
 where the run corrects for it (fast rollouts or bf16), TRL's sampler/trainer mismatch metrics
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -94,6 +100,17 @@ def time_generate(model, meter: StepMeter) -> None:
     model.generate = types.MethodType(timed, model)
 
 
+def random_reward():
+    """A reward that varies within every group (seeded, uniform in [0, 1)), so the loss, backward and optimizer do
+    the work a real run does; random weights would earn the task rewards 0 everywhere, and every gradient 0."""
+    generator = random.Random(0)
+
+    def random_reward(completions, **kwargs) -> list[float]:
+        return [generator.random() for _ in completions]
+
+    return random_reward
+
+
 def sampling_mismatch(logs: list[dict]) -> dict[str, float]:
     """Means over the measured steps of TRL's sampler/trainer mismatch metrics, where the run logged them."""
     names = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
@@ -115,6 +132,12 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reward", choices=("random", "task"), default="random",
+                        help="random: a seeded uniform reward per completion, so advantages and gradients are "
+                             "never all zero; task: the accuracy and format rewards (0 for random weights)")
+    parser.add_argument("--steps-per-generation", type=int, default=0,
+                        help="micro-batches one rollout serves (TRL's steps_per_generation); 0: TRL's default, "
+                             "the gradient accumulation steps")
     args = parser.parse_args()
 
     total_steps = args.warmup + args.steps
@@ -134,17 +157,24 @@ def main() -> None:
         bf16="auto",
         output_dir=tempfile.mkdtemp(prefix="grpo-step-"),
     )
-    config = grpo_config(settings, {"save_strategy": "no", "shuffle_dataset": False})
+    overrides = {"save_strategy": "no", "shuffle_dataset": False, "logging_steps": 1}
+    if args.reward == "random":
+        overrides["reward_weights"] = [1.0]
+    if args.steps_per_generation:
+        overrides["steps_per_generation"] = args.steps_per_generation
+    config = grpo_config(settings, overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meter = StepMeter()
     if args.variant == "plain":
         model, tokenizer = build_preset(args.preset, device=device)
         vocab = ReasoningVocab.for_tokenizer(tokenizer, model.get_input_embeddings().weight.shape[0], 0)
-        trainer = GRPOTrainer(model=model, reward_funcs=rewards.reward_functions(tokenizer, vocab), args=config,
+        reward_funcs = rewards.reward_functions(tokenizer, vocab) if args.reward == "task" else [random_reward()]
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[meter])
     else:
         model, tokenizer = load_model(args.preset, settings.reasoning_vocab_size, device=device)
-        trainer = ReasoningGRPOTrainer(model=model, reward_funcs=rewards.reward_functions(tokenizer),
+        reward_funcs = rewards.reward_functions(tokenizer) if args.reward == "task" else [random_reward()]
+        trainer = ReasoningGRPOTrainer(model=model, reward_funcs=reward_funcs,
                                        args=config, train_dataset=dataset, processing_class=tokenizer,
                                        callbacks=[meter], fast_rollouts=args.fast_rollouts == "true")
     time_generate(trainer.model, meter)
@@ -167,6 +197,9 @@ def main() -> None:
         "rollout_peak_gib": round(max(s["rollout_peak_gib"] for s in measured), 2),
         "training_peak_gib": round(max(s["training_peak_gib"] for s in measured), 2),
         "all_steps": [round(s["seconds"], 2) for s in meter.steps],
+        "reward": args.reward,
+        "sequences_per_rollout": args.micro_batch * (args.steps_per_generation or args.grad_accum),
+        "grad_norm": [round(log["grad_norm"], 4) for log in trainer.state.log_history if "grad_norm" in log],
         **sampling_mismatch(trainer.state.log_history[args.warmup :]),
     }
     print(json.dumps(result))

@@ -50,12 +50,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--attention", choices=("decode", "sdpa"), default="decode",
                         help="decode: the rollout's packed grouped-query attention; sdpa: the model's own")
+    parser.add_argument("--kv-bucket", type=int, default=rollout.KV_BUCKET,
+                        help="cache positions a decode step reads, rounded up to this; 0 reads the whole cache")
     parser.add_argument("--hf", action="store_true", help="also time HF generate (slow)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one rollout")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU run only checks that the script works
     if args.attention == "sdpa":
         rollout.DECODE_ATTENTION = "sdpa"
+    rollout.KV_BUCKET = args.kv_bucket or 1 << 30
 
     model, tokenizer = load_model(args.preset, args.reasoning_vocab_size, device=device)
     enable_fast_rollouts(model, dtype=torch.bfloat16)
@@ -63,12 +66,16 @@ def main() -> None:
     prompt = torch.randint(0, len(tokenizer) - 1000, (args.batch, args.prompt_length), generator=generator).to(device)
     mask = torch.ones_like(prompt)
     mask[: args.batch // 2, : args.prompt_length // 4] = 0  # left padding in half the rows, as in a real batch
-    config = GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=args.new_tokens, top_k=None,
-                              top_p=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    # top_k=0 and top_p=1.0 as TRL passes them: left unset, `generate` would fill in its default top_k=50, and the
+    # request would go to HF `generate` instead of the fast path
+    config = GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=args.new_tokens, top_k=0,
+                              top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
     def fast():
+        served = model.fast_rollout.calls
         out = model.generate(input_ids=prompt, attention_mask=mask, generation_config=config)
         assert out.shape[1] == args.prompt_length + args.new_tokens, out.shape
+        assert model.fast_rollout.calls == served + 1, "the request fell back to HF generate"
 
     compile_seconds = _timed(fast)
     if device == "cuda":
@@ -77,7 +84,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "preset": args.preset,
         "reasoning_vocab_size": args.reasoning_vocab_size, "batch": args.batch, "new_tokens": args.new_tokens,
-        "attention": args.attention, "first_rollout_s": round(compile_seconds, 2),
+        "attention": args.attention, "kv_bucket": args.kv_bucket, "first_rollout_s": round(compile_seconds, 2),
         "fast_ms_per_step": round(1000 * seconds / args.new_tokens, 3),
         "fast_tokens_per_s": round(args.batch * args.new_tokens / seconds),
         "fast_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,

@@ -142,12 +142,14 @@ class TrainingRun:
 
 def _get_run(run_id: str, name: str, reference: str) -> Run:
     try:
-        return MlflowClient().get_run(run_id)
+        run = MlflowClient().get_run(run_id)
     except MlflowException as error:
         raise InputError(
             f"{name}={reference!r}: MLflow has no run {run_id} ({error.message}); check the id and that "
             "MLFLOW_TRACKING_URI points at the server that holds it."
         ) from error
+    tracking.refuse_deleted_run(name, reference, run_id)
+    return run
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -231,11 +233,7 @@ def held_out(settings: AnalyzeSettings, training: TrainingRun) -> Split:
         raise InputError(
             f"the training run's data is not readable here ({error}); pass data=<held-out prompts>."
         ) from error
-    if split.frame.empty:
-        raise InputError(
-            f"data {data!r} has no rows in its {settings.split!r} split; pass another split or data."
-        )
-    return split
+    return split.require_rows(data)
 
 
 # --- token families -----------------------------------------------------------------------------------------

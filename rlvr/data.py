@@ -42,6 +42,7 @@ from mlflow.data.pandas_dataset import PandasDataset
 from rlvr import synthetic
 from rlvr.errors import InputError
 from rlvr.rewards import parse_answer
+from rlvr.tracking import refuse_deleted_run
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ class Options:
     id_field: str = ""
 
     def __post_init__(self):
-        if self.test_size < 0 or (self.test_size >= 1 and not float(self.test_size).is_integer()):
+        size = self.test_size
+        if not size >= 0 or (size >= 1 and not float(size).is_integer()):  # `not >= 0` refuses NaN too
             raise InputError(
                 f"test_size={self.test_size} is neither a fraction in [0, 1) nor a whole row count; pass e.g. 0.1 or 500."
             )
@@ -178,7 +180,13 @@ def _file_table(path: Path) -> Table:
         return Table(
             path.name, columns, lambda selected: pq.read_table(path, columns=list(selected)).to_pylist()
         )
-    records = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix](path)
+    try:
+        records = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix](path)
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"source file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}); re-save it "
+            "as UTF-8."
+        ) from error
     columns = list(dict.fromkeys(key for record in records for key in record))
     return Table(path.name, columns, lambda selected: records)
 
@@ -218,7 +226,8 @@ def _read_json(path: Path) -> list[dict]:
     if isinstance(data, list) and all(isinstance(record, dict) for record in data):
         return data
     raise InputError(
-        f"source file {str(path)!r} is neither a list of objects nor an object of equal-length columns."
+        f"source file {str(path)!r} is neither a list of objects nor an object of equal-length columns; "
+        "write one of those, or one object per line as .jsonl."
     )
 
 
@@ -597,6 +606,14 @@ class Split:
     digest: str
     frame: pd.DataFrame = field(repr=False)
 
+    def require_rows(self, data: str) -> Split:
+        """This split, refused (naming `data`, the input it came from) when it holds no rows."""
+        if self.frame.empty:
+            raise InputError(
+                f"data {data!r} has no rows in its {self.split!r} split; pass another split or data with rows."
+            )
+        return self
+
     def mlflow_dataset(self) -> PandasDataset:
         """For `mlflow.log_input(dataset, context=split)`."""
         with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
@@ -639,6 +656,7 @@ def _locate(data: str, split: str) -> tuple[Path, str]:
         try:
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)), uri
         except Exception as error:  # MLflow raises several types for a missing run or artifact
+            refuse_deleted_run("data", data)
             raise InputError(
                 f"data {data!r} has no {split}.parquet that MLflow can fetch ({type(error).__name__}: {error}); pass "
                 "the runs:/<run_id>/data URI of a finished preprocess run and check MLFLOW_TRACKING_URI."

@@ -1,5 +1,8 @@
 """The one exception type for bad input: its message names the input and the fix, and entry points print it."""
 
+import dataclasses
+import math
+
 
 class InputError(ValueError):
     """Input that cannot be used as given (a parameter, file, model name, URI); the message says how to fix it."""
@@ -12,8 +15,23 @@ def require_at_least_one(settings: object, *names: str) -> None:
             raise InputError(f"{name}={getattr(settings, name)} must be at least 1.")
 
 
+def require_finite(settings: object, *names: str) -> None:
+    """Refuse a NaN or infinite float field of a settings dataclass, naming it and its default: click and
+    MLflow both read `nan` and `inf` as floats, which would only fail (or poison training) much later."""
+    defaults = {spec.name: spec.default for spec in dataclasses.fields(settings)}
+    for name in names:
+        value = getattr(settings, name)
+        if not math.isfinite(value):
+            raise InputError(f"{name}={value} is not a finite number; pass a finite value, e.g. the default "
+                             f"{defaults[name]}.")
+
+
 def check_sampling(temperature: float, num_samples: int) -> None:
-    """Refuse a negative temperature, and several samples that greedy decoding would make identical."""
+    """Refuse a non-finite or negative temperature, and several samples that greedy decoding would repeat."""
+    if not math.isfinite(temperature):
+        raise InputError(
+            f"temperature={temperature} is not a finite number; pass e.g. 0.6, or 0 for greedy decoding."
+        )
     if temperature < 0:
         raise InputError(f"temperature={temperature} is negative; pass 0 for greedy decoding or a positive value.")
     if temperature == 0 and num_samples > 1:

@@ -41,7 +41,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlvr import tracking
 from rlvr.data import DEFAULT_INSTRUCTION, SYNTHETIC, Options, Split, load_split, preprocess
 from rlvr.errors import InputError, check_sampling, require_at_least_one
-from rlvr.generation import Generated, generate
+from rlvr.generation import Generated, as_messages, generate
 from rlvr.guards import require_finite_weights
 from rlvr.models import MLFLOW_SCHEMES, load_model
 from rlvr.rendering import PageEntry, completions_page, marked_text
@@ -194,11 +194,7 @@ def load_eval_sets(items: Sequence[str], settings: EvalSettings, scratch: Path) 
     """Every data item read (or normalised), labelled uniquely and logged as an input of the active run."""
     sets: list[EvalSet] = []
     for index, item in enumerate(items):
-        split = _load_item(item, settings, scratch / str(index))
-        if split.frame.empty:
-            raise InputError(
-                f"data {item!r} has no rows in its {settings.split!r} split; pass another split or data with rows."
-            )
+        split = _load_item(item, settings, scratch / str(index)).require_rows(item)
         label = _unique(metric_label(split), {s.label for s in sets})
         if not is_preprocess_output(item):
             split = _keep_in_run(split, label)
@@ -278,6 +274,27 @@ def load_for_evaluation(settings: EvalSettings) -> tuple[PreTrainedModel, PreTra
     model, tokenizer = load_model(settings.model, dtype=dtype, device=device)
     require_finite_weights(model, settings.model)
     return model.eval(), tokenizer
+
+
+def check_prompt_lengths(
+    eval_set: EvalSet, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Refuse a problem longer than the model's context, naming it: it cannot be answered, and a megabyte-long
+    one would keep attention busy for hours before failing."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context:
+        return
+    problems = eval_set.problems
+    texts = [tokenizer.apply_chat_template(as_messages(list(p)), tokenize=False, add_generation_prompt=True)
+             for p in problems["prompt"]]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] > context:
+        raise InputError(
+            f"data {eval_set.key!r}: problem {problems['id'].iloc[longest]!r} is a prompt of "
+            f"{lengths[longest]} tokens, more than the {context} the model reads (max_position_embeddings); "
+            "drop it from the data, or evaluate a model with a longer context."
+        )
 
 
 def registered_version(source: str) -> ModelVersion | None:
@@ -378,6 +395,8 @@ def evaluate(settings: EvalSettings) -> dict[str, dict[str, float]]:
         tracking.log_params(dataclasses.asdict(settings))
         sets = load_eval_sets(items, settings, Path(scratch))
         model, tokenizer = load_for_evaluation(settings)
+        for eval_set in sets:
+            check_prompt_lengths(eval_set, model, tokenizer)
         link = link_model(settings.model)
         mlflow.set_tags(link.tags)
         tracking.log_params({"reasoning_vocab_size": model.reasoning_vocab.size})

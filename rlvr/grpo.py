@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,21 +19,21 @@ import mlflow
 import pandas as pd
 import torch
 import yaml
-from accelerate import PartialState
+from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import GenerationConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from rlvr import rewards, thoughts, tracking
 from rlvr.data import load_split
-from rlvr.errors import InputError, require_at_least_one
+from rlvr.errors import InputError, require_at_least_one, require_finite
 from rlvr.generation import describe
 from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
-from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes
+from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes, rollout_weights
 from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
-from rlvr.training import Job, bf16_enabled, checkpointing_option, flag, param
+from rlvr.training import Job, bf16_enabled, check_schedule, checkpointing_option, flag, param, process_state
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,10 @@ def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise InputError(f"grpo_config {path} is not a readable YAML file ({error}).") from error
+            raise InputError(
+                f"grpo_config {path} is not a readable YAML file ({error}); pass the path of a YAML mapping of "
+                "GRPOConfig fields."
+            ) from error
         if not isinstance(loaded, dict):
             raise InputError(f"grpo_config {path} must hold a mapping of GRPOConfig fields, not {type(loaded).__name__}.")
         extra.update(loaded)
@@ -145,12 +149,31 @@ def _refuse_sampling_options(extra: dict[str, Any]) -> None:
         )
 
 
+def _loss_types() -> tuple[str, ...]:
+    """The loss types TRL accepts. It names them only in the help of `GRPOConfig.loss_type` and checks them
+    mid-step, so a misspelling would fail after the run started; () if that help text changes."""
+    help_text = {f.name: f for f in dataclasses.fields(GRPOConfig)}["loss_type"].metadata.get("help", "")
+    listed = re.search(r"Supported values are ([^.]*)\.", help_text)
+    return tuple(re.findall(r"'(\w+)'", listed.group(1))) if listed else ()
+
+
 def validate(settings: TrainSettings, world_size: int) -> None:
     """Checks that need no model or data, so a bad request fails in seconds."""
     if settings.reasoning_vocab_size < 0:
         raise InputError(f"reasoning_vocab_size={settings.reasoning_vocab_size} is negative; use 0 for the baseline.")
     require_at_least_one(settings, "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
                          "max_prompt_length", "max_completion_length", "save_steps")
+    check_schedule(settings)
+    require_finite(settings, "temperature", "beta", "accuracy_weight", "format_weight")
+    known = _loss_types()
+    if known and settings.loss_type not in known:
+        raise InputError(
+            f"loss_type={settings.loss_type!r} is not a GRPO loss TRL knows; use one of {', '.join(known)}."
+        )
+    if settings.log_completions_steps < 0:
+        raise InputError(
+            f"log_completions_steps={settings.log_completions_steps} is negative; pass 0 to log none."
+        )
     if settings.num_generations < 2:
         raise InputError("num_generations must be at least 2: GRPO compares completions within a group.")
     batch = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * world_size
@@ -230,8 +253,11 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         if self.ref_model is not None:
             attach(self.ref_model, self.vocab, temperature=self.temperature, head_fp32=head_fp32)
         if fast_rollouts:
-            # sample in the precision the forward passes use: bf16 under bf16 autocast
-            enable_fast_rollouts(self.model, dtype=torch.bfloat16 if self.args.bf16 else None)
+            weights = rollout_weights(self.accelerator, self.args.ds3_gather_for_generation)
+            fast_rollouts = weights.obstacle is None
+            if fast_rollouts:  # sample in the precision the forward passes use: bf16 under bf16 autocast
+                enable_fast_rollouts(self.model, dtype=torch.bfloat16 if self.args.bf16 else None,
+                                     own_copy=weights.sharded)
         self._check_sampling()
         self.correct_sampling = bool(self.args.vllm_importance_sampling_correction and (fast_rollouts or self.args.bf16))
         self.model.record_sampling_logprobs = self.correct_sampling
@@ -308,26 +334,35 @@ class ReasoningGRPOTrainer(GRPOTrainer):
             )
 
     def _maybe_log_samples(self, inputs, output, starts: list[bool]) -> None:
+        """Every `completions_every` steps, a table of the step's completions from every process (rank 0 logs
+        it).
+
+        Each row keeps the sampled ids as the loss saw them (EOS included), so the table can be re-read with
+        `rlvr.thoughts` without decoding text.
+        """
         step = self.state.global_step
         if not self.completions_every or step % self.completions_every or step in self._tabled_steps:
             return
         self._tabled_steps.add(step)
-        if not self.accelerator.is_main_process or mlflow.active_run() is None:
-            return
         rows = []
         for example, ids, mask, starts_inside in zip(inputs, output["completion_ids"], output["completion_mask"], starts,
                                                      strict=True):
-            token_ids = rewards.until_stop(ids[mask.bool()].tolist(), self.eos_token_ids)
+            sampled = ids[mask.bool()].tolist()
+            token_ids = rewards.until_stop(sampled, self.eos_token_ids)
             sample = describe(token_ids, self.processing_class, self.vocab, starts_inside)
             rows.append({
                 "step": step,
+                "rank": self.accelerator.process_index,
                 "prompt": example["prompt"][-1]["content"],
                 "completion": marked_text(sample.text, sample.spans),
                 "solution": example["solution"],
                 "correct": rewards.answer_is_correct(sample.answer, example["solution"]),
                 "reasoning_tokens": sample.reasoning_tokens,
+                "completion_ids": sampled,
             })
-        mlflow.log_table(data=pd.DataFrame(rows), artifact_file=f"completions/step_{step:06d}.json")
+        rows = gather_object(rows)  # every process takes part, so the table holds the whole batch
+        if self.accelerator.is_main_process and mlflow.active_run() is not None:
+            mlflow.log_table(data=pd.DataFrame(rows), artifact_file=f"completions/step_{step:06d}.json")
 
 
 def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, int]:
@@ -348,26 +383,29 @@ def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, 
 
 def train(settings: TrainSettings) -> str | None:
     """Run GRPO as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
-    world = PartialState().num_processes
+    world = process_state().num_processes
     validate(settings, world)
     avoid_cudnn_attention_backward()
     extra = extra_grpo_fields(settings)
     arm = "reasoning" if settings.reasoning_vocab_size else "baseline"
     job = Job(settings.output_dir, run_name=f"train_{arm}", tags={"rlvr.step": f"train_{arm}", "rlvr.arm": arm})
-    split = load_split(settings.data, "train")
+    split = load_split(settings.data, "train").require_rows(settings.data)
+    # everything that can refuse the request comes before the run starts and before anything is written
+    model, tokenizer = job.starting_model(
+        lambda: load_model(settings.model, settings.reasoning_vocab_size, seed=settings.seed)
+    )
+    if model.reasoning_vocab.size != settings.reasoning_vocab_size:
+        raise InputError(
+            f"output_dir {job.output_dir} holds a run with reasoning_vocab_size="
+            f"{model.reasoning_vocab.size}, not {settings.reasoning_vocab_size}; resume with the same size "
+            "or choose another output_dir."
+        )
+    dataset, too_long = _prompt_dataset(split.frame, tokenizer, settings.max_prompt_length)
+    config = grpo_config(settings, extra)
     with job.run():
         if job.main:
             mlflow.log_input(split.mlflow_dataset(), context="train")
-        model, tokenizer = job.starting_model(
-            lambda: load_model(settings.model, settings.reasoning_vocab_size, seed=settings.seed)
-        )
-        if model.reasoning_vocab.size != settings.reasoning_vocab_size:
-            raise InputError(
-                f"output_dir {job.output_dir} holds a run with reasoning_vocab_size={model.reasoning_vocab.size}, not "
-                f"{settings.reasoning_vocab_size}; resume with the same size or choose another output_dir."
-            )
-        dataset, too_long = _prompt_dataset(split.frame, tokenizer, settings.max_prompt_length)
-        config = grpo_config(settings, extra)
+        job.save_start(model, tokenizer)
         if job.main:
             own = dataclasses.asdict(settings)
             tracking.log_params({
@@ -377,7 +415,8 @@ def train(settings: TrainSettings) -> str | None:
                 "data_digest": split.digest,
                 "grpo": {k: v for k, v in config.to_dict().items() if k not in own},
             })
-            mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
+            if job.resume_from is None:  # a resumed run has them: every metric step once
+                mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
         trainer = ReasoningGRPOTrainer(
             model=model,
             reward_funcs=rewards.reward_functions(tokenizer),
@@ -395,4 +434,4 @@ def train(settings: TrainSettings) -> str | None:
             "data_digest": split.digest,
             "arm": arm,
         }
-        return job.finish(trainer.model, tokenizer, settings.registered_model_name, tags)
+        return job.finish(trainer, tokenizer, settings.registered_model_name, tags)

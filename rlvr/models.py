@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr.errors import InputError
@@ -31,9 +32,12 @@ def resolve_model_dir(source: str) -> Path | None:
     if source.startswith(MLFLOW_SCHEMES):
         import mlflow
 
+        from rlvr.tracking import refuse_deleted_run
+
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
         except Exception as error:  # MLflow raises several types for a missing run, model or alias
+            refuse_deleted_run("model", source)
             raise ModelSourceError(
                 f"model {source!r} could not be fetched from MLflow ({type(error).__name__}: {error}); check the "
                 "URI and that MLFLOW_TRACKING_URI points at the server that holds it."
@@ -64,10 +68,17 @@ def _load_base(source: str, directory: Path | None, dtype: torch.dtype, device, 
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if directory is not None:  # found, but its files do not load: truncated weights, broken JSON, ...
+            where = "" if Path(source) == directory else f" ({directory})"
+            raise ModelSourceError(
+                f"model {source!r} is a model directory{where} whose files do not load ({reason}); it is "
+                "incomplete or corrupt: copy or save it again, or pass an intact checkpoint."
+            ) from error
         raise ModelSourceError(
             f"model {source!r} is not a preset ({', '.join(sorted(PRESETS))}), a local model directory, an MLflow "
-            f"model URI or a reachable hub id ({type(error).__name__}: {str(error).splitlines()[0]}). Fix the name, "
+            f"model URI or a reachable hub id ({reason}). Fix the name, "
             "or download the model where the hub is reachable and pass its directory."
         ) from error
     return model.to(device) if device is not None else model, tokenizer
@@ -90,20 +101,24 @@ def load_model(
     """
     directory = resolve_model_dir(source) if source not in PRESETS else None
     model, tokenizer = _load_base(source, directory, dtype, device, seed)
-    saved = ReasoningVocab.load(directory) if directory is not None and (directory / TOKEN_MAP_FILE).exists() else None
-    if saved is not None and (saved.size or not reasoning_vocab_size):
-        if reasoning_vocab_size is not None and reasoning_vocab_size != saved.size:
-            raise ReasoningVocabError(
-                f"model {source!r} already has a reasoning vocabulary of {saved.size} rows, but "
-                f"reasoning_vocab_size={reasoning_vocab_size} was asked for; pass {saved.size} or start from the "
-                "base model."
-            )
-        vocab = attach(model, saved).reasoning_vocab
-    else:
-        # a plain model, or a baseline (N = 0) that grows a reasoning vocabulary now, e.g. from a warm start
-        rows = model.get_input_embeddings().weight.shape[0]
-        vocab = ReasoningVocab.for_tokenizer(tokenizer, rows, reasoning_vocab_size or 0, standard_token_ids)
-        expand_model(model, vocab)
+    has_map = directory is not None and (directory / TOKEN_MAP_FILE).exists()
+    try:
+        saved = ReasoningVocab.load(directory) if has_map else None
+        if saved is not None and (saved.size or not reasoning_vocab_size):
+            if reasoning_vocab_size is not None and reasoning_vocab_size != saved.size:
+                raise ReasoningVocabError(
+                    f"it already has a reasoning vocabulary of {saved.size} rows, but reasoning_vocab_size="
+                    f"{reasoning_vocab_size} was asked for; pass {saved.size} or start from the base model."
+                )
+            vocab = attach(model, saved).reasoning_vocab
+        else:
+            # a plain model, or a baseline (N = 0) that grows a reasoning vocabulary now, e.g. a warm start
+            rows = model.get_input_embeddings().weight.shape[0]
+            size = reasoning_vocab_size or 0
+            vocab = ReasoningVocab.for_tokenizer(tokenizer, rows, size, standard_token_ids)
+            expand_model(model, vocab)
+    except ReasoningVocabError as error:  # say which model: several are named in one pipeline
+        raise ReasoningVocabError(f"model {source!r}: {error}") from error
     return model, make_faithful(tokenizer, vocab)
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +67,8 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
     },
     "ci": {
         "preprocess": {"source": "synthetic:count=300,errors=0.3", "test_size": 20, "instruction": ""},
-        "warmstart": {"model": "micro", "max_steps": 20, "learning_rate": 3e-3, "per_device_train_batch_size": 16},
+        "warmstart": {"model": "micro", "max_steps": 20, "learning_rate": 3e-3, "per_device_train_batch_size": 16,
+                      "save_steps": 10},
         "train": {"max_steps": 2, "learning_rate": 5e-5, "per_device_train_batch_size": 8,
                   "gradient_accumulation_steps": 1, "num_generations": 4, "max_completion_length": 16,
                   "save_steps": 1, "log_completions_steps": 1},
@@ -133,14 +136,21 @@ class Pipeline:
         child = self.client.create_run(
             self.experiment_id,
             run_name=name or entry_point,
-            tags={"mlflow.parentRunId": self.parent.info.run_id, tracking.STEP_KEY: key, "rlvr.code": self.code},
+            tags={"mlflow.parentRunId": self.parent.info.run_id, tracking.STEP_KEY: key, "rlvr.code": self.code,
+                  tracking.PROCESS: tracking.this_process()},  # until the step's own process takes it over
         )
         log.info("%s: starting run %s", entry_point, child.info.run_id)
-        submitted = mlflow.projects.run(
-            str(PROJECT_DIR), entry_point=entry_point, parameters=parameters, env_manager="local",
-            run_id=child.info.run_id, experiment_id=self.experiment_id, synchronous=False,
-        )
-        if not submitted.wait():
+        # `mlflow run` as a plain child, in main's process group (mlflow.projects.run would start it in a session
+        # of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main. The experiment
+        # is passed as an id only: with MLFLOW_EXPERIMENT_NAME also set, `mlflow run` would refuse the pair.
+        command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "local",
+                   "--run-id", child.info.run_id, "--experiment-id", self.experiment_id]
+        for k, v in parameters.items():
+            command += ["-P", f"{k}={v}"]
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}
+        if subprocess.run(command, cwd=PROJECT_DIR, env=env, check=False).returncode:
+            if self.client.get_run(child.info.run_id).info.status == "RUNNING":  # it died before adopting it
+                self.client.set_terminated(child.info.run_id, "FAILED")
             raise InputError(f"step {entry_point} failed (run {child.info.run_id}); its log is in the run's output above.")
         # a training killed earlier resumes into its first run; the new child then only points to it
         return self.client.get_run(child.info.run_id).data.tags.get(tracking.RESUMED_INTO, child.info.run_id)
@@ -189,7 +199,15 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
     seeds = parse_seeds(settings.seeds)
     plan = SCALES[settings.scale]
     name = settings.registered_model_name
-    size = settings.reasoning_vocab_size or len(PRESETS[plan["warmstart"]["model"]]()[1])
+    if not name.strip():
+        raise InputError("registered_model_name is empty; both arms register under it: pass e.g. rlvr-demo.")
+    token_ids = len(PRESETS[plan["warmstart"]["model"]]()[1])
+    if not 0 <= settings.reasoning_vocab_size <= token_ids:
+        raise InputError(
+            f"reasoning_vocab_size={settings.reasoning_vocab_size} is not in 0..{token_ids}, the token ids "
+            f"of the {plan['warmstart']['model']} model at scale {settings.scale}; pass 0 to copy every one."
+        )
+    size = settings.reasoning_vocab_size or token_ids
     with tracking.entrypoint_run(run_name="main", tags={"rlvr.step": "main", "rlvr.scale": settings.scale},
                                  default_experiment=EXPERIMENT):
         tracking.log_params({"scale": settings.scale, "reasoning_vocab_size": size, "registered_model_name": name,

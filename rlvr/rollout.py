@@ -19,6 +19,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface, GenerationConfig, PreTrainedModel, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -29,6 +31,7 @@ from rlvr.errors import InputError
 log = logging.getLogger(__name__)
 
 PROMPT_BUCKET = 128  # prompt lengths are padded up to a multiple of this, so few cache shapes get compiled
+KV_BUCKET = 64  # a decode step attends over the cache positions in use, rounded up to a multiple of this
 _HANDLED_KWARGS = {"input_ids", "attention_mask", "generation_config"}
 DECODE_ATTENTION = "rlvr_decode"  # the attention implementation rollouts run under, registered below
 
@@ -58,6 +61,8 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if query.shape[2] != 1 or groups == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if attention_mask is not None:  # the rollout's mask covers the positions in use: read only those of the cache
+        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     batch, heads, _, dim = query.shape
     packed = query.reshape(batch, heads // groups, groups, dim)
     output = _attend(packed, key, value, attention_mask, scaling)  # masks are (B, 1, 1, L): they broadcast
@@ -141,31 +146,46 @@ class FastRollout:
     With `dtype` set (bf16 for a model trained in fp32 under bf16 autocast) rollouts run on a copy of the
     weights in that dtype, refreshed before each rollout: the decode step then reads half the bytes and skips
     autocast's per-step weight casts, and the KV cache has one dtype.
+
+    `own_copy` decodes on such a copy even in the model's own dtype. A sharded model needs it: under FSDP2
+    each process holds a slice of every parameter (a DTensor), which the refresh gathers whole; under
+    DeepSpeed ZeRO-3 the weights are whole only inside TRL's gather around `generate`. A copy also keeps the
+    compiled decode step reading weights at fixed addresses, which sharding frees and reallocates. The copy
+    is made on the device of the first rollout's inputs: a sharded model may still sit on the CPU when the
+    trainer is built.
     """
 
-    def __init__(self, model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None,
+                 own_copy: bool = False):
         self.model = model
-        self.compile = model.device.type == "cuda" if compile is None else compile
+        self._model_class = type(model)  # before sharding, which may swap the class for a wrapper
+        self.compile = compile  # None: compile when the first rollout decodes on a GPU
         self.dtype = dtype if dtype is not None and dtype != model.dtype else None
+        self.copies = own_copy or self.dtype is not None
         self._shadow: PreTrainedModel | None = None
         self._compiled: dict[tuple[int, int], _Compiled] = {}
         self.calls = 0  # rollouts served, for tests and logs
 
     def prepare(self) -> None:
-        """Build the low-precision copy now, so a model it cannot copy is refused before training starts."""
-        if self.dtype is not None:
-            self._runner()
+        """Check now that the model can be copied, so that a model it cannot copy is refused up front."""
+        if self.copies:
+            _require_same_parameters(self.model, self._empty_copy(torch.device("meta")))
 
-    def _runner(self) -> PreTrainedModel:
-        """The module that decodes: the model itself, or its low-precision copy with current weights."""
-        if self.dtype is None:
+    def _empty_copy(self, device: torch.device) -> PreTrainedModel:
+        with torch.device("meta"):
+            shadow = self._model_class(copy.deepcopy(self.model.config))
+        if device.type != "meta":
+            shadow = shadow.to_empty(device=device)
+        for parameter in shadow.parameters():
+            parameter.data = parameter.data.to(self.dtype or self.model.dtype)
+        return shadow
+
+    def _runner(self, device: torch.device) -> PreTrainedModel:
+        """The module that decodes: the model, or its copy (on `device`) with current, whole weights."""
+        if not self.copies:
             return self.model
-        if self._shadow is None:
-            with torch.device("meta"):
-                shadow = type(self.model)(copy.deepcopy(self.model.config))
-            shadow = shadow.to_empty(device=self.model.device)
-            for parameter in shadow.parameters():
-                parameter.data = parameter.data.to(self.dtype)
+        if self._shadow is None or self._shadow.device != device:
+            shadow = self._empty_copy(device)
             shadow.tie_weights()
             for name, buffer in self.model.named_buffers():  # rotary frequencies stay in their own dtype
                 shadow.get_buffer(name).copy_(buffer)
@@ -174,23 +194,35 @@ class FastRollout:
         shadow_parameters = dict(self._shadow.named_parameters())
         with torch.no_grad():
             for name, parameter in self.model.named_parameters():
-                shadow_parameters[name].copy_(parameter)
+                target = shadow_parameters[name]
+                whole = _whole(parameter)
+                if whole.shape != target.shape:
+                    raise RuntimeError(
+                        f"fast rollouts got {tuple(whole.shape)} of parameter {name}, which holds "
+                        f"{tuple(target.shape)}: its weights are sharded and were not gathered for the "
+                        "rollout; run with fast_rollouts=false (ZeRO-3: ds3_gather_for_generation=true)."
+                    )
+                target.copy_(whole)
         return self._shadow
 
     def _entry(self, batch: int, length: int) -> _Compiled:
         key = (batch, length)
         if key not in self._compiled:
-            cache = StaticCache(config=self.model.config, max_cache_len=length)
+            # one spare position: the visible part of the cache is then always a strict slice, never the whole
+            # (contiguous) tensor, so the compiled step's guards hold for every bucket
+            cache = StaticCache(config=self.model.config, max_cache_len=length + 1)
             step = self._decode_step
             if self.compile:
-                step = torch.compile(step, mode="reduce-overhead", dynamic=False, fullgraph=False)
+                # static shapes, except the length of the visible cache (marked dynamic): one compilation, and one
+                # CUDA graph recorded per KV_BUCKET
+                step = torch.compile(step, mode="reduce-overhead", dynamic=None, fullgraph=False)
             self._compiled[key] = _Compiled(cache, step)
             log.info("fast rollouts: new decode step for batch %d, cache length %d", batch, length)
         return self._compiled[key]
 
     def _decode_step(self, runner, cache, token, position, cache_position, attention, inside, finished, forbidden,
                      eos, pad, inv_temperature, greedy: bool):
-        logits = runner(
+        logits = runner(  # a 4D mask goes to the attention as it is: (batch, 1, 1, visible cache positions)
             input_ids=token, attention_mask=attention, position_ids=position, past_key_values=cache,
             cache_position=cache_position, use_cache=True,
         ).logits[:, -1].float()
@@ -203,7 +235,9 @@ class FastRollout:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`input_ids` followed by up to `max_new_tokens` sampled ids (padding after EOS), as `generate` returns,
         and each sampled token's log-prob (fp32) under the distribution it was drawn from."""
-        runner = self._runner()
+        if self.compile is None:
+            self.compile = input_ids.device.type == "cuda"
+        runner = self._runner(input_ids.device)
         with _attention(runner.config, DECODE_ATTENTION):
             return self._generate(runner, input_ids, attention_mask, config)
 
@@ -248,10 +282,13 @@ class FastRollout:
         cache_position = torch.tensor([bucket], device=device)
         for t in range(1, max_new):
             attention[:, bucket + t - 1] = 1
+            # a fresh contiguous mask: a view of `attention` would turn contiguous at the last bucket, a new guard
+            visible = attention[:, None, None, : min(length, -(-(bucket + t) // KV_BUCKET) * KV_BUCKET)].bool()
             if self.compile:
+                torch._dynamo.mark_dynamic(visible, 3)
                 torch.compiler.cudagraph_mark_step_begin()
             state = entry.step(
-                runner, entry.cache, token.unsqueeze(-1), position, cache_position, attention, inside, finished, forbidden,
+                runner, entry.cache, token.unsqueeze(-1), position, cache_position, visible, inside, finished, forbidden,
                 eos, pad, inv_temperature, greedy,
             )
             # a replay overwrites its outputs in place: keep copies, which the next step reads
@@ -264,6 +301,43 @@ class FastRollout:
                 break
         self.calls += 1
         return torch.cat([input_ids, out], 1), logprobs
+
+
+@dataclass(frozen=True)
+class RolloutWeights:
+    """How fast rollouts can read the whole model under a distributed setup: `sharded` (decode on an own copy,
+    refreshed from gathered weights), or `obstacle`, why they cannot (then TRL's generation samples)."""
+
+    sharded: bool
+    obstacle: str | None = None
+
+
+def rollout_weights(accelerator, ds3_gather_for_generation: bool) -> RolloutWeights:
+    """What the accelerator's sharding leaves fast rollouts to read (from its public state: distributed type,
+    ZeRO stage, FSDP version); when they cannot read the whole model, the main process logs one warning.
+
+    DDP and ZeRO-1/2 keep whole weights in every process. ZeRO-3 makes them whole only inside TRL's gather
+    around `generate`, which `ds3_gather_for_generation` turns on. FSDP2 shards parameters as DTensors, which
+    the copy gathers itself. FSDP1 flattens parameters into shards that TRL does not gather for generation.
+    """
+    kind = accelerator.distributed_type
+    weights = RolloutWeights(sharded=False)
+    if kind == DistributedType.DEEPSPEED and accelerator.deepspeed_plugin.zero_stage == 3:
+        weights = RolloutWeights(sharded=True, obstacle=None if ds3_gather_for_generation else (
+            "DeepSpeed ZeRO-3 with ds3_gather_for_generation=false leaves each process only its partition of "
+            "the weights while it samples"))
+    elif kind == DistributedType.FSDP:
+        weights = RolloutWeights(sharded=True, obstacle=None if accelerator.is_fsdp2 else (
+            "FSDP1 keeps flattened shards that are not gathered for sampling (FSDP2: configs/fsdp2.yaml)"))
+    if weights.obstacle and accelerator.is_main_process:
+        log.warning("fast rollouts are off: %s; TRL's generation samples instead (constrained, slower).",
+                    weights.obstacle)
+    return weights
+
+
+def _whole(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter as one tensor: an FSDP2 slice (a DTensor) gathered from every process, else itself."""
+    return parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
 
 
 def _require_same_parameters(model: PreTrainedModel, shadow: PreTrainedModel) -> None:

@@ -21,7 +21,7 @@ from rlvr.data import load_split
 from rlvr.errors import InputError, require_at_least_one
 from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
 from rlvr.models import load_model
-from rlvr.training import Job, bf16_enabled, checkpointing_option, param
+from rlvr.training import Job, bf16_enabled, check_schedule, checkpointing_option, param
 
 
 @dataclass
@@ -44,13 +44,13 @@ class WarmstartSettings:
     registered_model_name: str = param("rlvr-warmstart", "register the final model under this name ('' to skip)")
 
 
-def _sft_dataset(frame) -> Dataset:
+def _sft_dataset(frame, data: str) -> Dataset:
     """Conversational prompt-completion pairs; TRL then computes the loss on the completion only."""
     usable = frame[frame["reference"].str.len() > 0]
     if usable.empty:
         raise InputError(
-            "the data has no worked solutions (its reference column is empty); warm-start on a source with "
-            "references, e.g. preprocess source=synthetic."
+            f"data {data!r} has no worked solutions (its reference column is empty); warm-start on a source "
+            "with references, e.g. preprocess source=synthetic."
         )
     return Dataset.from_list([
         {"prompt": [dict(m) for m in row.prompt], "completion": [{"role": "assistant", "content": row.reference}]}
@@ -62,15 +62,18 @@ def warmstart(settings: WarmstartSettings) -> str | None:
     """Fine-tune as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
     require_at_least_one(settings, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                          "save_steps")
+    check_schedule(settings)
     checkpointing = checkpointing_option(SFTConfig, settings.gradient_checkpointing)  # a bad value fails here
     avoid_cudnn_attention_backward()
     job = Job(settings.output_dir, run_name="warmstart", tags={"rlvr.step": "warmstart", "rlvr.arm": "baseline"})
-    split = load_split(settings.data, "train")
-    dataset = _sft_dataset(split.frame)
+    split = load_split(settings.data, "train").require_rows(settings.data)
+    dataset = _sft_dataset(split.frame, settings.data)
+    # the model is loaded before the run starts, so one that cannot be loaded leaves nothing behind
+    model, tokenizer = job.starting_model(lambda: load_model(settings.model, 0, seed=settings.seed))
     with job.run():
         if job.main:
             mlflow.log_input(split.mlflow_dataset(), context="train")
-        model, tokenizer = job.starting_model(lambda: load_model(settings.model, 0, seed=settings.seed))
+        job.save_start(model, tokenizer)
         config = SFTConfig(
             output_dir=settings.output_dir,
             learning_rate=settings.learning_rate,
@@ -94,7 +97,8 @@ def warmstart(settings: WarmstartSettings) -> str | None:
             own = dataclasses.asdict(settings)
             tracking.log_params({**own, "data_digest": split.digest,
                                  "sft": {k: v for k, v in config.to_dict().items() if k not in own}})
-            mlflow.log_metric("data/train_examples", len(dataset))
+            if job.resume_from is None:  # a resumed run has it: every metric step once
+                mlflow.log_metric("data/train_examples", len(dataset))
         trainer = SFTTrainer(
             model=model,
             args=config,
@@ -105,6 +109,6 @@ def warmstart(settings: WarmstartSettings) -> str | None:
         trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
         tags = {"base_model": settings.model, "reasoning_vocab_size": "0", "data_digest": split.digest,
                 "arm": "warmstart"}
-        return job.finish(trainer.model, tokenizer, settings.registered_model_name, tags)
+        return job.finish(trainer, tokenizer, settings.registered_model_name, tags)
 
 

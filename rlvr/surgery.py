@@ -27,7 +27,8 @@ Private names of the libraries relied on (pinned by `pyproject.toml`; tests exer
   `FusedCausalLMOutput` (the fused log-prob contract, `fused_lm_head=True`); in `GRPOTrainer` (see
   `rlvr.grpo`): `_generate_single_turn`, `_generate` (its first result, the prompt ids), `_calculate_rewards`,
   `_generate_and_score_completions`, `_metrics`, and the `use_vllm` flag that gates its sampling-mismatch
-  correction (`vllm_importance_sampling_*`).
+  correction (`vllm_importance_sampling_*`); under DeepSpeed ZeRO-3, that its transformers generation path
+  calls `generate` inside a gather of the whole model (`ds3_gather_for_generation`), which fast rollouts copy.
 """
 
 from __future__ import annotations
@@ -191,14 +192,16 @@ def attach(
 
 
 def enable_fast_rollouts(
-    model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None
+    model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None,
+    own_copy: bool = False,
 ) -> PreTrainedModel:
-    """Route `model.generate`'s plain sampling requests through a `FastRollout` (in place)."""
+    """Route `model.generate`'s plain sampling requests through a `FastRollout` (in place); `own_copy` for a
+    model whose weights will be sharded (see `FastRollout`)."""
     from rlvr.rollout import FastRollout
 
     if not hasattr(model, "reasoning_vocab"):
         raise ValueError("attach a reasoning vocabulary (rlvr.surgery.attach) before enabling fast rollouts")
-    model.fast_rollout = FastRollout(model, compile=compile, dtype=dtype)
+    model.fast_rollout = FastRollout(model, compile=compile, dtype=dtype, own_copy=own_copy)
     model.fast_rollout.prepare()
     return model
 

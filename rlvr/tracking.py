@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import LifecycleStage
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
@@ -32,6 +34,7 @@ STEP_KEY = "rlvr.step_key"  # tag of a run `main` made for a step: the step's en
 RESUMED_INTO = "rlvr.resumed_into"  # tag of a run `mlflow run` made for a restart: the run resumed
 MOVED_TO = "rlvr.moved_to"  # tag of a run `mlflow run` made in `Default`: the run that did the work elsewhere
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's `Default` experiment, where runs land when nobody names one
+PROCESS = "rlvr.process"  # tag: `<host>/<pid>` of the process that is filling the run
 RUN_FILE = "mlflow_run.json"
 MAX_PARAM_LENGTH = 6000
 SERVED_PACKAGES = (
@@ -87,7 +90,7 @@ def _own_experiment(name: str, launched: str | None) -> str | None:
             experiment = client.get_experiment_by_name(name)  # another run created it meanwhile
             if experiment is None:
                 raise
-    if experiment.lifecycle_stage != "active":
+    if experiment.lifecycle_stage != LifecycleStage.ACTIVE:
         raise InputError(
             f"the MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}) or name another one with MLFLOW_EXPERIMENT_NAME."
@@ -99,7 +102,8 @@ def _leave_pointer(launched: str, run: mlflow.ActiveRun, run_name: str | None, e
     """Turn the run `mlflow run` created into a pointer to `run`, which does the work in `experiment`.
 
     MLflow cannot move a run between experiments, and `mlflow run` fails if its run is deleted; it closes the
-    pointer itself when the command ends (FINISHED, or FAILED with the real run).
+    pointer itself when the command ends (FINISHED, or FAILED with the real run). The pointer carries this
+    process too, so that one left RUNNING by a killed `mlflow run` is closed as an orphan later.
     """
     client = MlflowClient()
     origin = {k: v for k, v in client.get_run(launched).data.tags.items()
@@ -107,9 +111,28 @@ def _leave_pointer(launched: str, run: mlflow.ActiveRun, run_name: str | None, e
     if origin:  # the real run shows the same project, entry point and commit
         mlflow.set_tags(origin)
     client.set_tag(launched, MOVED_TO, run.info.run_id)
+    client.set_tag(launched, PROCESS, this_process())
     client.set_tag(launched, "mlflow.runName", f"{run_name or 'run'} (in experiment {experiment})")
     log.info("MLflow run %s in experiment %s (the run %s in Default points to it)", run.info.run_id,
              experiment, launched)
+
+
+def refuse_deleted_run(name: str, reference: str, run_id: str | None = None) -> None:
+    """Say so when `reference` (a `runs:/<id>/...` URI, or whatever names the run `run_id`) is a deleted run:
+    MLflow still serves a deleted run's metadata, and of its artifacts only says it cannot download them."""
+    if run_id is None and reference.startswith("runs:/"):
+        run_id = reference.removeprefix("runs:/").split("/", 1)[0]
+    if not run_id:
+        return
+    try:
+        deleted = MlflowClient().get_run(run_id).info.lifecycle_stage == LifecycleStage.DELETED
+    except MlflowException:
+        return  # no such run: the caller's own message says what was tried
+    if deleted:
+        raise InputError(
+            f"{name}={reference!r} names run {run_id}, which is deleted; restore it (mlflow runs restore "
+            f"--run-id {run_id}) or pass a run that exists."
+        )
 
 
 @contextmanager
@@ -155,9 +178,47 @@ def entrypoint_run(
             _leave_pointer(launched, run, run_name, default_experiment)
         if adopted and run_name and STEP_KEY not in run.data.tags:
             mlflow.set_tag("mlflow.runName", run_name)
-        if tags:
-            mlflow.set_tags(dict(tags))
+        mlflow.set_tags({**(tags or {}), PROCESS: this_process()})
+        close_orphans(run.info.experiment_id)
+        if moved:
+            close_orphans(DEFAULT_EXPERIMENT_ID)  # pointers of earlier invocations killed with `mlflow run`
         yield run
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process nobody reaped yet is a zombie: dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def close_orphans(experiment_id: str) -> None:
+    """Mark KILLED the RUNNING runs of this host whose process is gone (a SIGKILL, an OOM kill, a lost node).
+
+    A killed training is still resumed into its run later (resuming sets it RUNNING again); runs of other hosts
+    are left alone, since their processes cannot be checked from here.
+    """
+    host = socket.gethostname()
+    client = MlflowClient()
+    running = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{PROCESS}` LIKE '{host}/%'"
+    )
+    for run in running:
+        owner = run.data.tags[PROCESS]
+        pid = owner.rsplit("/", 1)[1]
+        if owner.rsplit("/", 1)[0] == host and pid.isdigit() and not _alive(int(pid)):
+            log.info("run %s was left RUNNING by process %s, which is gone; marking it KILLED", run.info.run_id, owner)
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 @contextmanager
@@ -188,6 +249,7 @@ def resumable_run(
             client.delete_tag(fresh, STEP_KEY)
         log.info("resuming MLflow run %s; the new run %s points to it", saved, fresh)
     with mlflow.start_run(run_id=saved) as run:
+        mlflow.set_tag(PROCESS, this_process())
         yield run
 
 
@@ -215,12 +277,14 @@ def log_params(params: Mapping[str, Any]) -> None:
 class MlflowMetrics(TrainerCallback):
     """Every Trainer log (TRL's rewards, KL, lengths, ours) as MLflow metrics at the global step, from rank 0 only.
 
-    A resumed training repeats the steps between its checkpoint and the kill; those steps are already in the run,
-    so they are not logged again: each step appears once.
+    Each metric appears once per step: a resumed training repeats the steps between its checkpoint and the
+    kill, which are already in the run, so they are not logged again; and the Trainer's closing summary
+    repeats `epoch` at the last step, which keeps its first value.
     """
 
     def __init__(self):
         self.logged_until = 0
+        self._step_keys: tuple[int, set[str]] = (-1, set())
 
     def on_train_begin(self, args, state, control, **kwargs):
         run = mlflow.active_run()
@@ -233,9 +297,14 @@ class MlflowMetrics(TrainerCallback):
             return
         if 0 < state.global_step <= self.logged_until:
             return
-        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._step_keys[0] != state.global_step:
+            self._step_keys = (state.global_step, set())
+        logged = self._step_keys[1]
+        metrics = {k: float(v) for k, v in logs.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in logged}
         if metrics:
             mlflow.log_metrics(metrics, step=state.global_step)
+            logged.update(metrics)
 
 
 def _requirements() -> list[str]:

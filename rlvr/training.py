@@ -6,8 +6,12 @@ A job owns one `output_dir`: `checkpoint-0` (the starting model, token map inclu
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import field, fields
@@ -15,16 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 from accelerate import PartialState
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from rlvr import tracking
-from rlvr.errors import InputError
-from rlvr.guards import require_finite_weights
+from rlvr.errors import InputError, require_finite
+from rlvr.guards import TrainingDiverged
 from rlvr.models import load_model, save_model
 from rlvr.vocab import TOKEN_MAP_FILE
 
 FINAL_DIR = "final"
+_WATCHER = "rlvr-launcher-watch"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -45,6 +51,27 @@ def flag(name: str, value: str) -> bool | None:
     raise InputError(f"{name}={value!r} is not a switch; use true, false or auto.")
 
 
+def check_schedule(settings: Any) -> None:
+    """The schedule both trainers take: a finite, non-negative learning rate and at least one step.
+
+    Without this, `nan` fails deep inside the optimizer, `inf` epochs overflow, and `max_steps=0` (or -2)
+    trains for no step and still registers a model.
+    """
+    require_finite(settings, "learning_rate", "num_train_epochs")
+    if settings.learning_rate < 0:
+        raise InputError(f"learning_rate={settings.learning_rate} is negative; pass a positive one.")
+    if settings.max_steps != -1 and settings.max_steps < 1:
+        raise InputError(
+            f"max_steps={settings.max_steps} is neither a positive step count nor -1; pass e.g. "
+            "max_steps=100, or -1 to train for num_train_epochs."
+        )
+    if settings.max_steps == -1 and settings.num_train_epochs <= 0:
+        raise InputError(
+            f"num_train_epochs={settings.num_train_epochs} with max_steps=-1 trains for no step; pass a "
+            "positive num_train_epochs or a positive max_steps."
+        )
+
+
 def checkpointing_option(config_class: type, value: str) -> dict[str, bool]:
     """The `config_class(**...)` keyword for activation checkpointing, named as this transformers names it.
 
@@ -55,11 +82,54 @@ def checkpointing_option(config_class: type, value: str) -> dict[str, bool]:
     return {name: bool(flag("gradient_checkpointing", value))}
 
 
-def bf16_enabled(value: str) -> bool:
-    import torch
+def process_state() -> PartialState:
+    """This process's place among the job's processes, set up as the Trainer will set it up.
 
+    On a machine without a GPU, the processes a launcher started (`accelerate launch --multi_gpu`, torchrun,
+    the SLURM `accelerate` template) are CPU processes joined over gloo, and accelerate recognises them only
+    when told that the job runs on the CPU; otherwise each process would count itself as the only one, and
+    every one of them would open its own MLflow run.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def end_with_launcher(poll_s: float = 0.5) -> None:
+    """Under torchrun (`accelerate launch` with several processes, the SLURM `accelerate` template) end this
+    process when its launcher is gone.
+
+    torchrun starts every process in a session of its own, so killing the launcher's process group (`kill -9`,
+    a closed terminal) would leave them training on, and a rerun would then share `output_dir` with them. A
+    killed launcher thus ends its processes as it would end one process: abruptly, leaving the newest
+    checkpoint to resume from.
+    """
+    if not torch.distributed.is_torchelastic_launched():
+        return
+    if any(thread.name == _WATCHER for thread in threading.enumerate()):
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name=_WATCHER, daemon=True).start()
+
+
+def bf16_enabled(value: str) -> bool:
+    """Whether training runs under bf16 autocast. The `bf16` parameter decides, not the launcher: rlvr sets
+    the sampling precision and the sampling correction from it, so a launcher asking for another precision
+    (an accelerate config's `mixed_precision`) is refused rather than left to change the numerics unseen."""
     chosen = flag("bf16", value)
-    return (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if chosen is None else chosen
+    enabled = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if chosen is None else chosen
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher not in ("no", "bf16" if enabled else "no"):
+        raise InputError(
+            f"the launcher asks for mixed_precision={launcher}, but training runs "
+            f"{'with' if enabled else 'without'} bf16 (bf16={value}); launch with mixed_precision no (as "
+            "configs/*.yaml do) and choose with -P bf16=..."
+        )
+    return enabled
 
 
 class Job:
@@ -69,7 +139,8 @@ class Job:
         self.output_dir = Path(output_dir)
         self.run_name = run_name
         self.tags = dict(tags)
-        self.state = PartialState()
+        self.state = process_state()
+        end_with_launcher()
         self.main = self.state.is_main_process
         if (self.output_dir / FINAL_DIR / TOKEN_MAP_FILE).exists():
             raise InputError(
@@ -105,30 +176,47 @@ class Job:
     def starting_model(
         self, load: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """`load()`'s model saved as `checkpoint-0`, or that checkpoint when resuming.
+        """`load()`'s model, or `checkpoint-0` when resuming. Called before the run starts, so a model that
+        cannot be loaded fails with nothing written; `save_start` writes `checkpoint-0` in the run."""
+        if self.resume_from is not None:
+            return load_model(str(self.start_dir))
+        return load()
+
+    def save_start(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Save the starting model as `checkpoint-0` (kept as it is when resuming).
 
         The model then names `checkpoint-0` as its origin, so a reference model TRL builds from the
         name is the same expanded model.
         """
-        if self.resume_from is not None:
-            model, tokenizer = load_model(str(self.start_dir))
-        else:
-            model, tokenizer = load()
+        if self.resume_from is None:
             if self.main:
                 shutil.rmtree(self.start_dir, ignore_errors=True)
                 save_model(model, tokenizer, self.start_dir)
             self.state.wait_for_everyone()
         model.config._name_or_path = str(self.start_dir)
-        return model, tokenizer
 
     def finish(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, registered_model_name: str,
+        self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, registered_model_name: str,
         tags: Mapping[str, str],
     ) -> str | None:
-        """Save `final/`, tag the run, log the pyfunc model and register it. Returns the model URI on rank 0."""
+        """Save `final/`, tag the run, log the pyfunc model and register it. Returns the model URI on rank 0.
+
+        Every process calls it: the trained weights are gathered whole first (under FSDP and DeepSpeed ZeRO-3
+        each process holds a shard; ZeRO-3 needs `stage3_gather_16bit_weights_on_model_save`), then rank 0
+        writes them.
+        """
+        weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if not self.main:
             return None
-        require_finite_weights(model, f"the trained model in {self.output_dir}")  # never saved, logged or registered
-        final = save_model(model, tokenizer, self.output_dir / FINAL_DIR)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()][:3]
+        if bad:  # never saved, logged or registered
+            raise TrainingDiverged(
+                f"the trained model in {self.output_dir} has non-finite weights ({', '.join(bad)}); use "
+                "one of its earlier checkpoints instead."
+            )
+        final = self.output_dir / FINAL_DIR
+        model.save_pretrained(final, state_dict=weights)
+        tokenizer.save_pretrained(final)
         mlflow.set_tags({f"rlvr.{k}": v for k, v in tags.items()})
         return tracking.log_model(final, registered_model_name or None, tags)

@@ -87,8 +87,8 @@ class ReasoningVocab:
         unk = tokenizer.unk_token_id
         if any(i is None or (unk is not None and i == unk) for i in think_ids):
             raise ReasoningVocabError(
-                f"the tokenizer has no single-token {THINK_START!r}/{THINK_END!r}; add both as tokens "
-                "(and resize the model) before using a reasoning vocabulary."
+                f"the tokenizer has no single-token {THINK_START!r}/{THINK_END!r}, by which rlvr reads "
+                "thoughts; add both as tokens (and resize the model) before training or evaluating it."
             )
         control = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
         return cls(
@@ -198,7 +198,13 @@ class ReasoningVocab:
                 control_token_ids=tuple(int(i) for i in data["control_token_ids"]),
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ReasoningVocabError(f"{path} is not a readable reasoning token map ({error}).") from error
+            raise ReasoningVocabError(
+                f"{path} is not a readable reasoning token map ({type(error).__name__}: {error}); copy it "
+                "again from the checkpoint or run it came from."
+            ) from error
         if list(vocab.multiplicities) != list(data.get("multiplicities", vocab.multiplicities)):
-            raise ReasoningVocabError(f"{path}: multiplicities disagree with standard_token_ids; the file is corrupt.")
+            raise ReasoningVocabError(
+                f"{path}: multiplicities disagree with standard_token_ids; the file is corrupt: copy it "
+                "again from the checkpoint or run it came from."
+            )
         return vocab

@@ -1,8 +1,12 @@
-"""The `main` pipeline at CI scale through `mlflow run`, against a real tracking server."""
+"""The `main` pipeline at CI scale through `mlflow run`, against a real tracking server: killed at every stage
+(the whole process group, SIGKILL), rerun with the same command until it finishes, then rerun to reuse everything.
+No experiment is named until the last rerun, so `main` runs in its own (`rlvr-demo`)."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT
@@ -15,35 +19,90 @@ SEEDS = (0, 1)
 PER_SEED = ["evaluate warmstart", "evaluate train_baseline", "evaluate train_reasoning", "train_baseline",
             "train_reasoning", "warmstart"]
 STEPS = sorted(["preprocess"] + [f"{step} seed {seed}" for step in PER_SEED for seed in SEEDS])
+TRAININGS = [f"{step} seed {seed}" for step in ("warmstart", "train_baseline", "train_reasoning") for seed in SEEDS]
+
+
+def mlflow_run_command(tmp_path) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local",
+            "-P", "scale=ci", "-P", f"output_dir={tmp_path / 'main'}", "-P", "registered_model_name=ci-demo",
+            "-P", f"seeds={','.join(map(str, SEEDS))}"]
 
 
 def mlflow_run(tmp_path, **environment: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local",
-               "-P", "scale=ci", "-P", f"output_dir={tmp_path / 'main'}", "-P", "registered_model_name=ci-demo",
-               "-P", f"seeds={','.join(map(str, SEEDS))}"]
-    return subprocess.run(command, cwd=ROOT, env={**os.environ, **environment}, capture_output=True,
-                          text=True, timeout=1500, check=False)
+    return subprocess.run(mlflow_run_command(tmp_path), cwd=ROOT, env={**os.environ, **environment},
+                          capture_output=True, text=True, timeout=1500, check=False)
+
+
+def kill_when(tmp_path, reached, stage: str) -> None:
+    """Start main, SIGKILL its whole process group as soon as `reached()` holds."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    with open(tmp_path / f"killed-in-{stage}.log", "w") as log:
+        job = subprocess.Popen(mlflow_run_command(tmp_path), cwd=ROOT, env=env, stdout=log, stderr=log,
+                               start_new_session=True)
+        deadline = time.monotonic() + 900
+        while not reached():
+            assert job.poll() is None, f"main ended before {stage}: {(tmp_path / f'killed-in-{stage}.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"main never reached {stage}"
+            time.sleep(0.1)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+
+
+def running(client: MlflowClient, experiment: str, name_prefix: str):
+    def reached() -> bool:
+        found = client.get_experiment_by_name(experiment)
+        return found is not None and any(
+            r.info.run_name.startswith(name_prefix)
+            for r in client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'"))
+    return reached
+
+
+def checkpoint(tmp_path, step: str, number: int):
+    return lambda: any((tmp_path / "main" / step).glob(f"*/checkpoint-{number}/trainer_state.json"))
 
 
 def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_steps(tracking_uri, tmp_path,
                                                                                      monkeypatch):
     for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(name, raising=False)
-    first = mlflow_run(tmp_path)  # no experiment named: main runs in its own
+    experiment = EXPERIMENT
+    client = MlflowClient()
+    stages = {"preprocess": running(client, experiment, "preprocess"), "warmstart": checkpoint(tmp_path, "warmstart", 10),
+              "grpo": checkpoint(tmp_path, "train_baseline", 1), "evaluate": running(client, experiment, "evaluate")}
+    for stage, reached in stages.items():  # each rerun reuses what finished and resumes the killed training
+        kill_when(tmp_path, reached, stage)
+    first = mlflow_run(tmp_path)
     assert first.returncode == 0, first.stderr[-5000:]
     assert "| model | accuracy" in first.stdout and "champion: models:/ci-demo/" in first.stdout
 
-    client = MlflowClient()
-    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    (parent,) = client.search_runs([experiment_id], "tags.`rlvr.step` = 'main'")
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "main"
-    # the run `mlflow run` made in Default before main started stays there, finished, pointing to main
-    (pointer,) = client.search_runs([tracking.DEFAULT_EXPERIMENT_ID],
-                                    f"tags.`{tracking.MOVED_TO}` = '{parent.info.run_id}'")
-    assert pointer.info.status == "FINISHED" and pointer.info.run_name == f"main (in experiment {EXPERIMENT})"
-    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]  # the killed ones were closed
+    mains = [r for r in runs if r.data.tags.get("rlvr.step") == "main"]
+    assert sorted(r.info.status for r in mains) == ["FINISHED"] + ["KILLED"] * len(stages)
+    (parent,) = [r for r in mains if r.info.status == "FINISHED"]
+    assert parent.info.run_name == "main"
+    # the runs `mlflow run` made in Default before main started stay there as pointers: the killed ones closed
+    pointers = client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], f"tags.`{tracking.MOVED_TO}` LIKE '%'")
+    pointers = [r for r in pointers if r.data.tags[tracking.MOVED_TO] in {m.info.run_id for m in mains}]
+    assert sorted(r.info.status for r in pointers) == ["FINISHED"] + ["KILLED"] * len(stages)
+    assert all(r.info.run_name == f"main (in experiment {EXPERIMENT})" for r in pointers)
+    (finished,) = [r for r in pointers if r.info.status == "FINISHED"]
+    assert finished.data.tags[tracking.MOVED_TO] == parent.info.run_id
+    by_id = {r.info.run_id: r for r in runs}
+    own = [by_id[c.data.tags.get("rlvr.resumed_into", c.info.run_id)]
+           for c in runs if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    reused = [r for r in runs if r.data.tags.get(f"rlvr.reused_by.{parent.info.run_id}") == "true"]
+    children = own + reused  # every step main used: run by this invocation, resumed, or reused from a killed one
     assert sorted(c.info.run_name for c in children) == STEPS
     assert all(c.info.status == "FINISHED" for c in children)
+    for training in (c for c in children if c.info.run_name in TRAININGS):  # one run each, every step once
+        assert sum(r.info.run_name == training.info.run_name for r in runs) == 1
+        for key in ("loss", "learning_rate"):
+            steps = [m.step for m in client.get_metric_history(training.info.run_id, key)]
+            assert steps and len(steps) == len(set(steps)), (training.info.run_name, key, steps)
+    resumed = {by_id[r.data.tags["rlvr.resumed_into"]].info.run_name for r in runs if "rlvr.resumed_into" in r.data.tags}
+    assert resumed == {"warmstart seed 0", "train_baseline seed 0"}  # the two trainings killed after a checkpoint
     for child in children:
         if child.info.run_name.startswith("evaluate"):
             assert any(k.startswith("eval/") and k.endswith("/accuracy") for k in child.data.metrics)
@@ -70,10 +129,10 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
 
     second = mlflow_run(tmp_path, MLFLOW_EXPERIMENT_NAME=EXPERIMENT)  # named by the user: no pointer
     assert second.returncode == 0, second.stderr[-5000:]
-    rerun = next(r for r in client.search_runs([experiment_id], "tags.`rlvr.step` = 'main'")
-                 if r.info.run_id != parent.info.run_id)
-    pointers = f"tags.`{tracking.MOVED_TO}` = '{rerun.info.run_id}'"
-    assert client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], pointers) == []
+    (rerun,) = [r for r in client.search_runs([experiment_id], "tags.`rlvr.step` = 'main' and attributes.status = 'FINISHED'")
+                if r.info.run_id != parent.info.run_id]
     assert client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{rerun.info.run_id}'") == []
+    moved = f"tags.`{tracking.MOVED_TO}` = '{rerun.info.run_id}'"
+    assert client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], moved) == []
     reused = client.search_runs([experiment_id], f"tags.`rlvr.reused_by.{rerun.info.run_id}` = 'true'")
     assert len(reused) == len(STEPS)

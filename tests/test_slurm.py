@@ -107,7 +107,7 @@ class Queued:
     sleeper: SlurmSubmittedRun
     distributed: SlurmSubmittedRun
     failing: Future  # (experiment, what `mlflow.projects.run(..., synchronous=True)` raised)
-    train_run: Future  # train_baseline's run id, submitted as soon as preprocess has finished
+    train_run: Future  # train_reasoning's run id (two processes), submitted once preprocess has finished
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def queued(cluster, mlflow_server, toy_project, tmp_path_factory) -> Queued:
                     "exports": ["HF_TOKEN"],
                 },
             )
-        # train_baseline queues the moment its data exists; the failing run queues behind it, off its path.
+        # train_reasoning queues the moment its data exists; the failing run queues behind it, off its path.
         train_run = background.submit(_train_after, preprocess_run, data_dir, cluster, workdir)
         failing = background.submit(_failing_preprocess, cluster, workdir / "bad", train_run)
         yield Queued(preprocess_run, data_dir, sleeper, distributed, failing, train_run)
@@ -163,13 +163,17 @@ def _failing_preprocess(
 
 
 def _train_after(preprocess_run: str, data_dir: Path, partition: str, workdir: Path) -> str:
+    """train_reasoning in two processes (the accelerate template on CPUs: torchrun, gloo) once data exists."""
     assert _wait_for_job(preprocess_run) == "COMPLETED"
     params = {
-        "model": "tiny-qwen3", "data": str(data_dir), "max_steps": 2, "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1, "num_generations": 2, "max_completion_length": 16,
-        "log_completions_steps": 0, "registered_model_name": "", "output_dir": str(workdir / "train"),
+        "model": "micro", "data": str(data_dir), "reasoning_vocab_size": 64, "max_steps": 2,
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "num_generations": 2,
+        "max_completion_length": 12, "log_completions_steps": 1, "save_steps": 1,
+        "registered_model_name": "slurm-two-processes", "output_dir": str(workdir / "train"),
     }  # fmt: skip
-    return _submit(ROOT, params, {"partition": partition}, entry_point="train_baseline").run_id
+    config = {"partition": partition, "sbatch-template": "accelerate",
+              "environment": ["RLVR_PROCESSES_PER_NODE=2"]}
+    return _submit(ROOT, params, config, entry_point="train_reasoning").run_id
 
 
 def _experiment() -> str:
@@ -297,12 +301,22 @@ def test_mlflow_run_preprocess_reaches_finished_with_the_jobs_metrics(queued, tm
     assert "=== Running command 'python -m entrypoints.preprocess" in _attached_log(run_id, tmp_path)
 
 
-def test_train_baseline_on_a_tiny_preset_reaches_finished_with_training_metrics(queued):
+def test_train_reasoning_in_two_processes_reaches_finished_in_one_run(queued, tmp_path):
     run_id = queued.train_run.result(timeout=300)
     assert _wait_for_job(run_id, timeout=300) == "COMPLETED"
-    run = MlflowClient().get_run(run_id)
+    client = MlflowClient()
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert {"loss", "train_runtime"} <= run.data.metrics.keys(), sorted(run.data.metrics)  # logged by the job
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]  # mlflow run's
+    for name in ("loss", "reward", "reasoning/token_share"):  # logged by the job's rank 0, once per step
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [1, 2], name
+    (version,) = client.search_model_versions("name='slurm-two-processes'")
+    assert version.run_id == run_id
+    table = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="completions/step_000001.json",
+                                                dst_path=str(tmp_path))
+    loaded = json.loads(Path(table).read_text())
+    ranks = [row[loaded["columns"].index("rank")] for row in loaded["data"]]
+    assert sorted(ranks) == [0, 0, 1, 1]  # both processes sampled, rank 0 logged
 
 
 def test_accelerate_template_runs_one_process_per_slot_and_passes_credentials(queued, tmp_path):

@@ -2,6 +2,7 @@
 named it for its step; `main` lands in its own experiment unless the user names one."""
 
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -77,10 +78,17 @@ def test_main_launched_in_default_moves_to_its_own_experiment_leaving_a_pointer(
     assert pointer.info.run_name == f"main (in experiment {demo})"
     assert pointer.data.tags[tracking.MOVED_TO] == real.info.run_id and "rlvr.step" not in pointer.data.tags
     assert pointer.info.status == "RUNNING"  # left to `mlflow run`, which closes the run it created
+    assert pointer.data.tags[tracking.PROCESS] == tracking.this_process()
 
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pointer whose `mlflow run` and main were killed: RUNNING, its process gone
+    orphan = client.create_run(tracking.DEFAULT_EXPERIMENT_ID, run_name=f"main (in experiment {demo})", tags={
+        tracking.MOVED_TO: real.info.run_id, tracking.PROCESS: f"{socket.gethostname()}/{gone.pid}"})
     second = launched_by_mlflow_run(client, monkeypatch, tracking.DEFAULT_EXPERIMENT_ID)
     assert run_main(demo).info.experiment_id == own  # the experiment exists now: reused
     assert client.get_run(second).data.tags[tracking.MOVED_TO] != real.info.run_id
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert client.get_run(launched).info.status == "RUNNING"  # its process (this one) is alive
 
 
 def test_an_experiment_the_user_names_wins(store, demo, monkeypatch):

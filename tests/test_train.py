@@ -159,10 +159,13 @@ def test_resume_after_sigkill_continues_the_same_run(tracking_uri, data_dir, tmp
     assert state["global_step"] == 4 and (output / "final" / "reasoning_token_map.json").exists()
 
 
-def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(tracking_uri, data_dir, tmp_path):
-    """SIGKILL of the whole `mlflow run` process group after a checkpoint, then the same command again."""
+@pytest.mark.parametrize("rerun_with", ["the same command", "--run-id"])
+def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(tracking_uri, data_dir, tmp_path,
+                                                                             rerun_with):
+    """SIGKILL of the whole `mlflow run` process group after a checkpoint, then the same command again (or with
+    MLflow's own `--run-id` of the killed run)."""
     output = tmp_path / "resume"
-    experiment = "mlflow-run-resume"
+    experiment = f"mlflow-run-resume-{rerun_with.strip('-').replace(' ', '-')}"
     command = [sys.executable, "-m", "mlflow", "run", ".", "-e", "train_baseline", "--env-manager", "local",
                "--experiment-name", experiment]
     for key, value in {"model": "micro", "data": data_dir, "output_dir": output, "registered_model_name": "",
@@ -179,16 +182,21 @@ def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(trac
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
 
+    first = json.loads((output / "mlflow_run.json").read_text())["run_id"]
+    if rerun_with == "--run-id":
+        command += ["--run-id", first]
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    first = json.loads((output / "mlflow_run.json").read_text())["run_id"]
     (training,) = [r for r in runs if r.info.run_id == first]
-    (pointer,) = [r for r in runs if r.info.run_id != first]
     assert training.info.status == "FINISHED" and training.info.run_name == "train_baseline"
-    assert pointer.info.status == "FINISHED" and pointer.data.tags["rlvr.resumed_into"] == first
-    assert first in pointer.info.run_name and not pointer.data.metrics
+    if rerun_with == "--run-id":  # the killed run itself was continued: no second run
+        assert len(runs) == 1
+    else:
+        (pointer,) = [r for r in runs if r.info.run_id != first]
+        assert pointer.info.status == "FINISHED" and pointer.data.tags["rlvr.resumed_into"] == first
+        assert first in pointer.info.run_name and not pointer.data.metrics
     for key in ("reward", "loss", "learning_rate"):
         assert sorted(m.step for m in client.get_metric_history(first, key)) == [1, 2, 3, 4], key
 
