@@ -89,6 +89,8 @@ def test_main_launched_in_default_moves_to_its_own_experiment_leaving_a_pointer(
     assert client.get_run(second).data.tags[tracking.MOVED_TO] != real.info.run_id
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
     assert client.get_run(launched).info.status == "RUNNING"  # its process (this one) is alive
+    for pointer_id in (launched, second):
+        client.set_terminated(pointer_id)  # as `mlflow run` does when its command ends
 
 
 def test_an_experiment_the_user_names_wins(store, demo, monkeypatch):
