@@ -737,8 +737,7 @@ def analyze(settings: AnalyzeSettings) -> str:
         settings=settings,
         device="cuda" if torch.cuda.is_available() else None,
     )
-    chosen = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
-    if not any(os.environ.get(name) for name in chosen):
+    if not os.environ.get("MLFLOW_RUN_ID") and not tracking.experiment_in_environment():
         mlflow.set_experiment(experiment_id=training.run.info.experiment_id)  # analyses sit beside their run
     tags = {"rlvr.step": "analyze", "rlvr.training_run_id": training.run_id}
     if len(runs) > 1:

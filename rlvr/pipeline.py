@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
+EXPERIMENT = "rlvr-demo"  # where `main` runs unless the user names an experiment
 
 # Per scale: the parameters of every step. `demo` is the experiment (10 minutes on 2 CPU cores); `gpu` a larger
 # one (about 10 minutes on one H200); `ci` the same pipeline shrunk to a smoke run.
@@ -207,7 +208,8 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
             f"of the {plan['warmstart']['model']} model at scale {settings.scale}; pass 0 to copy every one."
         )
     size = settings.reasoning_vocab_size or token_ids
-    with tracking.entrypoint_run(run_name="main", tags={"rlvr.step": "main", "rlvr.scale": settings.scale}):
+    with tracking.entrypoint_run(run_name="main", tags={"rlvr.step": "main", "rlvr.scale": settings.scale},
+                                 default_experiment=EXPERIMENT):
         tracking.log_params({"scale": settings.scale, "reasoning_vocab_size": size, "registered_model_name": name,
                              "output_dir": settings.output_dir, "seeds": ",".join(map(str, seeds))})
         pipeline = Pipeline(settings)

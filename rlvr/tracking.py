@@ -2,7 +2,8 @@
 
 `mlflow run` creates the run and passes its id in `MLFLOW_RUN_ID`; `mlflow.start_run()` adopts it, and a run
 started by `python -m entrypoints...` is created here instead. Training keeps the run id beside its
-checkpoints so that a restart after a crash continues the same run.
+checkpoints so that a restart after a crash continues the same run. An entry point with an experiment of its
+own (`main`: `rlvr-demo`) uses it unless the user named one.
 
 Credentials come from MLflow's own variables (`MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`,
 `MLFLOW_TRACKING_TOKEN`) and are never logged, printed or written by rlvr. A server that stops answering
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import LifecycleStage
 import pandas as pd
 import requests
+from mlflow.entities import LifecycleStage
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 STEP_KEY = "rlvr.step_key"  # tag of a run `main` made for a step: the step's entry point, parameters and code
 RESUMED_INTO = "rlvr.resumed_into"  # tag of a run `mlflow run` made for a restart: the run resumed
+MOVED_TO = "rlvr.moved_to"  # tag of a run `mlflow run` made in `Default`: the run that did the work elsewhere
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's `Default` experiment, where runs land when nobody names one
 PROCESS = "rlvr.process"  # tag: `<host>/<pid>` of the process that is filling the run
 RUN_FILE = "mlflow_run.json"
 UNLOGGED_FILE = "mlflow_unlogged.json"  # beside the checkpoints: what a training could not log in an outage
@@ -185,6 +188,64 @@ def _one_quick_attempt() -> Iterator[None]:
                 os.environ[name] = value
 
 
+def experiment_in_environment() -> bool:
+    """Whether the environment names an experiment (`MLFLOW_EXPERIMENT_NAME` or `_ID`).
+
+    `mlflow.set_experiment` sets `MLFLOW_EXPERIMENT_ID`; so does `mlflow run`, for the run it hands on.
+    """
+    return bool(os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID"))
+
+
+def _own_experiment(name: str, launched: str | None) -> str | None:
+    """The id of experiment `name` (created if missing) where the user named no experiment, else None.
+
+    `mlflow run` gives the entry point the experiment of the run it created, so there only a name in the
+    environment or a run outside `Default` shows a choice; `--experiment-id 0` and `--experiment-name Default`
+    look like no choice (`MLFLOW_EXPERIMENT_NAME=Default` keeps a run there).
+    """
+    client = MlflowClient()
+    if launched:
+        if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+            return None
+        if client.get_run(launched).info.experiment_id != DEFAULT_EXPERIMENT_ID:
+            return None
+    elif experiment_in_environment():
+        return None
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)  # another run created it meanwhile
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage != LifecycleStage.ACTIVE:
+        raise InputError(
+            f"the MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}) or name another one with MLFLOW_EXPERIMENT_NAME."
+        )
+    return experiment.experiment_id
+
+
+def _leave_pointer(launched: str, run: mlflow.ActiveRun, run_name: str | None, experiment: str) -> None:
+    """Turn the run `mlflow run` created into a pointer to `run`, which does the work in `experiment`.
+
+    MLflow cannot move a run between experiments, and `mlflow run` fails if its run is deleted; it closes the
+    pointer itself when the command ends (FINISHED, or FAILED with the real run). The pointer carries this
+    process too, so that one left RUNNING by a killed `mlflow run` is closed as an orphan later.
+    """
+    client = MlflowClient()
+    origin = {k: v for k, v in client.get_run(launched).data.tags.items()
+              if k.startswith(("mlflow.source.", "mlflow.project."))}
+    if origin:  # the real run shows the same project, entry point and commit
+        mlflow.set_tags(origin)
+    client.set_tag(launched, MOVED_TO, run.info.run_id)
+    client.set_tag(launched, PROCESS, this_process())
+    client.set_tag(launched, "mlflow.runName", f"{run_name or 'run'} (in experiment {experiment})")
+    log.info("MLflow run %s in experiment %s (the run %s in Default points to it)", run.info.run_id,
+             experiment, launched)
+
+
 def refuse_deleted_run(name: str, reference: str, run_id: str | None = None) -> None:
     """Say so when `reference` (a `runs:/<id>/...` URI, or whatever names the run `run_id`) is a deleted run:
     MLflow still serves a deleted run's metadata, and of its artifacts only says it cannot download them."""
@@ -204,19 +265,52 @@ def refuse_deleted_run(name: str, reference: str, run_id: str | None = None) -> 
 
 
 @contextmanager
-def entrypoint_run(run_name: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+def _current_experiment(experiment_id: str | None) -> Iterator[None]:
+    """Make `experiment_id` (if given) the experiment that MLflow's fluent calls without one use, such as
+    `mlflow.load_table` and `mlflow.search_runs`, while the block runs."""
+    if experiment_id is None:
+        yield
+        return
+    previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MLFLOW_EXPERIMENT_ID"]
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = previous
+
+
+@contextmanager
+def entrypoint_run(
+    run_name: str | None = None, tags: Mapping[str, str] | None = None, default_experiment: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """The run of this invocation: the one `mlflow run` created, else a new one. FAILED if the body raises.
 
     A run that `mlflow run` created with a random name is renamed `run_name`; one that `main` created for a step
-    (tagged `rlvr.step_key`) keeps the name `main` gave it.
+    (tagged `rlvr.step_key`) keeps the name `main` gave it. With `default_experiment`, an invocation for which
+    the user named no experiment runs in that one: a run `mlflow run` created in `Default` stays as a pointer,
+    named `<run_name> (in experiment <name>)` and tagged `rlvr.moved_to`.
     """
     check_tracking_server()
-    created_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
-    with _ended_on_exit(mlflow.start_run(run_name=None if created_by_mlflow_run else run_name)) as run:
-        if created_by_mlflow_run and run_name and STEP_KEY not in run.data.tags:
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    experiment_id = _own_experiment(default_experiment, launched) if default_experiment else None
+    moved = bool(launched) and experiment_id is not None
+    if moved:
+        del os.environ["MLFLOW_RUN_ID"]  # else start_run would adopt it
+    adopted = bool(launched) and not moved
+    with _current_experiment(experiment_id), _ended_on_exit(mlflow.start_run(
+        run_name=None if adopted else run_name, experiment_id=experiment_id
+    )) as run:
+        if moved:
+            _leave_pointer(launched, run, run_name, default_experiment)
+        if adopted and run_name and STEP_KEY not in run.data.tags:
             mlflow.set_tag("mlflow.runName", run_name)
         mlflow.set_tags({**(tags or {}), PROCESS: this_process()})
         close_orphans(run.info.experiment_id)
+        if moved:
+            close_orphans(DEFAULT_EXPERIMENT_ID)  # pointers of earlier invocations killed with `mlflow run`
         yield run
 
 

@@ -1,5 +1,6 @@
 """The `main` pipeline at CI scale through `mlflow run`, against a real tracking server: killed at every stage
-(the whole process group, SIGKILL), rerun with the same command until it finishes, then rerun to reuse everything."""
+(the whole process group, SIGKILL), rerun with the same command until it finishes, then rerun to reuse everything.
+No experiment is named until the last rerun, so `main` runs in its own (`rlvr-demo`)."""
 
 import os
 import signal
@@ -11,6 +12,9 @@ import pytest
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
+from rlvr import tracking
+from rlvr.pipeline import EXPERIMENT
+
 SEEDS = (0, 1)
 PER_SEED = ["evaluate warmstart", "evaluate train_baseline", "evaluate train_reasoning", "train_baseline",
             "train_reasoning", "warmstart"]
@@ -18,22 +22,22 @@ STEPS = sorted(["preprocess"] + [f"{step} seed {seed}" for step in PER_SEED for 
 TRAININGS = [f"{step} seed {seed}" for step in ("warmstart", "train_baseline", "train_reasoning") for seed in SEEDS]
 
 
-def mlflow_run_command(tmp_path, experiment: str) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "--experiment-name", experiment,
+def mlflow_run_command(tmp_path) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local",
             "-P", "scale=ci", "-P", f"output_dir={tmp_path / 'main'}", "-P", "registered_model_name=ci-demo",
             "-P", f"seeds={','.join(map(str, SEEDS))}"]
 
 
-def mlflow_run(tmp_path, experiment: str) -> subprocess.CompletedProcess:
-    return subprocess.run(mlflow_run_command(tmp_path, experiment), cwd=ROOT, capture_output=True, text=True,
-                          timeout=1500, check=False)
+def mlflow_run(tmp_path, **environment: str) -> subprocess.CompletedProcess:
+    return subprocess.run(mlflow_run_command(tmp_path), cwd=ROOT, env={**os.environ, **environment},
+                          capture_output=True, text=True, timeout=1500, check=False)
 
 
-def kill_when(tmp_path, experiment: str, reached, stage: str) -> None:
+def kill_when(tmp_path, reached, stage: str) -> None:
     """Start main, SIGKILL its whole process group as soon as `reached()` holds."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     with open(tmp_path / f"killed-in-{stage}.log", "w") as log:
-        job = subprocess.Popen(mlflow_run_command(tmp_path, experiment), cwd=ROOT, env=env, stdout=log, stderr=log,
+        job = subprocess.Popen(mlflow_run_command(tmp_path), cwd=ROOT, env=env, stdout=log, stderr=log,
                                start_new_session=True)
         deadline = time.monotonic() + 900
         while not reached():
@@ -57,14 +61,17 @@ def checkpoint(tmp_path, step: str, number: int):
     return lambda: any((tmp_path / "main" / step).glob(f"*/checkpoint-{number}/trainer_state.json"))
 
 
-def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_steps(tracking_uri, tmp_path):
-    experiment = "main-ci"
+def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_steps(tracking_uri, tmp_path,
+                                                                                     monkeypatch):
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    experiment = EXPERIMENT
     client = MlflowClient()
     stages = {"preprocess": running(client, experiment, "preprocess"), "warmstart": checkpoint(tmp_path, "warmstart", 10),
               "grpo": checkpoint(tmp_path, "train_baseline", 1), "evaluate": running(client, experiment, "evaluate")}
     for stage, reached in stages.items():  # each rerun reuses what finished and resumes the killed training
-        kill_when(tmp_path, experiment, reached, stage)
-    first = mlflow_run(tmp_path, experiment)
+        kill_when(tmp_path, reached, stage)
+    first = mlflow_run(tmp_path)
     assert first.returncode == 0, first.stderr[-5000:]
     assert "| model | accuracy" in first.stdout and "champion: models:/ci-demo/" in first.stdout
 
@@ -75,6 +82,13 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
     assert sorted(r.info.status for r in mains) == ["FINISHED"] + ["KILLED"] * len(stages)
     (parent,) = [r for r in mains if r.info.status == "FINISHED"]
     assert parent.info.run_name == "main"
+    # the runs `mlflow run` made in Default before main started stay there as pointers: the killed ones closed
+    pointers = client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], f"tags.`{tracking.MOVED_TO}` LIKE '%'")
+    pointers = [r for r in pointers if r.data.tags[tracking.MOVED_TO] in {m.info.run_id for m in mains}]
+    assert sorted(r.info.status for r in pointers) == ["FINISHED"] + ["KILLED"] * len(stages)
+    assert all(r.info.run_name == f"main (in experiment {EXPERIMENT})" for r in pointers)
+    (finished,) = [r for r in pointers if r.info.status == "FINISHED"]
+    assert finished.data.tags[tracking.MOVED_TO] == parent.info.run_id
     by_id = {r.info.run_id: r for r in runs}
     own = [by_id[c.data.tags.get("rlvr.resumed_into", c.info.run_id)]
            for c in runs if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -113,10 +127,12 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
     assert champion.run_id in arms
     assert parent.data.tags["rlvr.champion"] == f"models:/ci-demo/{champion.version}"
 
-    second = mlflow_run(tmp_path, experiment)
+    second = mlflow_run(tmp_path, MLFLOW_EXPERIMENT_NAME=EXPERIMENT)  # named by the user: no pointer
     assert second.returncode == 0, second.stderr[-5000:]
     (rerun,) = [r for r in client.search_runs([experiment_id], "tags.`rlvr.step` = 'main' and attributes.status = 'FINISHED'")
                 if r.info.run_id != parent.info.run_id]
     assert client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{rerun.info.run_id}'") == []
+    moved = f"tags.`{tracking.MOVED_TO}` = '{rerun.info.run_id}'"
+    assert client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], moved) == []
     reused = client.search_runs([experiment_id], f"tags.`rlvr.reused_by.{rerun.info.run_id}` = 'true'")
     assert len(reused) == len(STEPS)
