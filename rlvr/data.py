@@ -41,12 +41,11 @@ from mlflow.data.pandas_dataset import PandasDataset
 
 from rlvr import synthetic
 from rlvr.errors import InputError
-from rlvr.rewards import parse_answer
+from rlvr.rewards import DEFAULT_INSTRUCTION, parse_answer
 from rlvr.tracking import refuse_deleted_run
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 DEFAULT_SOURCE = "agentica-org/DeepScaleR-Preview-Dataset"
 DEFAULT_OUTPUT_DIR = "outputs/data"
 DATA_ARTIFACT_PATH = "data"  # where preprocess logs its parquet files in its MLflow run

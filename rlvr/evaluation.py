@@ -39,13 +39,13 @@ from mlflow.tracking import MlflowClient
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr import tracking
-from rlvr.data import DEFAULT_INSTRUCTION, SYNTHETIC, Options, Split, load_split, preprocess
+from rlvr.data import SYNTHETIC, Options, Split, load_split, preprocess
 from rlvr.errors import InputError, check_sampling, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
 from rlvr.guards import require_finite_weights
 from rlvr.models import MLFLOW_SCHEMES, load_model
 from rlvr.rendering import PageEntry, completions_page, marked_text
-from rlvr.rewards import answer_is_correct
+from rlvr.rewards import DEFAULT_INSTRUCTION, answer_is_correct
 from rlvr.training import bf16_enabled, flag, param
 
 log = logging.getLogger(__name__)

