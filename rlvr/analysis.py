@@ -51,8 +51,8 @@ from rlvr.generation import Generated, as_messages, generate
 from rlvr.models import load_model
 from rlvr.rendering import latex_completion, markdown_completion
 from rlvr.surgery import make_faithful
-from rlvr.training import param
-from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab
+from rlvr.training import checkpoints, param
+from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ LOGGED_SHARE = "reasoning/token_share"  # what training logs per step (rlvr.grpo
 DEFAULT_FAMILIES = 4
 CHUNK_ROWS = 16384  # reasoning rows compared at once: a 16k x 1024 fp32 chunk is 64 MiB
 TAG_PREFIX = "rlvr.analysis."  # + analyze run id, on each analysed run
-CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 QUANTILES = {"p05": 0.05, "median": 0.5, "p95": 0.95}
 KEY = ("run", "run_id", "label", "arm", "step")  # the leading columns of every table: whose checkpoint
 
@@ -152,16 +151,6 @@ def _get_run(run_id: str, name: str, reference: str) -> Run:
     return run
 
 
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """`(step, directory)` of every complete checkpoint (config and token map written), by step."""
-    found = []
-    for path in output_dir.glob("checkpoint-*"):
-        match = CHECKPOINT_DIR.match(path.name)
-        if match and (path / "config.json").exists() and (path / TOKEN_MAP_FILE).exists():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
 def evenly_spaced(items: Sequence, limit: int) -> list:
     """At most `limit` of `items` (0: all), evenly spaced, the first and the last always kept."""
     if not limit or len(items) <= limit:
@@ -209,13 +198,13 @@ def resolve_run(reference: str, name: str, role: str, max_checkpoints: int = 0) 
                 f"{name}={reference!r}: {record} is not a run record ({error}); pass runs:/<run_id> instead."
             ) from error
         run = _get_run(run_id, name, reference)
-    checkpoints = list_checkpoints(output_dir)
-    if len(checkpoints) < 2:
+    found = checkpoints(output_dir, "config.json")
+    if len(found) < 2:
         raise InputError(
-            f"{name}={reference!r}: {output_dir} holds {len(checkpoints)} complete checkpoint(s), and change "
+            f"{name}={reference!r}: {output_dir} holds {len(found)} complete checkpoint(s), and change "
             "over training needs at least checkpoint-0 and one more; train with save_steps below max_steps."
         )
-    return TrainingRun(role, run, output_dir, tuple(evenly_spaced(checkpoints, max_checkpoints)))
+    return TrainingRun(role, run, output_dir, tuple(evenly_spaced(found, max_checkpoints)))
 
 
 def held_out(settings: AnalyzeSettings, training: TrainingRun) -> Split:

@@ -51,6 +51,20 @@ def flag(name: str, value: str) -> bool | None:
     raise InputError(f"{name}={value!r} is not a switch; use true, false or auto.")
 
 
+def checkpoints(output_dir: Path, *needed: str) -> list[tuple[int, Path]]:
+    """`(step, directory)` of every complete checkpoint in `output_dir`, by step.
+
+    Complete means its token map and each file in `needed` are written: what a reader needs decides, so a
+    resume asks for the Trainer's state (which `checkpoint-0` has none of) and analysis for the model config.
+    """
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = _CHECKPOINT.match(path.name)
+        if match and all((path / name).exists() for name in (TOKEN_MAP_FILE, *needed)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def check_schedule(settings: Any) -> None:
     """The schedule both trainers take: a finite, non-negative learning rate and at least one step.
 
@@ -156,13 +170,8 @@ class Job:
         return self.output_dir / "checkpoint-0"
 
     def _resumable_checkpoint(self) -> Path | None:
-        found = sorted(
-            (int(m.group(1)), p) for p in self.output_dir.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))
-        )
-        for step, path in reversed(found):
-            if step > 0 and (path / "trainer_state.json").exists() and (path / TOKEN_MAP_FILE).exists():
-                return path
-        return None
+        resumable = [path for step, path in checkpoints(self.output_dir, "trainer_state.json") if step > 0]
+        return resumable[-1] if resumable else None
 
     @contextmanager
     def run(self) -> Iterator[None]:
