@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import mlflow
 import pandas as pd
@@ -42,13 +41,13 @@ from mlflow.data.pandas_dataset import PandasDataset
 from rlvr import synthetic
 from rlvr.errors import InputError
 from rlvr.rewards import DEFAULT_INSTRUCTION, parse_answer
-from rlvr.tracking import refuse_deleted_run
+from rlvr.tracking import is_mlflow_uri, log_params, refuse_deleted_run
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "agentica-org/DeepScaleR-Preview-Dataset"
 DEFAULT_OUTPUT_DIR = "outputs/data"
-DATA_ARTIFACT_PATH = "data"  # where preprocess logs its parquet files in its MLflow run
+DATA_ARTIFACT_PATH = "data"  # where preprocess (and evaluate, for a raw source) logs parquet files in its run
 FILE_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 SYNTHETIC = "synthetic"
 SYNTHETIC_COUNT = 5000
@@ -647,7 +646,7 @@ def load_split(data: str, split: str) -> Split:
 
 
 def _locate(data: str, split: str) -> tuple[Path, str]:
-    if len(urlparse(data).scheme) > 1:  # a URI, not a path (nor a Windows drive letter)
+    if is_mlflow_uri(data):
         uri = data.rstrip("/")
         if uri.startswith("runs:/") and uri.count("/") == 1:
             uri = f"{uri}/{DATA_ARTIFACT_PATH}"
@@ -676,8 +675,7 @@ def log_preprocess(result: PreprocessResult, params: dict[str, Any]) -> str:
     since MLflow refuses a parameter logged twice with different spellings of one value.
     """
     run_id = mlflow.active_run().info.run_id
-    logged = mlflow.MlflowClient().get_run(run_id).data.params
-    mlflow.log_params({key: value for key, value in params.items() if key not in logged})
+    log_params(params)
     mlflow.log_metrics(result.report.metrics())
     data_uri = f"runs:/{run_id}/{DATA_ARTIFACT_PATH}"
     for split, path in result.paths.items():

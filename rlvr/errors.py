@@ -8,6 +8,26 @@ class InputError(ValueError):
     """Input that cannot be used as given (a parameter, file, model name, URI); the message says how to fix it."""
 
 
+_SWITCH = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "auto": None}
+
+
+def switch(value: object, auto: bool = True) -> bool | None:
+    """A yes/no value written as text (MLproject parameters and source options have no boolean type): true, 1
+    or yes; false, 0 or no; and, where `auto`, "auto" for None. Anything else raises ValueError."""
+    lowered = str(value).strip().lower()
+    if lowered not in _SWITCH or (lowered == "auto" and not auto):
+        raise ValueError(f"{value!r} is not a switch")
+    return _SWITCH[lowered]
+
+
+def flag(name: str, value: str) -> bool | None:
+    """A true/false/auto parameter; None means auto."""
+    try:
+        return switch(value)
+    except ValueError:
+        raise InputError(f"{name}={value!r} is not a switch; use true, false or auto.") from None
+
+
 def require_at_least_one(settings: object, *names: str) -> None:
     """Refuse a count or size parameter below 1, naming it."""
     for name in names:

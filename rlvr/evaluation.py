@@ -25,7 +25,7 @@ import math
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,25 +39,23 @@ from mlflow.tracking import MlflowClient
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr import tracking
-from rlvr.data import SYNTHETIC, Options, Split, load_split, preprocess
-from rlvr.errors import InputError, check_sampling, require_at_least_one
+from rlvr.data import DATA_ARTIFACT_PATH, SYNTHETIC, Options, Split, load_split, preprocess
+from rlvr.errors import InputError, check_sampling, flag, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
 from rlvr.guards import require_finite_weights
-from rlvr.models import MLFLOW_SCHEMES, load_model
+from rlvr.models import load_model
 from rlvr.rendering import PageEntry, completions_page, marked_text
 from rlvr.rewards import DEFAULT_INSTRUCTION, answer_is_correct
-from rlvr.training import bf16_enabled, flag, param
+from rlvr.training import bf16_enabled, param
 
 log = logging.getLogger(__name__)
 
 METRIC_PREFIX = "eval"
-DATA_ARTIFACT_PATH = "data"  # where a raw source, once normalised, is kept in the evaluation run
 SAMPLES_TABLE = "samples.json"
 SAMPLES_PAGE = "samples.html"
 VERSION_TAG_PREFIX = "rlvr.eval."  # + run id: the registry's record of each evaluation of a version
 Z_95 = 1.959963984540054
 
-_URI = re.compile(r"^[A-Za-z][\w+.-]*:/")
 _SYNTHETIC_OPTION = re.compile(r"^\w+=[^/]*$")
 _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
 
@@ -153,13 +151,29 @@ def data_items(data: str) -> list[str]:
 
 def is_preprocess_output(item: str) -> bool:
     """A directory or URI holds preprocess output; anything else (hub id, file, synthetic) is a raw source."""
-    return bool(_URI.match(item)) or Path(item).expanduser().is_dir()
+    return tracking.is_mlflow_uri(item) or Path(item).expanduser().is_dir()
 
 
 def metric_label(split: Split) -> str:
     """A dataset's name as one segment of a metric key: no split, no hub owner, other characters as `_`."""
     name = split.name.removesuffix(f"/{split.split}").rsplit("/", 1)[-1]
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "data"
+
+
+def metric_key(label: str, name: str) -> str:
+    """The key under which an evaluation logs metric `name` of the dataset labelled `label`."""
+    return f"{METRIC_PREFIX}/{label}/{name}"
+
+
+def metrics_by_label(logged: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """An evaluation run's logged metrics read back per dataset label: `metric_key`'s inverse."""
+    found: dict[str, dict[str, float]] = {}
+    for key, value in logged.items():
+        prefix, _, rest = key.partition("/")
+        label, _, name = rest.rpartition("/")
+        if prefix == METRIC_PREFIX and label:
+            found.setdefault(label, {})[name] = value
+    return found
 
 
 def _unique(label: str, taken: set[str]) -> str:
@@ -314,7 +328,7 @@ def registered_version(source: str) -> ModelVersion | None:
 
 def logged_model_id(source: str) -> str | None:
     """The MLflow LoggedModel behind an MLflow URI; None for presets, directories and hub ids."""
-    if not source.startswith(MLFLOW_SCHEMES):
+    if not tracking.is_mlflow_uri(source):
         return None
     try:
         return mlflow.models.get_model_info(source).model_id
@@ -406,7 +420,7 @@ def evaluate(settings: EvalSettings) -> dict[str, dict[str, float]]:
             log.info("evaluating %s on %d problems of %s", settings.model, len(eval_set.problems), eval_set.key)
             scored = sample_and_score(model, tokenizer, eval_set.problems, settings)
             metrics = dataset_metrics(scored)
-            prefixed = {f"{METRIC_PREFIX}/{eval_set.label}/{name}": value for name, value in metrics.items()}
+            prefixed = {metric_key(eval_set.label, name): value for name, value in metrics.items()}
             mlflow.log_metrics(prefixed, model_id=link.model_id, dataset=eval_set.dataset)
             results[eval_set.key] = metrics
             evaluated.append((eval_set, scored))

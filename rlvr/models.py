@@ -18,10 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from rlvr.errors import InputError
 from rlvr.presets import PRESETS, build_preset
 from rlvr.surgery import attach, expand_model, make_faithful
+from rlvr.tracking import is_mlflow_uri, refuse_deleted_run
 from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError
-
-MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "dbfs:/", "s3://", "gs://", "file://")
-
 
 class ModelSourceError(InputError):
     """A model name that resolves to nothing loadable; the message says what was tried and how to fix it."""
@@ -29,10 +27,8 @@ class ModelSourceError(InputError):
 
 def resolve_model_dir(source: str) -> Path | None:
     """The local Hugging Face directory behind `source` (downloading MLflow artifacts), or None for presets/hub ids."""
-    if source.startswith(MLFLOW_SCHEMES):
+    if is_mlflow_uri(source):
         import mlflow
-
-        from rlvr.tracking import refuse_deleted_run
 
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))

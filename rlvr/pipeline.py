@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from rlvr import statistics, tracking
 from rlvr.errors import InputError
-from rlvr.evaluation import SAMPLES_TABLE
+from rlvr.data import DATA_ARTIFACT_PATH
+from rlvr.evaluation import SAMPLES_TABLE, metrics_by_label
 from rlvr.training import param
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
                              "output_dir": settings.output_dir, "seeds": ",".join(map(str, seeds))})
         pipeline = Pipeline(settings)
         # one data set for every seed, so that seeds vary training and sampling, and pair on the same problems
-        data = f"runs:/{pipeline.step('preprocess', {**plan['preprocess'], 'seed': seeds[0]})}/data"
+        data = f"runs:/{pipeline.step('preprocess', {**plan['preprocess'], 'seed': seeds[0]})}/{DATA_ARTIFACT_PATH}"
         per_seed, problems, models = {}, {}, {}
         for seed in seeds:
             suffix = f" seed {seed}" if len(seeds) > 1 else ""
@@ -252,8 +253,8 @@ def _train_arms(pipeline: Pipeline, plan: dict, data: str, seed: int, name: str,
 
 
 def _held_out_metrics(logged: dict[str, float]) -> dict[str, float]:
-    prefix = next(k.rsplit("/", 1)[0] for k in logged if k.startswith("eval/") and k.endswith("/accuracy"))
-    return {m: logged[f"{prefix}/{m}"] for m in METRICS}
+    held_out = next(m for m in metrics_by_label(logged).values() if "accuracy" in m)
+    return {m: held_out[m] for m in METRICS}
 
 
 def _outcome(per_seed: dict[int, dict[str, dict]], problems: dict, seeds: list[int]) -> Outcome:

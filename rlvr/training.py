@@ -24,7 +24,7 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from rlvr import tracking
-from rlvr.errors import InputError, require_finite
+from rlvr.errors import InputError, flag, require_finite
 from rlvr.guards import TrainingDiverged
 from rlvr.models import load_model, save_model
 from rlvr.vocab import TOKEN_MAP_FILE
@@ -37,18 +37,6 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 def param(default: Any, help: str) -> Any:
     """A settings field with the help text its click option and MLproject parameter show."""
     return field(default=default, metadata={"help": help})
-
-
-def flag(name: str, value: str) -> bool | None:
-    """A true/false/auto parameter (MLproject has no boolean type); None means auto."""
-    lowered = str(value).strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    if lowered == "auto":
-        return None
-    raise InputError(f"{name}={value!r} is not a switch; use true, false or auto.")
 
 
 def checkpoints(output_dir: Path, *needed: str) -> list[tuple[int, Path]]:
