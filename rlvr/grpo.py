@@ -77,6 +77,8 @@ class TrainSettings:
     registered_model_name: str = param("rlvr", "register the final model under this name ('' to skip)")
     accuracy_weight: float = param(1.0, "weight of the math-verify accuracy reward")
     format_weight: float = param(0.0, "weight of the format reward (one closed thought, one boxed answer)")
+    rewards: str = param("", "rewards and weights by name, e.g. 'accuracy:1,format:0.5' (known: "
+                         f"{', '.join(rewards.REWARDS)}); empty: accuracy_weight and format_weight")
     log_completions_steps: int = param(10, "log a table of sample completions every this many steps (0: never)")
     grpo_config: str = param("", "YAML file of further GRPOConfig fields")
     grpo_args: str = param("", "further GRPOConfig fields as 'key=value key=value'")
@@ -165,6 +167,7 @@ def validate(settings: TrainSettings, world_size: int) -> None:
                          "max_prompt_length", "max_completion_length", "save_steps")
     check_schedule(settings)
     require_finite(settings, "temperature", "beta", "accuracy_weight", "format_weight")
+    chosen_rewards(settings)
     known = _loss_types()
     if known and settings.loss_type not in known:
         raise InputError(
@@ -192,6 +195,20 @@ def validate(settings: TrainSettings, world_size: int) -> None:
         raise InputError("sampling_correction must be true or false, not auto.")
 
 
+def chosen_rewards(settings: TrainSettings) -> list[tuple[str, float]]:
+    """The rewards to train on by name, with their weights, in the order the trainer gets them: `rewards`, or
+    else accuracy and format at `accuracy_weight` and `format_weight`."""
+    if not settings.rewards.strip():
+        return [("accuracy", settings.accuracy_weight), ("format", settings.format_weight)]
+    defaults = TrainSettings()
+    if (settings.accuracy_weight, settings.format_weight) != (defaults.accuracy_weight, defaults.format_weight):
+        raise InputError(
+            f"rewards={settings.rewards!r} and accuracy_weight/format_weight both set the reward weights; pass "
+            f"only rewards (e.g. rewards=accuracy:{settings.accuracy_weight},format:{settings.format_weight})."
+        )
+    return rewards.parse_rewards(settings.rewards)
+
+
 def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
     cuda = torch.cuda.is_available()
     report_to = [r for r in extra.pop("report_to", []) or [] if r != "mlflow"]  # MLflow is logged by rlvr itself
@@ -212,7 +229,7 @@ def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
         save_strategy="steps",
         save_steps=settings.save_steps,
         logging_steps=1,
-        reward_weights=[settings.accuracy_weight, settings.format_weight],
+        reward_weights=[weight for _, weight in chosen_rewards(settings)],
         report_to=report_to,
         use_cpu=not cuda,
         save_only_model=False,
@@ -421,7 +438,7 @@ def train(settings: TrainSettings) -> str | None:
                 mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
         trainer = ReasoningGRPOTrainer(
             model=model,
-            reward_funcs=rewards.reward_functions(tokenizer),
+            reward_funcs=rewards.reward_functions(tokenizer, names=[name for name, _ in chosen_rewards(settings)]),
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,

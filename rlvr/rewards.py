@@ -5,23 +5,30 @@ spelled out in ordinary tokens closes nothing, and a completion that ends inside
 the policy cannot earn reward with an answer written inside the thought, in reasoning ids or otherwise. Only
 the answer span is decoded for math-verify.
 
-`reward_functions(tokenizer)` gives TRL-style reward functions named `accuracy_reward` and `format_reward`: TRL
-calls them with `completions`, `completion_ids` and the dataset columns as keyword lists; rlvr's trainer also
-passes `starts_in_thought` (whether each prompt's chat template opened the thought).
+Rewards are registered by name in `REWARDS`: each scores one `Completion` (its ids, their thought structure,
+the tokenizer and its prompt's dataset columns), so a new reward is one function and one line there. Training
+picks them with weights (`parse_rewards("accuracy:1,format:0.5")`), and `reward_functions(tokenizer, names)`
+turns them into TRL-style reward functions named `<name>_reward`: TRL calls those with `completions`,
+`completion_ids` and the dataset columns as keyword lists; rlvr's trainer also passes `starts_in_thought`
+(whether each prompt's chat template opened the thought).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from latex2sympy2_extended import NormalizationConfig
 from math_verify import LatexExtractionConfig, parse, verify
 from transformers import PreTrainedTokenizerBase
 
 from rlvr import thoughts
+from rlvr.errors import InputError
 
 BOXED = "\\boxed{"
 # appended to each problem: asks for the boxed answer that the rewards and evaluation check
@@ -106,6 +113,60 @@ def well_formed(structure: thoughts.Structure, ids: Sequence[int], tokenizer: Pr
     return (answer_text(structure, ids, tokenizer) or "").count(BOXED) == 1
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One completion as a reward sees it: its ids up to the stop token, their thought structure, the tokenizer
+    that decodes them, and the dataset columns of its prompt (`solution`, ...)."""
+
+    ids: list[int]
+    structure: thoughts.Structure
+    tokenizer: PreTrainedTokenizerBase
+    columns: Mapping[str, Any]
+
+    @property
+    def answer(self) -> str | None:
+        return answer_text(self.structure, self.ids, self.tokenizer)
+
+
+def accuracy(completion: Completion) -> float:
+    """1.0 when the answer after the thought is correct, else 0.0."""
+    return float(answer_is_correct(completion.answer or "", completion.columns["solution"]))
+
+
+def format_(completion: Completion) -> float:
+    """1.0 for one closed thought followed by one boxed answer, else 0.0."""
+    return float(well_formed(completion.structure, completion.ids, completion.tokenizer))
+
+
+REWARDS: dict[str, Callable[[Completion], float]] = {
+    "accuracy": accuracy,
+    "format": format_,
+}
+
+
+def parse_rewards(spec: str) -> list[tuple[str, float]]:
+    """`name:weight` entries, separated by commas (`accuracy:1,format:0.5`; a bare name weighs 1), in order."""
+    chosen: dict[str, float] = {}
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        name, sep, text = (part.strip() for part in entry.partition(":"))
+        if name not in REWARDS:
+            raise InputError(f"rewards={spec!r} names an unknown reward {name!r}; known: {', '.join(REWARDS)}.")
+        if name in chosen:
+            raise InputError(f"rewards={spec!r} names {name!r} twice; give each reward one weight.")
+        try:
+            weight = float(text) if sep else 1.0
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise InputError(f"rewards={spec!r}: {text!r} is not a finite weight for {name!r}; write e.g. {name}:0.5.")
+        chosen[name] = weight
+    if not chosen:
+        raise InputError(f"rewards={spec!r} names no reward; write e.g. rewards=accuracy:1,format:0.5.")
+    return list(chosen.items())
+
+
 def _completion_ids(completion_ids) -> list[list[int]]:
     if completion_ids is None:
         raise TypeError(
@@ -114,39 +175,46 @@ def _completion_ids(completion_ids) -> list[list[int]]:
     return [[int(i) for i in ids] for ids in completion_ids]
 
 
+def _rows(columns: Mapping[str, Any], count: int) -> list[dict[str, Any]]:
+    """Each completion's dataset columns. TRL passes a column as a list with one entry per completion, beside
+    values that are no column (the trainer state, logging callbacks)."""
+    lists = {key: value for key, value in columns.items() if isinstance(value, list)}
+    for key, value in lists.items():
+        if len(value) != count:
+            raise ValueError(f"column {key!r} has {len(value)} entries for {count} completions")
+    return [{key: value[i] for key, value in lists.items()} for i in range(count)]
+
+
 def reward_functions(
-    tokenizer: PreTrainedTokenizerBase, vocab: thoughts.ThoughtTags | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    vocab: thoughts.ThoughtTags | None = None,
+    names: Sequence[str] = ("accuracy", "format"),
 ) -> list[Callable[..., list[float]]]:
-    """`[accuracy_reward, format_reward]` for completions of a model with `tokenizer` (faithful, with its vocab;
-    pass `vocab` for a plain tokenizer).
+    """TRL-style reward functions `<name>_reward`, one per registered reward in `names`, in that order, for
+    completions of a model with `tokenizer` (faithful, with its vocab; pass `vocab` for a plain tokenizer).
 
     The tokenizer's EOS and padding are stripped from the ids before the structure is read.
     """
     tags = vocab if vocab is not None else tokenizer.reasoning_vocab
     stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
 
-    def parsed(completion_ids, starts_in_thought) -> list[tuple[thoughts.Structure, list[int]]]:
-        all_ids = _completion_ids(completion_ids)
-        starts = starts_in_thought or [False] * len(all_ids)
-        out = []
-        for ids, starts_inside in zip(all_ids, starts, strict=True):
-            ids = until_stop(ids, stop)
-            out.append((thoughts.structure(tags, ids, bool(starts_inside)), ids))
-        return out
+    def batched(name: str) -> Callable[..., list[float]]:
+        score = REWARDS[name]
 
-    def accuracy_reward(completions, solution: list[str], completion_ids=None, starts_in_thought=None,
-                        **kwargs) -> list[float]:
-        """1.0 when the answer after the thought is correct, else 0.0."""
-        return [
-            float(answer_is_correct(answer_text(s, ids, tokenizer) or "", gold))
-            for (s, ids), gold in zip(parsed(completion_ids, starts_in_thought), solution, strict=True)
-        ]
+        def reward(completions, completion_ids=None, starts_in_thought=None, **columns) -> list[float]:
+            all_ids = [until_stop(ids, stop) for ids in _completion_ids(completion_ids)]
+            starts = starts_in_thought or [False] * len(all_ids)
+            rows = _rows(columns, len(all_ids))
+            return [
+                score(Completion(ids, thoughts.structure(tags, ids, bool(inside)), tokenizer, row))
+                for ids, inside, row in zip(all_ids, starts, rows, strict=True)
+            ]
 
-    def format_reward(completions, completion_ids=None, starts_in_thought=None, **kwargs) -> list[float]:
-        """1.0 for one closed thought followed by one boxed answer, else 0.0."""
-        return [float(well_formed(s, ids, tokenizer)) for s, ids in parsed(completion_ids, starts_in_thought)]
+        reward.__name__ = reward.__qualname__ = f"{name}_reward"
+        reward.__doc__ = score.__doc__
+        return reward
 
-    return [accuracy_reward, format_reward]
+    return [batched(name) for name in names]
 
 
 def until_stop(ids: Sequence[int], stop: Collection[int]) -> list[int]:

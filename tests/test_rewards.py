@@ -1,8 +1,12 @@
 """Rewards read the thought from token ids, as the sampler does, and judge only the answer after it."""
 
+import re
+
 import pytest
 
-from rlvr.rewards import answer_is_correct, reward_functions
+from rlvr.errors import InputError
+from rlvr.grpo import TrainSettings, chosen_rewards, grpo_config
+from rlvr.rewards import answer_is_correct, parse_rewards, reward_functions
 from rlvr.surgery import make_faithful
 from rlvr.tokenizer import qwen3_tokenizer
 from rlvr.vocab import ReasoningVocab
@@ -127,3 +131,41 @@ def test_a_pathological_answer_scores_zero_without_reaching_the_parser(tokenizer
     monkeypatch.setattr("rlvr.rewards.parse", lambda *a, **k: pytest.fail("a pathological answer was parsed"))
     assert score(tokenizer, [ids], ["1"])[0] == [0.0]
     assert not answer_is_correct(answer, "1")
+
+
+def test_rewards_are_chosen_by_name_with_weights_in_order():
+    assert parse_rewards("accuracy:1,format:0.5") == [("accuracy", 1.0), ("format", 0.5)]
+    assert parse_rewards(" format : 2 , accuracy ") == [("format", 2.0), ("accuracy", 1.0)]  # a bare name weighs 1
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("accuracy:1,length:0.5", "unknown reward 'length'; known: accuracy, format"),
+        ("accuracy:1,accuracy:2", "names 'accuracy' twice"),
+        ("accuracy:heavy", "'heavy' is not a finite weight"),
+        ("format:nan", "'nan' is not a finite weight"),
+        (" , ", "names no reward"),
+    ],
+)
+def test_a_bad_rewards_spec_is_refused_in_one_line(spec, message):
+    with pytest.raises(InputError, match=re.escape(message)) as caught:
+        parse_rewards(spec)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_trainer_gets_the_chosen_functions_and_weights_in_order(tokenizer):
+    settings = TrainSettings(rewards="format:0.5,accuracy:2", max_steps=1, output_dir="unused")
+    assert grpo_config(settings, {}).reward_weights == [0.5, 2.0]
+    names = [name for name, _ in chosen_rewards(settings)]
+    assert [f.__name__ for f in reward_functions(tokenizer, names=names)] == ["format_reward", "accuracy_reward"]
+    # without `rewards`, the two weights of their own choose accuracy and format, as before
+    default = TrainSettings(format_weight=0.25, max_steps=1, output_dir="unused")
+    assert chosen_rewards(default) == [("accuracy", 1.0), ("format", 0.25)]
+    assert grpo_config(default, {}).reward_weights == [1.0, 0.25]
+
+
+def test_rewards_and_the_old_weights_together_are_one_clear_error():
+    settings = TrainSettings(rewards="accuracy:1", format_weight=0.5)
+    with pytest.raises(InputError, match="rewards='accuracy:1' and accuracy_weight/format_weight both set"):
+        chosen_rewards(settings)
