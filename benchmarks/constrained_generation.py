@@ -40,7 +40,9 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
@@ -49,11 +51,18 @@ def main() -> None:
     model, tokenizer = load_model("tiny-qwen3", reasoning_vocab_size=151646)
     model.eval()
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 12 * 7 + 5? Think first."}], add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": "What is 12 * 7 + 5? Think first."}],
+        add_generation_prompt=True,
+        tokenize=False,
     )
     batch = tokenizer([prompt + "<think>\n"] * args.batch, return_tensors="pt")
     generate_kwargs = dict(
-        **batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, top_k=0, top_p=1.0
+        **batch,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
     )
 
     def constrained():
@@ -81,8 +90,10 @@ def main() -> None:
             "naive": timed(naive, args.repeats),
         }
     tokens = args.batch * args.new_tokens
-    print(f"tiny-qwen3, N=151646, batch {args.batch} x {args.new_tokens} new tokens, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"tiny-qwen3, N=151646, batch {args.batch} x {args.new_tokens} new tokens, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     for name, seconds in results.items():
         print(f"{name:>14}: {seconds:7.2f} s  ({tokens / seconds:7.1f} tokens/s)")
     print(f"constrained / unconstrained = {results['constrained'] / results['unconstrained']:.3f}")

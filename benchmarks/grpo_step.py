@@ -79,9 +79,15 @@ class StepMeter(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         _sync()
         self.peaks["other"] = max(self.peaks["other"], _peak_gib())
-        self.steps.append({"seconds": time.perf_counter() - self._start, "rollout": self.rollout,
-                           "peak_gib": max(self.peaks.values()), "rollout_peak_gib": self.peaks["rollout"],
-                           "training_peak_gib": self.peaks["other"]})
+        self.steps.append(
+            {
+                "seconds": time.perf_counter() - self._start,
+                "rollout": self.rollout,
+                "peak_gib": max(self.peaks.values()),
+                "rollout_peak_gib": self.peaks["rollout"],
+                "training_peak_gib": self.peaks["other"],
+            }
+        )
 
 
 def time_generate(model, meter: StepMeter) -> None:
@@ -113,14 +119,23 @@ def random_reward():
 
 def sampling_mismatch(logs: list[dict]) -> dict[str, float]:
     """Means over the measured steps of TRL's sampler/trainer mismatch metrics, where the run logged them."""
-    names = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
-             "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/max")
-    return {name: round(statistics.mean(values), 6) for name in names
-            if (values := [log[name] for log in logs if name in log])}
+    names = (
+        "sampling/sampling_logp_difference/mean",
+        "sampling/sampling_logp_difference/max",
+        "sampling/importance_sampling_ratio/min",
+        "sampling/importance_sampling_ratio/max",
+    )
+    return {
+        name: round(statistics.mean(values), 6)
+        for name in names
+        if (values := [log[name] for log in logs if name in log])
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variant", choices=("plain", "baseline", "reasoning"), required=True)
     parser.add_argument("--fast-rollouts", choices=("true", "false"), default="false")
     parser.add_argument("--preset", default="qwen3-0.6b-shape")
@@ -132,12 +147,20 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--reward", choices=("random", "task"), default="random",
-                        help="random: a seeded uniform reward per completion, so advantages and gradients are "
-                             "never all zero; task: the accuracy and format rewards (0 for random weights)")
-    parser.add_argument("--steps-per-generation", type=int, default=0,
-                        help="micro-batches one rollout serves (TRL's steps_per_generation); 0: TRL's default, "
-                             "the gradient accumulation steps")
+    parser.add_argument(
+        "--reward",
+        choices=("random", "task"),
+        default="random",
+        help="random: a seeded uniform reward per completion, so advantages and gradients are "
+        "never all zero; task: the accuracy and format rewards (0 for random weights)",
+    )
+    parser.add_argument(
+        "--steps-per-generation",
+        type=int,
+        default=0,
+        help="micro-batches one rollout serves (TRL's steps_per_generation); 0: TRL's default, "
+        "the gradient accumulation steps",
+    )
     args = parser.parse_args()
 
     total_steps = args.warmup + args.steps
@@ -168,15 +191,29 @@ def main() -> None:
     if args.variant == "plain":
         model, tokenizer = build_preset(args.preset, device=device)
         vocab = ReasoningVocab.for_tokenizer(tokenizer, model.get_input_embeddings().weight.shape[0], 0)
-        reward_funcs = rewards.reward_functions(tokenizer, vocab) if args.reward == "task" else [random_reward()]
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config,
-                              train_dataset=dataset, processing_class=tokenizer, callbacks=[meter])
+        reward_funcs = (
+            rewards.reward_functions(tokenizer, vocab) if args.reward == "task" else [random_reward()]
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[meter],
+        )
     else:
         model, tokenizer = load_model(args.preset, settings.reasoning_vocab_size, device=device)
         reward_funcs = rewards.reward_functions(tokenizer) if args.reward == "task" else [random_reward()]
-        trainer = ReasoningGRPOTrainer(model=model, reward_funcs=reward_funcs,
-                                       args=config, train_dataset=dataset, processing_class=tokenizer,
-                                       callbacks=[meter], fast_rollouts=args.fast_rollouts == "true")
+        trainer = ReasoningGRPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[meter],
+            fast_rollouts=args.fast_rollouts == "true",
+        )
     time_generate(trainer.model, meter)
     trainer.train()
 

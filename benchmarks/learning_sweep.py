@@ -25,8 +25,14 @@ from pathlib import Path
 
 import yaml
 
-CURVES = ("reward", "rewards/accuracy_reward/mean", "frac_reward_zero_std", "entropy", "completions/mean_length",
-          "grad_norm")
+CURVES = (
+    "reward",
+    "rewards/accuracy_reward/mean",
+    "frac_reward_zero_std",
+    "entropy",
+    "completions/mean_length",
+    "grad_norm",
+)
 KEEP = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "pass_at_4", "format_rate")
 
 
@@ -70,8 +76,15 @@ def main() -> None:
     result: dict = {"name": args.name, "seed": args.seed, "source": source, "warm_settings": warm_settings}
     started = time.time()
     if not (warm / "final").exists():
-        warmstart(WarmstartSettings(**warm_settings, data=str(data), seed=args.seed, output_dir=str(warm),
-                                    registered_model_name=""))
+        warmstart(
+            WarmstartSettings(
+                **warm_settings,
+                data=str(data),
+                seed=args.seed,
+                output_dir=str(warm),
+                registered_model_name="",
+            )
+        )
     result["warm_time_s"] = round(time.time() - started, 1)
     evaluation = {**plan["evaluate"], **yaml.safe_load(args.eval)}
     if args.eval_n:
@@ -92,8 +105,16 @@ def main() -> None:
         result["train_settings"] = overrides
         output = root / f"grpo-{args.name}-{args.seed}"
         started = time.time()
-        train(TrainSettings(**settings, model=str(warm / "final"), data=str(data), seed=args.seed,
-                            output_dir=str(output), registered_model_name=""))
+        train(
+            TrainSettings(
+                **settings,
+                model=str(warm / "final"),
+                data=str(data),
+                seed=args.seed,
+                output_dir=str(output),
+                registered_model_name="",
+            )
+        )
         result["train_time_s"] = round(time.time() - started, 1)
         run_id = json.loads((output / "mlflow_run.json").read_text())["run_id"]
         client = MlflowClient()
@@ -101,7 +122,9 @@ def main() -> None:
             values = [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
             if values:
                 width = max(1, len(values) // 5)
-                result[key] = [round(statistics.mean(values[i:i + width]), 3) for i in range(0, len(values), width)]
+                result[key] = [
+                    round(statistics.mean(values[i : i + width]), 3) for i in range(0, len(values), width)
+                ]
         result["trained"] = held_out(str(output / "final"))
         result["gain"] = round(result["trained"]["accuracy"] - result["warm"]["accuracy"], 4)
     line = json.dumps(result)

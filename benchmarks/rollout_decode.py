@@ -41,17 +41,27 @@ def _timed(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="qwen3-0.6b-shape")
     parser.add_argument("--reasoning-vocab-size", type=int, default=0)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-length", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--attention", choices=("decode", "sdpa"), default="decode",
-                        help="decode: the rollout's packed grouped-query attention; sdpa: the model's own")
-    parser.add_argument("--kv-bucket", type=int, default=rollout.KV_BUCKET,
-                        help="cache positions a decode step reads, rounded up to this; 0 reads the whole cache")
+    parser.add_argument(
+        "--attention",
+        choices=("decode", "sdpa"),
+        default="decode",
+        help="decode: the rollout's packed grouped-query attention; sdpa: the model's own",
+    )
+    parser.add_argument(
+        "--kv-bucket",
+        type=int,
+        default=rollout.KV_BUCKET,
+        help="cache positions a decode step reads, rounded up to this; 0 reads the whole cache",
+    )
     parser.add_argument("--hf", action="store_true", help="also time HF generate (slow)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one rollout")
     args = parser.parse_args()
@@ -63,13 +73,24 @@ def main() -> None:
     model, tokenizer = load_model(args.preset, args.reasoning_vocab_size, device=device)
     enable_fast_rollouts(model, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, len(tokenizer) - 1000, (args.batch, args.prompt_length), generator=generator).to(device)
+    prompt = torch.randint(
+        0, len(tokenizer) - 1000, (args.batch, args.prompt_length), generator=generator
+    ).to(device)
     mask = torch.ones_like(prompt)
-    mask[: args.batch // 2, : args.prompt_length // 4] = 0  # left padding in half the rows, as in a real batch
+    mask[: args.batch // 2, : args.prompt_length // 4] = (
+        0  # left padding in half the rows, as in a real batch
+    )
     # top_k=0 and top_p=1.0 as TRL passes them: left unset, `generate` would fill in its default top_k=50, and the
     # request would go to HF `generate` instead of the fast path
-    config = GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=args.new_tokens, top_k=0,
-                              top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        max_new_tokens=args.new_tokens,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
 
     def fast():
         served = model.fast_rollout.calls
@@ -82,22 +103,31 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     seconds = statistics.median(_timed(fast) for _ in range(args.repeats))
     result = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "preset": args.preset,
-        "reasoning_vocab_size": args.reasoning_vocab_size, "batch": args.batch, "new_tokens": args.new_tokens,
-        "attention": args.attention, "kv_bucket": args.kv_bucket, "first_rollout_s": round(compile_seconds, 2),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "reasoning_vocab_size": args.reasoning_vocab_size,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "attention": args.attention,
+        "kv_bucket": args.kv_bucket,
+        "first_rollout_s": round(compile_seconds, 2),
         "fast_ms_per_step": round(1000 * seconds / args.new_tokens, 3),
         "fast_tokens_per_s": round(args.batch * args.new_tokens / seconds),
         "fast_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
     if args.hf:
+
         def plain():
             with torch.autocast(device, dtype=torch.bfloat16):
                 type(model).generate(model, input_ids=prompt, attention_mask=mask, generation_config=config)
 
         plain()
         hf = _timed(plain)
-        result.update(hf_ms_per_step=round(1000 * hf / args.new_tokens, 3),
-                      hf_tokens_per_s=round(args.batch * args.new_tokens / hf))
+        result.update(
+            hf_ms_per_step=round(1000 * hf / args.new_tokens, 3),
+            hf_tokens_per_s=round(args.batch * args.new_tokens / hf),
+        )
     print(json.dumps(result), flush=True)
 
     if args.profile:
@@ -106,7 +136,11 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fast()
             _sync()
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+        print(
+            prof.key_averages().table(
+                sort_by="self_device_time_total", row_limit=25, max_name_column_width=70
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -54,9 +54,12 @@ def compared_runs(tracking_uri: str, experiment_name: str, names: list[str]) -> 
     run_ids = []
     for name in names:
         quoted = name.replace("'", "\\'")
-        found = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{quoted}' and "
-                                   "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                                   max_results=1)
+        found = client.search_runs(
+            [experiment.experiment_id],
+            f"attributes.run_name = '{quoted}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if not found:
             raise Failure(f"no finished run named {name!r} in experiment {experiment_name!r}")
         run_ids.append(found[0].info.run_id)
@@ -75,14 +78,24 @@ class Chromium:
     def __init__(self, binary: str, profile: str, deadline: float):
         commands_in, self._commands = os.pipe()
         self._replies, replies_out = os.pipe()
-        flags = ["--headless", "--disable-gpu", "--hide-scrollbars", "--no-first-run", "--mute-audio",
-                 "--disable-dev-shm-usage", "--remote-debugging-pipe", f"--user-data-dir={profile}"]
+        flags = [
+            "--headless",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--mute-audio",
+            "--disable-dev-shm-usage",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={profile}",
+        ]
         if os.geteuid() == 0:
             flags.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
         wire = f'exec "$0" "$@" 3<&{commands_in} 4>&{replies_out}'  # the pipe ends on the fds Chromium reads
         self.process = subprocess.Popen(
             ["/bin/sh", "-c", wire, binary, *flags, "about:blank"],
-            pass_fds=(commands_in, replies_out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(commands_in, replies_out),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,  # its helper processes form one group, ended together
         )
         os.close(commands_in)
@@ -134,23 +147,31 @@ class Chromium:
         os.close(self._replies)
 
 
-def screenshot(binary: str, url: str, names: list[str], width: int, height: int, collapse: list[str],
-               timeout: float) -> bytes:
+def screenshot(
+    binary: str, url: str, names: list[str], width: int, height: int, collapse: list[str], timeout: float
+) -> bytes:
     """PNG bytes of `url` once its text shows every name in `names`."""
     with tempfile.TemporaryDirectory(prefix="rlvr-chromium-") as profile:
         browser = Chromium(binary, profile, time.monotonic() + timeout)
         try:
             target = browser.send("Target.createTarget", url="about:blank")["targetId"]
             page = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-            browser.send("Emulation.setDeviceMetricsOverride", page, width=width, height=height,
-                         deviceScaleFactor=1, mobile=False)
+            browser.send(
+                "Emulation.setDeviceMetricsOverride",
+                page,
+                width=width,
+                height=height,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
             browser.send("Page.navigate", page, url=url)
             text = ""
             while not all(name in text for name in names):
                 if time.monotonic() > browser.deadline:
                     missing = [name for name in names if name not in text]
-                    raise Failure(f"the MLflow UI did not show {', '.join(missing)} within {timeout:.0f} s "
-                                  f"({url})")
+                    raise Failure(
+                        f"the MLflow UI did not show {', '.join(missing)} within {timeout:.0f} s ({url})"
+                    )
                 time.sleep(0.5)
                 text = evaluate(browser, page, "() => document.body ? document.body.innerText : ''")
             evaluate(browser, page, PREPARE_PAGE, collapse)
@@ -169,26 +190,36 @@ def evaluate(browser: Chromium, page: str, function: str, *arguments):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                        help="the tracking server whose UI to open (default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="the tracking server whose UI to open (default: $MLFLOW_TRACKING_URI)",
+    )
     parser.add_argument("--experiment", default="rlvr-demo", help="experiment holding the runs")
     parser.add_argument("--runs", default=EVALUATIONS, help="comma-separated run names to compare")
     parser.add_argument("--output", type=Path, default=Path("mlflow-ui-comparison.png"), help="PNG to write")
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--height", type=int, default=1000)
-    parser.add_argument("--collapse", default="Visualizations,Parameters",
-                        help="comma-separated section titles to fold before the screenshot ('' for none)")
+    parser.add_argument(
+        "--collapse",
+        default="Visualizations,Parameters",
+        help="comma-separated section titles to fold before the screenshot ('' for none)",
+    )
     parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for chromium and the page")
     parser.add_argument("--chromium", default="chromium", help="the Chromium executable")
     args = parser.parse_args(argv)
     try:
         binary = shutil.which(args.chromium)
         if binary is None:
-            raise Failure(f"{args.chromium} not found: install Debian's chromium package "
-                          "(apt-get install --no-install-recommends chromium) or pass --chromium PATH")
+            raise Failure(
+                f"{args.chromium} not found: install Debian's chromium package "
+                "(apt-get install --no-install-recommends chromium) or pass --chromium PATH"
+            )
         if not args.tracking_uri or not args.tracking_uri.startswith(("http://", "https://")):
-            raise Failure("the MLflow UI needs a tracking server: pass --tracking-uri http://host:port "
-                          "(mlflow server or mlflow ui)")
+            raise Failure(
+                "the MLflow UI needs a tracking server: pass --tracking-uri http://host:port "
+                "(mlflow server or mlflow ui)"
+            )
         names = [name.strip() for name in args.runs.split(",") if name.strip()]
         experiment_id, run_ids = compared_runs(args.tracking_uri, args.experiment, names)
         url = comparison_url(args.tracking_uri, experiment_id, run_ids)

@@ -1,7 +1,7 @@
 """`analyze` entry point: how a training run's reasoning vocabulary evolved, as plots and tables in MLflow.
 
-    mlflow run . -e analyze -P training_run=runs:/<run_id> -P baseline_run=runs:/<baseline_run_id>
-    python -m entrypoints.analyze --training_run outputs/train_reasoning --baseline_run outputs/train_baseline
+mlflow run . -e analyze -P training_run=runs:/<run_id> -P baseline_run=runs:/<baseline_run_id>
+python -m entrypoints.analyze --training_run outputs/train_reasoning --baseline_run outputs/train_baseline
 """
 
 import click

@@ -1,7 +1,7 @@
 """`main` entry point (MLflow's default): the whole offline experiment as nested runs.
 
-    mlflow run . --env-manager local                 # the demo, minutes on 2 CPU cores
-    mlflow run . --env-manager local -P scale=ci     # a smoke run of the same pipeline
+mlflow run . --env-manager local                 # the demo, minutes on 2 CPU cores
+mlflow run . --env-manager local -P scale=ci     # a smoke run of the same pipeline
 """
 
 import click

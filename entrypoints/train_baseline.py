@@ -1,7 +1,7 @@
 """`train_baseline` entry point: GRPO without a reasoning vocabulary (the control arm, N = 0).
 
-    mlflow run . -e train_baseline
-    python -m entrypoints.train_baseline --model tiny-qwen3 --data outputs/data --max_steps 5
+mlflow run . -e train_baseline
+python -m entrypoints.train_baseline --model tiny-qwen3 --data outputs/data --max_steps 5
 """
 
 import click

@@ -1,7 +1,7 @@
 """`train_reasoning` entry point: GRPO with N reasoning-vocabulary rows (the experimental arm).
 
-    mlflow run . -e train_reasoning -P reasoning_vocab_size=151646
-    python -m entrypoints.train_reasoning --model tiny-qwen3 --data outputs/data --max_steps 5
+mlflow run . -e train_reasoning -P reasoning_vocab_size=151646
+python -m entrypoints.train_reasoning --model tiny-qwen3 --data outputs/data --max_steps 5
 """
 
 import click

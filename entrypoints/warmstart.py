@@ -1,7 +1,7 @@
 """`warmstart` entry point: supervised fine-tuning on worked solutions, so GRPO starts with non-zero reward.
 
-    mlflow run . -e warmstart -P model=micro -P data=outputs/data
-    python -m entrypoints.warmstart --model micro --data outputs/data --max_steps 200
+mlflow run . -e warmstart -P model=micro -P data=outputs/data
+python -m entrypoints.warmstart --model micro --data outputs/data --max_steps 200
 """
 
 import click

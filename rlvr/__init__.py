@@ -9,8 +9,12 @@ from importlib import import_module
 __all__ = ["ReasoningVocab", "ReasoningVocabError", "load_model", "save_model"]
 __version__ = "0.1.0"
 
-_HOMES = {"ReasoningVocab": "rlvr.vocab", "ReasoningVocabError": "rlvr.vocab", "load_model": "rlvr.models",
-          "save_model": "rlvr.models"}
+_HOMES = {
+    "ReasoningVocab": "rlvr.vocab",
+    "ReasoningVocabError": "rlvr.vocab",
+    "load_model": "rlvr.models",
+    "save_model": "rlvr.models",
+}
 
 
 def __getattr__(name: str):

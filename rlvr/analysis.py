@@ -313,7 +313,10 @@ def family_texts(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, vocab:
     """What default families are drawn from: the thoughts of the worked solutions, else the prompts."""
     references = [r for r in frame["reference"] if r.strip()]
     if references:
-        return [_thought_of(tokenizer.encode(r, add_special_tokens=False), tokenizer, vocab) or r for r in references]
+        return [
+            _thought_of(tokenizer.encode(r, add_special_tokens=False), tokenizer, vocab) or r
+            for r in references
+        ]
     return [m["content"] for messages in frame["prompt"] for m in messages if m["role"] == "user"]
 
 
@@ -440,9 +443,17 @@ def thought_entropy(
             mask[row, : len(sequence)] = 1
             labelled[row, prompt_length : len(sequence)] = True
         prompt_lengths = torch.tensor([p for _, p in batch])
-        ids, mask, labelled, prompt_lengths = ids.to(device), mask.to(device), labelled.to(device), prompt_lengths.to(device)
+        ids, mask, labelled, prompt_lengths = (
+            ids.to(device),
+            mask.to(device),
+            labelled.to(device),
+            prompt_lengths.to(device),
+        )
         out = model(
-            input_ids=ids, attention_mask=mask, labels=ids.masked_fill(~labelled, -100), fused_lm_head=True,
+            input_ids=ids,
+            attention_mask=mask,
+            labels=ids.masked_fill(~labelled, -100),
+            fused_lm_head=True,
             completion_start=prompt_lengths,
         )
         inside = thoughts.inside_after(vocab, ids, prompt_lengths)[:, :-1] & out.label_mask
@@ -522,7 +533,9 @@ def measure_run(run: TrainingRun, plan: Plan, out: Measurements) -> None:
         )  # fmt: skip
         out.usage.append(key | usage(generated))
         pairs = [(i, g) for i, samples in enumerate(generated) for g in samples]
-        sequences = plan.forced or [(plan.prompt_ids[i] + g.token_ids, len(plan.prompt_ids[i])) for i, g in pairs]
+        sequences = plan.forced or [
+            (plan.prompt_ids[i] + g.token_ids, len(plan.prompt_ids[i])) for i, g in pairs
+        ]
         tokens, entropies = thought_entropy(model, sequences, tokenizer.pad_token_id, settings.batch_size)
         positions = pd.DataFrame({"token_id": tokens.numpy(), "entropy": entropies.numpy()})
         table = positions.groupby("token_id")["entropy"].agg(positions="size", mean_entropy="mean")

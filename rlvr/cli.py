@@ -22,7 +22,9 @@ def friendly_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        logging.basicConfig(level=os.environ.get("RLVR_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=os.environ.get("RLVR_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
+        )
         try:
             return command(*args, **kwargs)
         except InputError as error:

@@ -42,8 +42,10 @@ def require_finite(settings: object, *names: str) -> None:
     for name in names:
         value = getattr(settings, name)
         if not math.isfinite(value):
-            raise InputError(f"{name}={value} is not a finite number; pass a finite value, e.g. the default "
-                             f"{defaults[name]}.")
+            raise InputError(
+                f"{name}={value} is not a finite number; pass a finite value, e.g. the default "
+                f"{defaults[name]}."
+            )
 
 
 def check_sampling(temperature: float, num_samples: int) -> None:
@@ -53,7 +55,9 @@ def check_sampling(temperature: float, num_samples: int) -> None:
             f"temperature={temperature} is not a finite number; pass e.g. 0.6, or 0 for greedy decoding."
         )
     if temperature < 0:
-        raise InputError(f"temperature={temperature} is negative; pass 0 for greedy decoding or a positive value.")
+        raise InputError(
+            f"temperature={temperature} is negative; pass 0 for greedy decoding or a positive value."
+        )
     if temperature == 0 and num_samples > 1:
         raise InputError(
             f"temperature=0 decodes greedily, so the num_samples={num_samples} samples would be identical; pass "

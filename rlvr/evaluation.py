@@ -64,11 +64,19 @@ _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 class EvalSettings:
     """Every parameter of the evaluate entry point, with its one default."""
 
-    model: str = param("Qwen/Qwen3-0.6B", "MLflow model URI (runs:/, models:/name@alias, models:/name/N), local "
-                       "directory, preset (micro, tiny-qwen3, ...) or hub id")
-    data: str = param("outputs/data", "comma-separated datasets: preprocess outputs (output_dir or runs:/ URI) or "
-                      "sources (hub id, local file, synthetic[:options]) normalised as preprocess does")
-    split: str = param("test", "split to evaluate: of a preprocess output (train or test), or of a hub dataset")
+    model: str = param(
+        "Qwen/Qwen3-0.6B",
+        "MLflow model URI (runs:/, models:/name@alias, models:/name/N), local "
+        "directory, preset (micro, tiny-qwen3, ...) or hub id",
+    )
+    data: str = param(
+        "outputs/data",
+        "comma-separated datasets: preprocess outputs (output_dir or runs:/ URI) or "
+        "sources (hub id, local file, synthetic[:options]) normalised as preprocess does",
+    )
+    split: str = param(
+        "test", "split to evaluate: of a preprocess output (train or test), or of a hub dataset"
+    )
     num_samples: int = param(4, "completions sampled per problem: the k of pass@k")
     temperature: float = param(0.6, "sampling temperature (0: greedy, which needs num_samples=1)")
     top_p: float = param(0.95, "nucleus sampling: sample from the smallest set of tokens with this much mass")
@@ -77,7 +85,9 @@ class EvalSettings:
     seed: int = param(0, "seed of the sampling and of the shuffle of a raw source")
     max_examples: int = param(0, "evaluate the first this many problems of each dataset (0: all)")
     system_prompt: str = param("", "system message put before each problem of a raw source (none if empty)")
-    instruction: str = param(DEFAULT_INSTRUCTION, "appended to each problem of a raw source, as preprocess does")
+    instruction: str = param(
+        DEFAULT_INSTRUCTION, "appended to each problem of a raw source, as preprocess does"
+    )
     bf16: str = param("auto", "load the model in bf16: true, false or auto (on when a GPU supports it)")
 
 
@@ -124,10 +134,14 @@ def validate(settings: EvalSettings) -> None:
         raise InputError(f"num_samples={settings.num_samples} must be at least 1: it is the k of pass@k.")
     check_sampling(settings.temperature, settings.num_samples)
     if not 0 < settings.top_p <= 1:
-        raise InputError(f"top_p={settings.top_p} is not in (0, 1]; pass e.g. 0.95, or 1 to turn nucleus sampling off.")
+        raise InputError(
+            f"top_p={settings.top_p} is not in (0, 1]; pass e.g. 0.95, or 1 to turn nucleus sampling off."
+        )
     require_at_least_one(settings, "max_new_tokens", "batch_size")
     if settings.max_examples < 0:
-        raise InputError(f"max_examples={settings.max_examples} is negative; pass 0 to evaluate every problem.")
+        raise InputError(
+            f"max_examples={settings.max_examples} is negative; pass 0 to evaluate every problem."
+        )
     flag("bf16", settings.bf16)
 
 
@@ -183,9 +197,16 @@ def _unique(label: str, taken: set[str]) -> str:
 
 def _load_item(item: str, settings: EvalSettings, scratch: Path) -> Split:
     if is_preprocess_output(item):
-        return load_split(item, settings.split)  # same name and digest as preprocess logged: the UI links them
-    options = Options(split=settings.split, test_size=0, seed=settings.seed, system_prompt=settings.system_prompt,
-                      instruction=settings.instruction)
+        return load_split(
+            item, settings.split
+        )  # same name and digest as preprocess logged: the UI links them
+    options = Options(
+        split=settings.split,
+        test_size=0,
+        seed=settings.seed,
+        system_prompt=settings.system_prompt,
+        instruction=settings.instruction,
+    )
     try:
         preprocess(item, scratch, options)
     except InputError as error:
@@ -201,7 +222,9 @@ def _keep_in_run(split: Split, label: str) -> Split:
     path = split.path.rename(split.path.with_name(f"{label}.parquet"))
     mlflow.log_artifact(str(path), DATA_ARTIFACT_PATH)
     run_id = mlflow.active_run().info.run_id
-    return dataclasses.replace(split, path=path, source_uri=f"runs:/{run_id}/{DATA_ARTIFACT_PATH}/{path.name}")
+    return dataclasses.replace(
+        split, path=path, source_uri=f"runs:/{run_id}/{DATA_ARTIFACT_PATH}/{path.name}"
+    )
 
 
 def load_eval_sets(items: Sequence[str], settings: EvalSettings, scratch: Path) -> list[EvalSet]:
@@ -270,7 +293,12 @@ def dataset_metrics(scored: Sequence[Sequence[Scored]]) -> dict[str, float]:
     accuracy = sum(correct) / len(flat)
     low, high = wilson_interval(accuracy, len(scored))
     thought = sum(s.generated.thought_tokens for s in flat)
-    metrics = {"problems": float(len(scored)), "accuracy": accuracy, "accuracy_ci_low": low, "accuracy_ci_high": high}
+    metrics = {
+        "problems": float(len(scored)),
+        "accuracy": accuracy,
+        "accuracy_ci_low": low,
+        "accuracy_ci_high": high,
+    }
     for j in sorted({1, k}):
         metrics[f"pass_at_{j}"] = sum(pass_at_k(k, c, j) for c in correct) / len(scored)
     return metrics | {
@@ -299,8 +327,10 @@ def check_prompt_lengths(
     if not context:
         return
     problems = eval_set.problems
-    texts = [tokenizer.apply_chat_template(as_messages(list(p)), tokenize=False, add_generation_prompt=True)
-             for p in problems["prompt"]]
+    texts = [
+        tokenizer.apply_chat_template(as_messages(list(p)), tokenize=False, add_generation_prompt=True)
+        for p in problems["prompt"]
+    ]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     longest = max(range(len(lengths)), key=lengths.__getitem__)
     if lengths[longest] > context:
@@ -352,7 +382,9 @@ def link_model(source: str) -> ModelLink:
 def record_on_version(version: ModelVersion, run_id: str, results: dict[str, dict[str, float]]) -> None:
     """Tag the registered version with this run, so the registry lists the evaluations of each version."""
     summary = "; ".join(f"{label}: accuracy {m['accuracy']:.4g}" for label, m in results.items())
-    MlflowClient().set_model_version_tag(version.name, version.version, f"{VERSION_TAG_PREFIX}{run_id}", summary)
+    MlflowClient().set_model_version_tag(
+        version.name, version.version, f"{VERSION_TAG_PREFIX}{run_id}", summary
+    )
 
 
 # --- artifacts ------------------------------------------------------------------------------------------------
@@ -369,28 +401,36 @@ def _samples(evaluated: Sequence[tuple[EvalSet, list[list[Scored]]]]):
 
 def samples_table(evaluated: Sequence[tuple[EvalSet, list[list[Scored]]]]) -> pd.DataFrame:
     """One row per completion, reasoning tokens marked ⟦...⟧ as in the training samples tables."""
-    return pd.DataFrame([
-        {
-            "dataset": label,
-            "id": row.id,
-            "sample": index,
-            "prompt": _problem_text(row.prompt),
-            "solution": row.solution,
-            "completion": marked_text(s.generated.text, s.generated.spans),
-            "correct": s.correct,
-            "well_formed": s.well_formed,
-            "thought_tokens": s.generated.thought_tokens,
-            "reasoning_tokens": s.generated.reasoning_tokens,
-            "answer_tokens": s.generated.answer_tokens,
-        }
-        for label, row, index, s in _samples(evaluated)
-    ])
+    return pd.DataFrame(
+        [
+            {
+                "dataset": label,
+                "id": row.id,
+                "sample": index,
+                "prompt": _problem_text(row.prompt),
+                "solution": row.solution,
+                "completion": marked_text(s.generated.text, s.generated.spans),
+                "correct": s.correct,
+                "well_formed": s.well_formed,
+                "thought_tokens": s.generated.thought_tokens,
+                "reasoning_tokens": s.generated.reasoning_tokens,
+                "answer_tokens": s.generated.answer_tokens,
+            }
+            for label, row, index, s in _samples(evaluated)
+        ]
+    )
 
 
 def samples_page(model: str, evaluated: Sequence[tuple[EvalSet, list[list[Scored]]]]) -> str:
     entries = [
-        PageEntry(f"{label} · {row.id} · sample {index}", _problem_text(row.prompt), row.solution, s.correct,
-                  s.generated.text, s.generated.spans)
+        PageEntry(
+            f"{label} · {row.id} · sample {index}",
+            _problem_text(row.prompt),
+            row.solution,
+            s.correct,
+            s.generated.text,
+            s.generated.spans,
+        )
         for label, row, index, s in _samples(evaluated)
     ]
     return completions_page(f"Evaluation of {model}", entries)
@@ -405,7 +445,10 @@ def evaluate(settings: EvalSettings) -> dict[str, dict[str, float]]:
     """
     validate(settings)
     items = data_items(settings.data)
-    with tracking.entrypoint_run("evaluate", {"rlvr.step": "evaluate"}) as run, tempfile.TemporaryDirectory() as scratch:
+    with (
+        tracking.entrypoint_run("evaluate", {"rlvr.step": "evaluate"}) as run,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
         tracking.log_params(dataclasses.asdict(settings))
         sets = load_eval_sets(items, settings, Path(scratch))
         model, tokenizer = load_for_evaluation(settings)
@@ -417,7 +460,9 @@ def evaluate(settings: EvalSettings) -> dict[str, dict[str, float]]:
         results: dict[str, dict[str, float]] = {}
         evaluated = []
         for eval_set in sets:
-            log.info("evaluating %s on %d problems of %s", settings.model, len(eval_set.problems), eval_set.key)
+            log.info(
+                "evaluating %s on %d problems of %s", settings.model, len(eval_set.problems), eval_set.key
+            )
             scored = sample_and_score(model, tokenizer, eval_set.problems, settings)
             metrics = dataset_metrics(scored)
             prefixed = {metric_key(eval_set.label, name): value for name, value in metrics.items()}

@@ -89,7 +89,8 @@ def generate(
         torch.manual_seed(seed)
     tokenizer.padding_side = "left"
     texts = [
-        tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
+        tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
+        for p in prompts
     ]
     flat = [text for text in texts for _ in range(num_samples)]
     stops = stop_token_ids(model, tokenizer)
@@ -101,12 +102,20 @@ def generate(
     device = next(model.parameters()).device
     results: list[Generated] = []
     for start in range(0, len(flat), batch_size):
-        batch = tokenizer(flat[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(
+            flat[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         batch = batch.to(device)
         out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **sampling
+            **batch,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
         )
         starts = thoughts.prompt_state(model.reasoning_vocab, batch["input_ids"]).tolist()
         for row, starts_inside in zip(out[:, batch["input_ids"].shape[1] :], starts, strict=True):
-            results.append(describe(until_stop(row.tolist(), stops), tokenizer, model.reasoning_vocab, starts_inside))
+            results.append(
+                describe(until_stop(row.tolist(), stops), tokenizer, model.reasoning_vocab, starts_inside)
+            )
     return [results[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]

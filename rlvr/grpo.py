@@ -38,7 +38,9 @@ from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)
 
-REASONING_VOCAB_SIZE = 151646  # train_reasoning's default: one copy of every Qwen3 token id below <|object_ref_start|>
+REASONING_VOCAB_SIZE = (
+    151646  # train_reasoning's default: one copy of every Qwen3 token id below <|object_ref_start|>
+)
 # GRPOConfig fields whose value a rollout path needs that cannot apply the constraint
 UNCONSTRAINED_ROLLOUTS = {
     "use_vllm": "vLLM samples outside this process, where the thought mask cannot be applied",
@@ -51,7 +53,9 @@ UNCONSTRAINED_ROLLOUTS = {
 class TrainSettings:
     """Every parameter of the training entry points, with its one default."""
 
-    model: str = param("Qwen/Qwen3-0.6B", "hub id, local directory, preset (tiny-qwen3, micro, ...) or MLflow model URI")
+    model: str = param(
+        "Qwen/Qwen3-0.6B", "hub id, local directory, preset (tiny-qwen3, micro, ...) or MLflow model URI"
+    )
     data: str = param("outputs/data", "preprocess output: its output_dir or a runs:/<run_id>/<path> URI")
     reasoning_vocab_size: int = param(0, "N reasoning rows appended (0 = baseline)")
     learning_rate: float = param(1e-6, "peak learning rate")
@@ -68,18 +72,28 @@ class TrainSettings:
     seed: int = param(42, "random seed")
     bf16: str = param("auto", "bf16 autocast: true, false or auto (on when a GPU supports it)")
     gradient_checkpointing: str = param("false", "recompute activations in backward: true or false")
-    fast_rollouts: str = param("auto", "sample with a static KV cache and a compiled decode step: true, false, or "
-                               "auto (on with a GPU)")
-    sampling_correction: str = param("true", "correct the loss for the sampler/trainer log-prob mismatch of fast "
-                                     "rollouts and bf16 by truncated importance sampling: true or false")
+    fast_rollouts: str = param(
+        "auto",
+        "sample with a static KV cache and a compiled decode step: true, false, or auto (on with a GPU)",
+    )
+    sampling_correction: str = param(
+        "true",
+        "correct the loss for the sampler/trainer log-prob mismatch of fast "
+        "rollouts and bf16 by truncated importance sampling: true or false",
+    )
     save_steps: int = param(50, "save a checkpoint every this many optimizer steps")
     output_dir: str = param("outputs/train", "checkpoints go here; rerunning with the same directory resumes")
     registered_model_name: str = param("rlvr", "register the final model under this name ('' to skip)")
     accuracy_weight: float = param(1.0, "weight of the math-verify accuracy reward")
     format_weight: float = param(0.0, "weight of the format reward (one closed thought, one boxed answer)")
-    rewards: str = param("", "rewards and weights by name, e.g. 'accuracy:1,format:0.5' (known: "
-                         f"{', '.join(rewards.REWARDS)}); empty: accuracy_weight and format_weight")
-    log_completions_steps: int = param(10, "log a table of sample completions every this many steps (0: never)")
+    rewards: str = param(
+        "",
+        "rewards and weights by name, e.g. 'accuracy:1,format:0.5' (known: "
+        f"{', '.join(rewards.REWARDS)}); empty: accuracy_weight and format_weight",
+    )
+    log_completions_steps: int = param(
+        10, "log a table of sample completions every this many steps (0: never)"
+    )
     grpo_config: str = param("", "YAML file of further GRPOConfig fields")
     grpo_args: str = param("", "further GRPOConfig fields as 'key=value key=value'")
 
@@ -101,12 +115,16 @@ def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
                 "GRPOConfig fields."
             ) from error
         if not isinstance(loaded, dict):
-            raise InputError(f"grpo_config {path} must hold a mapping of GRPOConfig fields, not {type(loaded).__name__}.")
+            raise InputError(
+                f"grpo_config {path} must hold a mapping of GRPOConfig fields, not {type(loaded).__name__}."
+            )
         extra.update(loaded)
     for item in settings.grpo_args.replace(",", " ").split():
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise InputError(f"grpo_args entry {item!r} is not key=value; write e.g. grpo_args='num_iterations=2'.")
+            raise InputError(
+                f"grpo_args entry {item!r} is not key=value; write e.g. grpo_args='num_iterations=2'."
+            )
         try:
             extra[key] = yaml.safe_load(value)
         except yaml.YAMLError as error:
@@ -118,7 +136,9 @@ def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
     own = {f.name for f in TrainSettings.fields()}
     for key, value in extra.items():
         if key in own:
-            raise InputError(f"{key} is a parameter of its own; pass it as -P {key}=... instead of in grpo_config/grpo_args.")
+            raise InputError(
+                f"{key} is a parameter of its own; pass it as -P {key}=... instead of in grpo_config/grpo_args."
+            )
         if key not in known:
             raise InputError(f"{key} is not a GRPOConfig field; check its spelling against TRL's GRPOConfig.")
         if key in UNCONSTRAINED_ROLLOUTS and value:
@@ -136,14 +156,22 @@ def _refuse_sampling_options(extra: dict[str, Any]) -> None:
     options = {k: v for k, v in extra.items() if k in SAMPLING_NEUTRAL}
     generation_kwargs = extra.get("generation_kwargs") or {}
     if not isinstance(generation_kwargs, dict):
-        raise InputError(f"generation_kwargs must be a mapping of generation options, not {generation_kwargs!r}.")
+        raise InputError(
+            f"generation_kwargs must be a mapping of generation options, not {generation_kwargs!r}."
+        )
     if "temperature" in generation_kwargs:
-        raise InputError("generation_kwargs may not set temperature: it is a parameter of its own (-P temperature=...), "
-                         "which the loss scores at too.")
+        raise InputError(
+            "generation_kwargs may not set temperature: it is a parameter of its own (-P temperature=...), "
+            "which the loss scores at too."
+        )
     try:
-        changes = distribution_changes(GenerationConfig(**{"do_sample": True, **generation_kwargs, **options}))
+        changes = distribution_changes(
+            GenerationConfig(**{"do_sample": True, **generation_kwargs, **options})
+        )
     except (TypeError, ValueError) as error:
-        raise InputError(f"the sampling options {sorted({**generation_kwargs, **options})} are invalid: {error}") from error
+        raise InputError(
+            f"the sampling options {sorted({**generation_kwargs, **options})} are invalid: {error}"
+        ) from error
     if changes:
         raise InputError(
             f"sampling option {changes[0]} is refused: GRPO's loss scores the masked softmax at `temperature`, so "
@@ -162,9 +190,18 @@ def _loss_types() -> tuple[str, ...]:
 def validate(settings: TrainSettings, world_size: int) -> None:
     """Checks that need no model or data, so a bad request fails in seconds."""
     if settings.reasoning_vocab_size < 0:
-        raise InputError(f"reasoning_vocab_size={settings.reasoning_vocab_size} is negative; use 0 for the baseline.")
-    require_at_least_one(settings, "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
-                         "max_prompt_length", "max_completion_length", "save_steps")
+        raise InputError(
+            f"reasoning_vocab_size={settings.reasoning_vocab_size} is negative; use 0 for the baseline."
+        )
+    require_at_least_one(
+        settings,
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "num_generations",
+        "max_prompt_length",
+        "max_completion_length",
+        "save_steps",
+    )
     check_schedule(settings)
     require_finite(settings, "temperature", "beta", "accuracy_weight", "format_weight")
     chosen_rewards(settings)
@@ -201,7 +238,10 @@ def chosen_rewards(settings: TrainSettings) -> list[tuple[str, float]]:
     if not settings.rewards.strip():
         return [("accuracy", settings.accuracy_weight), ("format", settings.format_weight)]
     defaults = TrainSettings()
-    if (settings.accuracy_weight, settings.format_weight) != (defaults.accuracy_weight, defaults.format_weight):
+    if (settings.accuracy_weight, settings.format_weight) != (
+        defaults.accuracy_weight,
+        defaults.format_weight,
+    ):
         raise InputError(
             f"rewards={settings.rewards!r} and accuracy_weight/format_weight both set the reward weights; pass "
             f"only rewards (e.g. rewards=accuracy:{settings.accuracy_weight},format:{settings.format_weight})."
@@ -211,7 +251,9 @@ def chosen_rewards(settings: TrainSettings) -> list[tuple[str, float]]:
 
 def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
     cuda = torch.cuda.is_available()
-    report_to = [r for r in extra.pop("report_to", []) or [] if r != "mlflow"]  # MLflow is logged by rlvr itself
+    report_to = [
+        r for r in extra.pop("report_to", []) or [] if r != "mlflow"
+    ]  # MLflow is logged by rlvr itself
     kwargs = dict(
         output_dir=settings.output_dir,
         learning_rate=settings.learning_rate,
@@ -233,7 +275,8 @@ def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
         report_to=report_to,
         use_cpu=not cuda,
         save_only_model=False,
-        vllm_importance_sampling_correction=flag("sampling_correction", settings.sampling_correction) is not False,
+        vllm_importance_sampling_correction=flag("sampling_correction", settings.sampling_correction)
+        is not False,
         vllm_importance_sampling_mode="token_truncate",
         **checkpointing_option(GRPOConfig, settings.gradient_checkpointing),
     )
@@ -273,10 +316,13 @@ class ReasoningGRPOTrainer(GRPOTrainer):
             weights = rollout_weights(self.accelerator, self.args.ds3_gather_for_generation)
             fast_rollouts = weights.obstacle is None
             if fast_rollouts:  # sample in the precision the forward passes use: bf16 under bf16 autocast
-                enable_fast_rollouts(self.model, dtype=torch.bfloat16 if self.args.bf16 else None,
-                                     own_copy=weights.sharded)
+                enable_fast_rollouts(
+                    self.model, dtype=torch.bfloat16 if self.args.bf16 else None, own_copy=weights.sharded
+                )
         self._check_sampling()
-        self.correct_sampling = bool(self.args.vllm_importance_sampling_correction and (fast_rollouts or self.args.bf16))
+        self.correct_sampling = bool(
+            self.args.vllm_importance_sampling_correction and (fast_rollouts or self.args.bf16)
+        )
         self.model.record_sampling_logprobs = self.correct_sampling
         self.use_vllm = self.correct_sampling
         self.completions_every = completions_every
@@ -297,11 +343,14 @@ class ReasoningGRPOTrainer(GRPOTrainer):
                 "file, e.g. 'generation_kwargs: {top_k: 0, top_p: 1.0}'."
             )
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
         self.use_vllm = False  # TRL's transformers path, with the model's own (constrained) generate
         try:
-            completion_ids, _ = super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                              has_tool_images)
+            completion_ids, _ = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         finally:
             self.use_vllm = self.correct_sampling
         if not self.correct_sampling:
@@ -327,7 +376,9 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         before = thoughts.completion_states(self.vocab, starts, output["completion_ids"])
         self._require_allowed_samples(output, before)
         stats = thoughts.batch_counts(self.vocab, before, output["completion_ids"], output["completion_mask"])
-        completions, tokens, thought, reasoning, closed = self.accelerator.gather(stats.unsqueeze(0)).sum(0).tolist()
+        completions, tokens, thought, reasoning, closed = (
+            self.accelerator.gather(stats.unsqueeze(0)).sum(0).tolist()
+        )
         completions = max(completions, 1.0)
         self._metrics[mode]["reasoning/token_share"].append(reasoning / max(thought, 1.0))
         self._metrics[mode]["reasoning/thought_length"].append(thought / completions)
@@ -362,21 +413,24 @@ class ReasoningGRPOTrainer(GRPOTrainer):
             return
         self._tabled_steps.add(step)
         rows = []
-        for example, ids, mask, starts_inside in zip(inputs, output["completion_ids"], output["completion_mask"], starts,
-                                                     strict=True):
+        for example, ids, mask, starts_inside in zip(
+            inputs, output["completion_ids"], output["completion_mask"], starts, strict=True
+        ):
             sampled = ids[mask.bool()].tolist()
             token_ids = rewards.until_stop(sampled, self.eos_token_ids)
             sample = describe(token_ids, self.processing_class, self.vocab, starts_inside)
-            rows.append({
-                "step": step,
-                "rank": self.accelerator.process_index,
-                "prompt": example["prompt"][-1]["content"],
-                "completion": marked_text(sample.text, sample.spans),
-                "solution": example["solution"],
-                "correct": rewards.answer_is_correct(sample.answer, example["solution"]),
-                "reasoning_tokens": sample.reasoning_tokens,
-                "completion_ids": sampled,
-            })
+            rows.append(
+                {
+                    "step": step,
+                    "rank": self.accelerator.process_index,
+                    "prompt": example["prompt"][-1]["content"],
+                    "completion": marked_text(sample.text, sample.spans),
+                    "solution": example["solution"],
+                    "correct": rewards.answer_is_correct(sample.answer, example["solution"]),
+                    "reasoning_tokens": sample.reasoning_tokens,
+                    "completion_ids": sampled,
+                }
+            )
         rows = gather_object(rows)  # every process takes part, so the table holds the whole batch
         callbacks = self.callback_handler.callbacks
         tracker = next((c for c in callbacks if isinstance(c, tracking.MlflowMetrics)), None)
@@ -386,7 +440,10 @@ class ReasoningGRPOTrainer(GRPOTrainer):
 
 def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, int]:
     """TRL's conversational prompt dataset, without prompts longer than `max_prompt_length` tokens."""
-    texts = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False) for p in frame["prompt"]]
+    texts = [
+        tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
+        for p in frame["prompt"]
+    ]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     keep = [n <= max_prompt_length for n in lengths]
     kept = frame.loc[keep, ["prompt", "solution", "id"]].reset_index(drop=True)
@@ -395,8 +452,10 @@ def _prompt_dataset(frame, tokenizer, max_prompt_length: int) -> tuple[Dataset, 
             f"every training prompt is longer than max_prompt_length={max_prompt_length} tokens (shortest: "
             f"{min(lengths)}); raise max_prompt_length."
         )
-    records = [{"prompt": [dict(m) for m in row.prompt], "solution": row.solution, "id": row.id}
-               for row in kept.itertuples()]
+    records = [
+        {"prompt": [dict(m) for m in row.prompt], "solution": row.solution, "id": row.id}
+        for row in kept.itertuples()
+    ]
     return Dataset.from_list(records), len(frame) - len(kept)
 
 
@@ -407,7 +466,9 @@ def train(settings: TrainSettings) -> str | None:
     avoid_cudnn_attention_backward()
     extra = extra_grpo_fields(settings)
     arm = "reasoning" if settings.reasoning_vocab_size else "baseline"
-    job = Job(settings.output_dir, run_name=f"train_{arm}", tags={"rlvr.step": f"train_{arm}", "rlvr.arm": arm})
+    job = Job(
+        settings.output_dir, run_name=f"train_{arm}", tags={"rlvr.step": f"train_{arm}", "rlvr.arm": arm}
+    )
     split = load_split(settings.data, "train").require_rows(settings.data)
     # everything that can refuse the request comes before the run starts and before anything is written
     model, tokenizer = job.starting_model(
@@ -427,18 +488,22 @@ def train(settings: TrainSettings) -> str | None:
         job.save_start(model, tokenizer)
         if job.main:
             own = dataclasses.asdict(settings)
-            tracking.log_params({
-                **own,
-                "arm": arm,
-                "base_vocab_size": model.reasoning_vocab.base_vocab_size,
-                "data_digest": split.digest,
-                "grpo": {k: v for k, v in config.to_dict().items() if k not in own},
-            })
+            tracking.log_params(
+                {
+                    **own,
+                    "arm": arm,
+                    "base_vocab_size": model.reasoning_vocab.base_vocab_size,
+                    "data_digest": split.digest,
+                    "grpo": {k: v for k, v in config.to_dict().items() if k not in own},
+                }
+            )
             if job.resume_from is None:  # a resumed run has them: every metric step once
                 mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
         trainer = ReasoningGRPOTrainer(
             model=model,
-            reward_funcs=rewards.reward_functions(tokenizer, names=[name for name, _ in chosen_rewards(settings)]),
+            reward_funcs=rewards.reward_functions(
+                tokenizer, names=[name for name, _ in chosen_rewards(settings)]
+            ),
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,

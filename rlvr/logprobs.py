@@ -44,9 +44,18 @@ def _chunked_logprobs(hidden, weight, bias, labels, forbidden, temperature: floa
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     log_probs, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
-        args = (hidden[start : start + chunk], weight, bias, labels[start : start + chunk], forbidden,
-                1.0 / temperature, with_entropy)
-        lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if recompute else _chunk_logprobs(*args)
+        args = (
+            hidden[start : start + chunk],
+            weight,
+            bias,
+            labels[start : start + chunk],
+            forbidden,
+            1.0 / temperature,
+            with_entropy,
+        )
+        lp, ent = (
+            checkpoint(_chunk_logprobs, *args, use_reentrant=False) if recompute else _chunk_logprobs(*args)
+        )
         log_probs.append(lp)
         entropies.append(ent)
     return torch.cat(log_probs), torch.cat(entropies) if with_entropy else None
@@ -79,13 +88,21 @@ def constrained_token_logprobs(
         if index.numel() == 0:
             continue
         if state:
-            lp, ent = _chunked_logprobs(hidden[index], weight, bias, labels[index], forbidden_inside, temperature,
-                                        with_entropy)
+            lp, ent = _chunked_logprobs(
+                hidden[index], weight, bias, labels[index], forbidden_inside, temperature, with_entropy
+            )
         else:  # nothing to mask: TRL's fused kernel over the tokenizer's rows
             outputs = ("log_probs", "entropy") if with_entropy else ("log_probs",)
             lp, ent, *_ = ChunkedLogProbFunction.apply(
-                hidden[index], weight[:rows], None if bias is None else bias[:rows], labels[index], temperature,
-                _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs,
+                hidden[index],
+                weight[:rows],
+                None if bias is None else bias[:rows],
+                labels[index],
+                temperature,
+                _CHUNKED_LOGPROB_CHUNK_SIZE,
+                None,
+                1.0,
+                outputs,
             )
         log_probs = log_probs.index_copy(0, index, lp)
         if with_entropy:
@@ -133,7 +150,9 @@ def _completion_start(labels: torch.Tensor) -> int:
     return int(labelled[0]) if labelled.numel() else labels.shape[1]
 
 
-def constrained_forward(self, *args, fused_lm_head: bool = False, labels=None, completion_start=None, **kwargs):
+def constrained_forward(
+    self, *args, fused_lm_head: bool = False, labels=None, completion_start=None, **kwargs
+):
     """The model's forward; with `fused_lm_head=True`, TRL's per-token log-prob contract under the constraint.
 
     The thought state starts at the assistant turn, so the head must know where the prompt ends:
@@ -147,7 +166,9 @@ def constrained_forward(self, *args, fused_lm_head: bool = False, labels=None, c
         raise TypeError("fused_lm_head=True expects keyword arguments (input_ids=..., attention_mask=...)")
     kwargs.pop("num_items_in_batch", None)
     if kwargs.pop("shift_labels", None) is not None:
-        raise NotImplementedError("pre-shifted labels (sequence parallelism) are not supported with a reasoning vocabulary")
+        raise NotImplementedError(
+            "pre-shifted labels (sequence parallelism) are not supported with a reasoning vocabulary"
+        )
     input_ids = kwargs["input_ids"]
     kwargs["use_cache"] = False
     hidden = self.base_model(**kwargs).last_hidden_state[:, :-1]
@@ -165,7 +186,13 @@ def constrained_forward(self, *args, fused_lm_head: bool = False, labels=None, c
         bias = None if bias is None else bias.float()
     with torch.autocast(weight.device.type, enabled=False) if fp32 else contextlib.nullcontext():
         log_probs, entropy = constrained_token_logprobs(
-            hidden, weight, bias, targets[valid], vocab, inside[valid], temperature=self.reasoning_temperature,
+            hidden,
+            weight,
+            bias,
+            targets[valid],
+            vocab,
+            inside[valid],
+            temperature=self.reasoning_temperature,
         )
     # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero)
     log_probs = log_probs.new_zeros(valid.shape).masked_scatter(valid, log_probs)

@@ -21,6 +21,7 @@ from rlvr.surgery import attach, expand_model, make_faithful
 from rlvr.tracking import is_mlflow_uri, refuse_deleted_run
 from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError
 
+
 class ModelSourceError(InputError):
     """A model name that resolves to nothing loadable; the message says what was tried and how to fix it."""
 
@@ -48,7 +49,9 @@ def resolve_model_dir(source: str) -> Path | None:
 def _find_hf_dir(root: Path, source: str) -> Path:
     if (root / "config.json").exists():
         return root
-    found = sorted(p.parent for p in root.rglob("config.json") if (p.parent / "tokenizer_config.json").exists())
+    found = sorted(
+        p.parent for p in root.rglob("config.json") if (p.parent / "tokenizer_config.json").exists()
+    )
     if not found:
         raise ModelSourceError(
             f"model {source!r} holds no Hugging Face model directory (config.json with a tokenizer); point at a "
@@ -118,7 +121,9 @@ def load_model(
     return model, make_faithful(tokenizer, vocab)
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> Path:
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike
+) -> Path:
     """A standard Hugging Face directory (safetensors) plus the token map."""
     directory = Path(directory)
     model.save_pretrained(directory)

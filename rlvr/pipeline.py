@@ -23,8 +23,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from rlvr import statistics, tracking
-from rlvr.errors import InputError
 from rlvr.data import DATA_ARTIFACT_PATH
+from rlvr.errors import InputError
 from rlvr.evaluation import SAMPLES_TABLE, metrics_by_label
 from rlvr.training import param
 
@@ -42,39 +42,104 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
     # points in the budget; lr 2e-4 degrades; an 800-step warm start left one seed in four unable to learn
     # (BENCHMARKS.md records each try).
     "demo": {
-        "preprocess": {"source": "synthetic:count=6000,digits=1,errors=0.3", "test_size": 200, "instruction": ""},
-        "warmstart": {"model": "micro", "max_steps": 1200, "learning_rate": 1.2e-3, "per_device_train_batch_size": 16,
-                      "save_steps": 400},
+        "preprocess": {
+            "source": "synthetic:count=6000,digits=1,errors=0.3",
+            "test_size": 200,
+            "instruction": "",
+        },
+        "warmstart": {
+            "model": "micro",
+            "max_steps": 1200,
+            "learning_rate": 1.2e-3,
+            "per_device_train_batch_size": 16,
+            "save_steps": 400,
+        },
         # 16 prompts x 4 completions a step: more prompts make a steadier gradient than larger groups
-        "train": {"max_steps": 150, "learning_rate": 1e-4, "per_device_train_batch_size": 16,
-                  "gradient_accumulation_steps": 4, "num_generations": 4, "max_completion_length": 48,
-                  "temperature": 1.0, "save_steps": 75, "log_completions_steps": 25, "format_weight": 0.5},
-        "evaluate": {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48,
-                     "batch_size": 64, "max_examples": 200},
+        "train": {
+            "max_steps": 150,
+            "learning_rate": 1e-4,
+            "per_device_train_batch_size": 16,
+            "gradient_accumulation_steps": 4,
+            "num_generations": 4,
+            "max_completion_length": 48,
+            "temperature": 1.0,
+            "save_steps": 75,
+            "log_completions_steps": 25,
+            "format_weight": 0.5,
+        },
+        "evaluate": {
+            "num_samples": 4,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_new_tokens": 48,
+            "batch_size": 64,
+            "max_examples": 200,
+        },
     },
     # The ~25M-parameter `small` preset on 2-3 step problems over 1-2 digit numbers (results up to 4 digits),
     # with the same noisy teacher; fast rollouts (BENCHMARKS.md: +25 points over the warm start)
     "gpu": {
-        "preprocess": {"source": "synthetic:count=40000,digits=2,min_ops=2,max_ops=3,errors=0.3", "test_size": 500,
-                       "instruction": ""},
-        "warmstart": {"model": "small", "max_steps": 1500, "learning_rate": 1e-3, "per_device_train_batch_size": 64,
-                      "save_steps": 500},
-        "train": {"max_steps": 100, "learning_rate": 3e-5, "per_device_train_batch_size": 64,
-                  "gradient_accumulation_steps": 4, "num_generations": 8, "max_completion_length": 128,
-                  "temperature": 1.0, "save_steps": 50, "log_completions_steps": 50, "format_weight": 0.5,
-                  "fast_rollouts": "true"},
-        "evaluate": {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 128,
-                     "batch_size": 500, "max_examples": 500},
+        "preprocess": {
+            "source": "synthetic:count=40000,digits=2,min_ops=2,max_ops=3,errors=0.3",
+            "test_size": 500,
+            "instruction": "",
+        },
+        "warmstart": {
+            "model": "small",
+            "max_steps": 1500,
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 64,
+            "save_steps": 500,
+        },
+        "train": {
+            "max_steps": 100,
+            "learning_rate": 3e-5,
+            "per_device_train_batch_size": 64,
+            "gradient_accumulation_steps": 4,
+            "num_generations": 8,
+            "max_completion_length": 128,
+            "temperature": 1.0,
+            "save_steps": 50,
+            "log_completions_steps": 50,
+            "format_weight": 0.5,
+            "fast_rollouts": "true",
+        },
+        "evaluate": {
+            "num_samples": 4,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_new_tokens": 128,
+            "batch_size": 500,
+            "max_examples": 500,
+        },
     },
     "ci": {
         "preprocess": {"source": "synthetic:count=300,errors=0.3", "test_size": 20, "instruction": ""},
-        "warmstart": {"model": "micro", "max_steps": 20, "learning_rate": 3e-3, "per_device_train_batch_size": 16,
-                      "save_steps": 10},
-        "train": {"max_steps": 2, "learning_rate": 5e-5, "per_device_train_batch_size": 8,
-                  "gradient_accumulation_steps": 1, "num_generations": 4, "max_completion_length": 16,
-                  "save_steps": 1, "log_completions_steps": 1},
-        "evaluate": {"num_samples": 2, "temperature": 0.6, "top_p": 1.0, "max_new_tokens": 16,
-                     "batch_size": 32, "max_examples": 10},
+        "warmstart": {
+            "model": "micro",
+            "max_steps": 20,
+            "learning_rate": 3e-3,
+            "per_device_train_batch_size": 16,
+            "save_steps": 10,
+        },
+        "train": {
+            "max_steps": 2,
+            "learning_rate": 5e-5,
+            "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "num_generations": 4,
+            "max_completion_length": 16,
+            "save_steps": 1,
+            "log_completions_steps": 1,
+        },
+        "evaluate": {
+            "num_samples": 2,
+            "temperature": 0.6,
+            "top_p": 1.0,
+            "max_new_tokens": 16,
+            "batch_size": 32,
+            "max_examples": 10,
+        },
     },
 }
 
@@ -83,10 +148,17 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
 class PipelineSettings:
     """Every parameter of the `main` entry point, with its one default."""
 
-    scale: str = param("demo", "demo (the offline experiment, minutes on 2 CPU cores), gpu (a larger one, minutes on one "
-                       "GPU) or ci (a smoke run)")
-    reasoning_vocab_size: int = param(0, "N of the reasoning arm (0: every token id of the scale's tokenizer)")
-    registered_model_name: str = param("rlvr-demo", "both arms register here; the better one becomes @champion")
+    scale: str = param(
+        "demo",
+        "demo (the offline experiment, minutes on 2 CPU cores), gpu (a larger one, minutes on one "
+        "GPU) or ci (a smoke run)",
+    )
+    reasoning_vocab_size: int = param(
+        0, "N of the reasoning arm (0: every token id of the scale's tokenizer)"
+    )
+    registered_model_name: str = param(
+        "rlvr-demo", "both arms register here; the better one becomes @champion"
+    )
     output_dir: str = param("outputs/main", "checkpoints and data of the steps go under this directory")
     seeds: str = param("0", "comma-separated seeds; each runs its own warm start, arms and evaluations")
 
@@ -94,10 +166,16 @@ class PipelineSettings:
 def _code_version() -> str:
     """The checkout's commit (and whether it is dirty), so a reused run was made by the same code."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_DIR,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{commit}{'-dirty' if dirty else ''}"
@@ -114,7 +192,9 @@ class Pipeline:
         self.code = _code_version()
         self.root = Path(settings.output_dir)
 
-    def step(self, entry_point: str, parameters: dict[str, object], writes_files: bool = True, name: str = "") -> str:
+    def step(
+        self, entry_point: str, parameters: dict[str, object], writes_files: bool = True, name: str = ""
+    ) -> str:
         """Run `entry_point` (or reuse its finished twin) as a child run named `name` (default: the entry point);
         returns the child run's id.
 
@@ -122,7 +202,9 @@ class Pipeline:
         steps with other parameters never meet a finished training in their directory.
         """
         parameters = {k: str(v) for k, v in parameters.items()}
-        key = hashlib.sha256(json.dumps([entry_point, parameters, self.code], sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps([entry_point, parameters, self.code], sort_keys=True).encode()
+        ).hexdigest()
         if writes_files:
             parameters["output_dir"] = str(self.root / entry_point / key[:12])
         found = self.client.search_runs(
@@ -137,22 +219,43 @@ class Pipeline:
         child = self.client.create_run(
             self.experiment_id,
             run_name=name or entry_point,
-            tags={"mlflow.parentRunId": self.parent.info.run_id, tracking.STEP_KEY: key, "rlvr.code": self.code,
-                  tracking.PROCESS: tracking.this_process()},  # until the step's own process takes it over
+            tags={
+                "mlflow.parentRunId": self.parent.info.run_id,
+                tracking.STEP_KEY: key,
+                "rlvr.code": self.code,
+                tracking.PROCESS: tracking.this_process(),
+            },  # until the step's own process takes it over
         )
         log.info("%s: starting run %s", entry_point, child.info.run_id)
         # `mlflow run` as a plain child, in main's process group (mlflow.projects.run would start it in a session
         # of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main. The experiment
         # is passed as an id only: with MLFLOW_EXPERIMENT_NAME also set, `mlflow run` would refuse the pair.
-        command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_DIR), "-e", entry_point, "--env-manager", "local",
-                   "--run-id", child.info.run_id, "--experiment-id", self.experiment_id]
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(PROJECT_DIR),
+            "-e",
+            entry_point,
+            "--env-manager",
+            "local",
+            "--run-id",
+            child.info.run_id,
+            "--experiment-id",
+            self.experiment_id,
+        ]
         for k, v in parameters.items():
             command += ["-P", f"{k}={v}"]
-        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+        }
         if subprocess.run(command, cwd=PROJECT_DIR, env=env, check=False).returncode:
             if self.client.get_run(child.info.run_id).info.status == "RUNNING":  # it died before adopting it
                 self.client.set_terminated(child.info.run_id, "FAILED")
-            raise InputError(f"step {entry_point} failed (run {child.info.run_id}); its log is in the run's output above.")
+            raise InputError(
+                f"step {entry_point} failed (run {child.info.run_id}); its log is in the run's output above."
+            )
         # a training killed earlier resumes into its first run; the new child then only points to it
         return self.client.get_run(child.info.run_id).data.tags.get(tracking.RESUMED_INTO, child.info.run_id)
 
@@ -167,7 +270,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(item) for item in str(text).replace(" ", "").split(",") if item]
     except ValueError as error:
-        raise InputError(f"seeds={text!r} is not a comma-separated list of integers, e.g. seeds=0,1,2.") from error
+        raise InputError(
+            f"seeds={text!r} is not a comma-separated list of integers, e.g. seeds=0,1,2."
+        ) from error
     if not seeds or len(set(seeds)) != len(seeds):
         raise InputError(f"seeds={text!r} must name at least one seed, each once.")
     return seeds
@@ -181,14 +286,19 @@ class Outcome:
     per_seed: dict[int, dict[str, dict]]
     comparisons: dict[str, statistics.Paired]
     champion: str
-    seed_comparisons: dict[int, dict[str, statistics.Paired]] = field(default_factory=dict)  # with several seeds
+    seed_comparisons: dict[int, dict[str, statistics.Paired]] = field(
+        default_factory=dict
+    )  # with several seeds
 
 
 STEP_OF = {"warmstart": "warmstart", "baseline": "train_baseline", "reasoning": "train_reasoning"}
 METRICS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "pass_at_1", "format_rate", "reasoning_share")
 # (metric prefix, model A, model B): B minus A, paired by (seed, problem)
-COMPARISONS = (("baseline/gain", "warmstart", "baseline"), ("reasoning/gain", "warmstart", "reasoning"),
-               ("reasoning_vs_baseline/diff", "baseline", "reasoning"))
+COMPARISONS = (
+    ("baseline/gain", "warmstart", "baseline"),
+    ("reasoning/gain", "warmstart", "reasoning"),
+    ("reasoning_vs_baseline/diff", "baseline", "reasoning"),
+)
 
 
 def run_pipeline(settings: PipelineSettings) -> Outcome:
@@ -209,10 +319,20 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
             f"of the {plan['warmstart']['model']} model at scale {settings.scale}; pass 0 to copy every one."
         )
     size = settings.reasoning_vocab_size or token_ids
-    with tracking.entrypoint_run(run_name="main", tags={"rlvr.step": "main", "rlvr.scale": settings.scale},
-                                 default_experiment=EXPERIMENT):
-        tracking.log_params({"scale": settings.scale, "reasoning_vocab_size": size, "registered_model_name": name,
-                             "output_dir": settings.output_dir, "seeds": ",".join(map(str, seeds))})
+    with tracking.entrypoint_run(
+        run_name="main",
+        tags={"rlvr.step": "main", "rlvr.scale": settings.scale},
+        default_experiment=EXPERIMENT,
+    ):
+        tracking.log_params(
+            {
+                "scale": settings.scale,
+                "reasoning_vocab_size": size,
+                "registered_model_name": name,
+                "output_dir": settings.output_dir,
+                "seeds": ",".join(map(str, seeds)),
+            }
+        )
         pipeline = Pipeline(settings)
         # one data set for every seed, so that seeds vary training and sampling, and pair on the same problems
         data = f"runs:/{pipeline.step('preprocess', {**plan['preprocess'], 'seed': seeds[0]})}/{DATA_ARTIFACT_PATH}"
@@ -222,9 +342,16 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
             models[seed] = _train_arms(pipeline, plan, data, seed, name, size, suffix)
             per_seed[seed] = {}
             for label, model in models[seed].items():
-                run = pipeline.step("evaluate", {**plan["evaluate"], "model": model, "data": data, "seed": seed},
-                                    writes_files=False, name=f"evaluate {STEP_OF[label]}{suffix}")
-                per_seed[seed][label] = {**_held_out_metrics(pipeline.client.get_run(run).data.metrics), "model": model}
+                run = pipeline.step(
+                    "evaluate",
+                    {**plan["evaluate"], "model": model, "data": data, "seed": seed},
+                    writes_files=False,
+                    name=f"evaluate {STEP_OF[label]}{suffix}",
+                )
+                per_seed[seed][label] = {
+                    **_held_out_metrics(pipeline.client.get_run(run).data.metrics),
+                    "model": model,
+                }
                 table = mlflow.load_table(SAMPLES_TABLE, run_ids=[run])
                 problems[seed, label] = statistics.per_problem_accuracy(table)
         outcome = _outcome(per_seed, problems, seeds)
@@ -236,15 +363,26 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
     return outcome
 
 
-def _train_arms(pipeline: Pipeline, plan: dict, data: str, seed: int, name: str, size: int,
-                suffix: str) -> dict[str, str]:
+def _train_arms(
+    pipeline: Pipeline, plan: dict, data: str, seed: int, name: str, size: int, suffix: str
+) -> dict[str, str]:
     """The warm start and both GRPO arms of one seed, as registered model URIs (child runs named with `suffix`)."""
-    warm_run = pipeline.step("warmstart", {**plan["warmstart"], "data": data, "seed": seed,
-                                           "registered_model_name": f"{name}-warmstart"}, name=f"warmstart{suffix}")
-    models = {"warmstart": f"models:/{name}-warmstart/{pipeline.registered_version(warm_run, f'{name}-warmstart')}"}
+    warm_run = pipeline.step(
+        "warmstart",
+        {**plan["warmstart"], "data": data, "seed": seed, "registered_model_name": f"{name}-warmstart"},
+        name=f"warmstart{suffix}",
+    )
+    models = {
+        "warmstart": f"models:/{name}-warmstart/{pipeline.registered_version(warm_run, f'{name}-warmstart')}"
+    }
     for arm, n in (("baseline", 0), ("reasoning", size)):
-        parameters = {**plan["train"], "model": models["warmstart"], "data": data, "seed": seed,
-                      "registered_model_name": name}
+        parameters = {
+            **plan["train"],
+            "model": models["warmstart"],
+            "data": data,
+            "seed": seed,
+            "registered_model_name": name,
+        }
         if arm == "reasoning":
             parameters["reasoning_vocab_size"] = n
         run = pipeline.step(f"train_{arm}", parameters, name=f"train_{arm}{suffix}")
@@ -259,6 +397,7 @@ def _held_out_metrics(logged: dict[str, float]) -> dict[str, float]:
 
 def _outcome(per_seed: dict[int, dict[str, dict]], problems: dict, seeds: list[int]) -> Outcome:
     """Accuracy pooled over seeds, and paired comparisons of the models on the same problems (`rlvr.statistics`)."""
+
     def pooled(label: str) -> pd.Series:
         return pd.concat({seed: problems[seed, label] for seed in seeds}, names=["seed"])
 
@@ -268,11 +407,21 @@ def _outcome(per_seed: dict[int, dict[str, dict]], problems: dict, seeds: list[i
         if len(seeds) > 1:  # over seeds: the pooled mean, with an interval that resamples problems
             results[label]["accuracy"] = float(pooled(label).mean())
             results[label]["accuracy_ci_low"], results[label]["accuracy_ci_high"] = statistics.mean_interval(
-                pooled(label))
+                pooled(label)
+            )
         results[label]["model"] = per_seed[seeds[0]][label]["model"]
     comparisons = {prefix: statistics.paired(pooled(a), pooled(b)) for prefix, a, b in COMPARISONS}
-    by_seed = {seed: {prefix: statistics.paired(problems[seed, a], problems[seed, b]) for prefix, a, b in COMPARISONS}
-               for seed in seeds} if len(seeds) > 1 else {}
+    by_seed = (
+        {
+            seed: {
+                prefix: statistics.paired(problems[seed, a], problems[seed, b])
+                for prefix, a, b in COMPARISONS
+            }
+            for seed in seeds
+        }
+        if len(seeds) > 1
+        else {}
+    )
     champion = max(("baseline", "reasoning"), key=lambda arm: results[arm]["accuracy"])
     return Outcome(results, per_seed, comparisons, champion, by_seed)
 
@@ -283,7 +432,9 @@ def _log_outcome(outcome: Outcome, seeds: list[int]) -> None:
     if len(seeds) > 1:
         for seed, results in outcome.per_seed.items():
             for label, values in results.items():
-                mlflow.log_metrics({f"{label}/seed_{seed}/{k}": v for k, v in values.items() if isinstance(v, float)})
+                mlflow.log_metrics(
+                    {f"{label}/seed_{seed}/{k}": v for k, v in values.items() if isinstance(v, float)}
+                )
     for prefix, comparison in outcome.comparisons.items():
         mlflow.log_metrics(comparison.as_metrics(prefix))
     for seed, comparisons in outcome.seed_comparisons.items():  # e.g. baseline/seed_0/gain
@@ -298,16 +449,28 @@ def comparison_table(outcome: Outcome) -> str:
         mark = f"{label} ({CHAMPION})" if label == outcome.champion else label
         lines.append(f"| {mark} | " + " | ".join(f"{values[m]:.3f}" for m in METRICS) + " |")
     if len(outcome.per_seed) > 1:
-        lines += ["", "| seed | " + " | ".join(outcome.results) + " |", "|" + "---|" * (len(outcome.results) + 1)]
+        lines += [
+            "",
+            "| seed | " + " | ".join(outcome.results) + " |",
+            "|" + "---|" * (len(outcome.results) + 1),
+        ]
         for seed, results in outcome.per_seed.items():
-            lines.append(f"| {seed} | " + " | ".join(f"{results[label]['accuracy']:.3f}" for label in outcome.results)
-                         + " |")
-    lines += ["", "| paired comparison (B - A) | difference | 95% interval | p-value | problems |",
-              "|---|---|---|---|---|"]
+            lines.append(
+                f"| {seed} | "
+                + " | ".join(f"{results[label]['accuracy']:.3f}" for label in outcome.results)
+                + " |"
+            )
+    lines += [
+        "",
+        "| paired comparison (B - A) | difference | 95% interval | p-value | problems |",
+        "|---|---|---|---|---|",
+    ]
     rows = [("", outcome.comparisons)] + [(f", seed {s}", c) for s, c in outcome.seed_comparisons.items()]
     for suffix, comparisons in rows:
         for prefix, a, b in COMPARISONS:
             c = comparisons[prefix]
-            lines.append(f"| {prefix}{suffix}: {b} - {a} | {c.diff:+.3f} | [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | "
-                         f"{c.p_value:.3g} | {c.units} |")
+            lines.append(
+                f"| {prefix}{suffix}: {b} - {a} | {c.diff:+.3f} | [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | "
+                f"{c.p_value:.3g} | {c.units} |"
+            )
     return "\n".join(lines) + "\n"

@@ -137,11 +137,23 @@ PRESETS: dict[str, Callable[[], tuple[Qwen3Config, PreTrainedTokenizerBase]]] = 
         head_dim=128,
         max_position_embeddings=40960,
     ),
-    "micro": _task_model(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=32),
+    "micro": _task_model(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    ),
     # ~25M parameters on the same tokenizer: the GPU scale's model, for multi-step, multi-digit problems
-    "small": _task_model(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=4, head_dim=64),
+    "small": _task_model(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+    ),
 }
 
 

@@ -14,7 +14,16 @@ from rlvr.tokenizer import TokenSpan
 
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 # Background colours for multiplicity 1, 2, 3, ...; colour-blind-safe (Okabe-Ito), cycling past 8.
-MULTIPLICITY_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
+MULTIPLICITY_COLOURS = (
+    "#E69F00",
+    "#56B4E9",
+    "#009E73",
+    "#F0E442",
+    "#0072B2",
+    "#D55E00",
+    "#CC79A7",
+    "#999999",
+)
 
 
 def colour_for(multiplicity: int) -> str | None:
@@ -153,16 +162,28 @@ def markdown_completion(text: str, spans: Sequence[TokenSpan]) -> str:
             )
         parts.append(body)
     swatches = " ".join(
-        f'<span style="background-color:{colour_for(m)}">&nbsp;multiplicity {m}&nbsp;</span>' for m in _present(runs)
+        f'<span style="background-color:{colour_for(m)}">&nbsp;multiplicity {m}&nbsp;</span>'
+        for m in _present(runs)
     )
     legend = f"Reasoning tokens, by multiplicity: {swatches}" if swatches else "No reasoning tokens."
     return f"{legend}\n\n<pre>{''.join(parts)}</pre>\n"
 
 
-_LATEX_ESCAPES = str.maketrans({
-    "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#", "%": r"\%",
-    "_": r"\_", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}", " ": r"\ ",
-})
+_LATEX_ESCAPES = str.maketrans(
+    {
+        "\\": r"\textbackslash{}",
+        "{": r"\{",
+        "}": r"\}",
+        "$": r"\$",
+        "&": r"\&",
+        "#": r"\#",
+        "%": r"\%",
+        "_": r"\_",
+        "^": r"\textasciicircum{}",
+        "~": r"\textasciitilde{}",
+        " ": r"\ ",
+    }
+)
 
 
 def latex_completion(text: str, spans: Sequence[TokenSpan]) -> str:
@@ -181,7 +202,9 @@ def latex_completion(text: str, spans: Sequence[TokenSpan]) -> str:
                 lines.append("")
             if piece:
                 body = piece.translate(_LATEX_ESCAPES)
-                lines[-1] += rf"\colorbox{{rlvrcopy{run.multiplicity}}}{{\strut {body}}}" if run.multiplicity else body
+                lines[-1] += (
+                    rf"\colorbox{{rlvrcopy{run.multiplicity}}}{{\strut {body}}}" if run.multiplicity else body
+                )
     present = _present(runs)
     colours = "".join(rf"\definecolor{{rlvrcopy{m}}}{{HTML}}{{{colour_for(m)[1:]}}}" + "\n" for m in present)
     swatches = " ".join(rf"\colorbox{{rlvrcopy{m}}}{{\strut multiplicity {m}}}" for m in present)

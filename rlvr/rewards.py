@@ -92,19 +92,27 @@ def answer_is_correct(answer: str, solution: str) -> bool:
         return False
     parsing_timeout, verify_timeout = _timeouts()
     gold = parse_answer(solution)
-    predicted = parse(answer, extraction_config=_ANSWER_EXTRACTION, extraction_mode="first_match",
-                      parsing_timeout=parsing_timeout)
+    predicted = parse(
+        answer,
+        extraction_config=_ANSWER_EXTRACTION,
+        extraction_mode="first_match",
+        parsing_timeout=parsing_timeout,
+    )
     return bool(gold and predicted and verify(gold, predicted, timeout_seconds=verify_timeout))
 
 
-def answer_text(structure: thoughts.Structure, ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> str | None:
+def answer_text(
+    structure: thoughts.Structure, ids: Sequence[int], tokenizer: PreTrainedTokenizerBase
+) -> str | None:
     """The decoded answer span (reasoning ids as their twins), or None when the completion has no answer."""
     if structure.answer is None:
         return None
     return tokenizer.decode(list(ids)[structure.answer], skip_special_tokens=True).strip()
 
 
-def well_formed(structure: thoughts.Structure, ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> bool:
+def well_formed(
+    structure: thoughts.Structure, ids: Sequence[int], tokenizer: PreTrainedTokenizerBase
+) -> bool:
     """One thought, first in the completion (only whitespace before it) and closed, then exactly one boxed answer."""
     if structure.thoughts != 1 or not structure.closed:
         return False
@@ -152,7 +160,9 @@ def parse_rewards(spec: str) -> list[tuple[str, float]]:
             continue
         name, sep, text = (part.strip() for part in entry.partition(":"))
         if name not in REWARDS:
-            raise InputError(f"rewards={spec!r} names an unknown reward {name!r}; known: {', '.join(REWARDS)}.")
+            raise InputError(
+                f"rewards={spec!r} names an unknown reward {name!r}; known: {', '.join(REWARDS)}."
+            )
         if name in chosen:
             raise InputError(f"rewards={spec!r} names {name!r} twice; give each reward one weight.")
         try:
@@ -160,7 +170,9 @@ def parse_rewards(spec: str) -> list[tuple[str, float]]:
         except ValueError:
             weight = math.nan
         if not math.isfinite(weight):
-            raise InputError(f"rewards={spec!r}: {text!r} is not a finite weight for {name!r}; write e.g. {name}:0.5.")
+            raise InputError(
+                f"rewards={spec!r}: {text!r} is not a finite weight for {name!r}; write e.g. {name}:0.5."
+            )
         chosen[name] = weight
     if not chosen:
         raise InputError(f"rewards={spec!r} names no reward; write e.g. rewards=accuracy:1,format:0.5.")

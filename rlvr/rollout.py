@@ -59,9 +59,12 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     """
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    if attention_mask is not None:  # the rollout's mask covers the positions in use: read only those of the cache
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if (
+        attention_mask is not None
+    ):  # the rollout's mask covers the positions in use: read only those of the cache
         key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     batch, heads, _, dim = query.shape
     packed = query.reshape(batch, heads // groups, groups, dim)
@@ -81,32 +84,88 @@ class _Compiled:
 
 # Generation fields that may hold any value: they change neither which tokens may be drawn nor their
 # probabilities, and the fast path honours them (lengths, special ids, cache and compile settings).
-HARMLESS_FIELDS = frozenset({
-    "max_length", "max_new_tokens", "do_sample", "temperature", "pad_token_id", "bos_token_id", "eos_token_id",
-    "decoder_start_token_id", "use_cache", "cache_implementation", "cache_config", "max_cache_len",
-    "compile_config", "disable_compile", "transformers_version", "_from_model_config", "early_stopping",
-    "length_penalty", "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-    "assistant_lookbehind", "target_lookbehind", "prefill_chunk_size",
-})
+HARMLESS_FIELDS = frozenset(
+    {
+        "max_length",
+        "max_new_tokens",
+        "do_sample",
+        "temperature",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "decoder_start_token_id",
+        "use_cache",
+        "cache_implementation",
+        "cache_config",
+        "max_cache_len",
+        "compile_config",
+        "disable_compile",
+        "transformers_version",
+        "_from_model_config",
+        "early_stopping",
+        "length_penalty",
+        "num_assistant_tokens",
+        "num_assistant_tokens_schedule",
+        "assistant_confidence_threshold",
+        "assistant_lookbehind",
+        "target_lookbehind",
+        "prefill_chunk_size",
+    }
+)
 # Fields that change the sampled distribution unless they hold one of these values (None always does nothing).
 SAMPLING_NEUTRAL = {
-    "top_k": (0,), "top_p": (1.0,), "min_p": (0.0,), "top_h": (), "typical_p": (1.0,), "epsilon_cutoff": (0.0,),
-    "eta_cutoff": (0.0,), "repetition_penalty": (1.0,), "encoder_repetition_penalty": (1.0,),
-    "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "min_length": (0,),
-    "min_new_tokens": (0,), "renormalize_logits": (False,), "remove_invalid_values": (False,),
-    "guidance_scale": (1.0,), "num_beams": (1,), "num_beam_groups": (1,), "diversity_penalty": (0.0,),
-    "bad_words_ids": (), "suppress_tokens": (), "begin_suppress_tokens": (), "sequence_bias": (),
-    "forced_bos_token_id": (), "forced_eos_token_id": (), "exponential_decay_length_penalty": (),
-    "watermarking_config": (), "penalty_alpha": (), "dola_layers": (), "constraints": (), "force_words_ids": (),
-    "token_healing": (False,), "low_memory": (False,), "use_mtp": (False,),
+    "top_k": (0,),
+    "top_p": (1.0,),
+    "min_p": (0.0,),
+    "top_h": (),
+    "typical_p": (1.0,),
+    "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,),
+    "repetition_penalty": (1.0,),
+    "encoder_repetition_penalty": (1.0,),
+    "no_repeat_ngram_size": (0,),
+    "encoder_no_repeat_ngram_size": (0,),
+    "min_length": (0,),
+    "min_new_tokens": (0,),
+    "renormalize_logits": (False,),
+    "remove_invalid_values": (False,),
+    "guidance_scale": (1.0,),
+    "num_beams": (1,),
+    "num_beam_groups": (1,),
+    "diversity_penalty": (0.0,),
+    "bad_words_ids": (),
+    "suppress_tokens": (),
+    "begin_suppress_tokens": (),
+    "sequence_bias": (),
+    "forced_bos_token_id": (),
+    "forced_eos_token_id": (),
+    "exponential_decay_length_penalty": (),
+    "watermarking_config": (),
+    "penalty_alpha": (),
+    "dola_layers": (),
+    "constraints": (),
+    "force_words_ids": (),
+    "token_healing": (False,),
+    "low_memory": (False,),
+    "use_mtp": (False,),
 }
 # Fields that leave the distribution alone but ask for output or stopping rules the fast path does not give.
 _OUTPUT_NEUTRAL = {
-    "num_return_sequences": (1,), "output_attentions": (False,), "output_hidden_states": (False,),
-    "output_scores": (False,), "output_logits": (False,), "return_dict_in_generate": (False,),
-    "stop_strings": (), "max_time": (), "is_assistant": (False,), "prompt_lookup_num_tokens": (),
-    "max_matching_ngram_size": (), "assistant_early_exit": (), "speculation_type": (),
-    "assistant_ensemble_weight": (), "continuous_batching_config": (),
+    "num_return_sequences": (1,),
+    "output_attentions": (False,),
+    "output_hidden_states": (False,),
+    "output_scores": (False,),
+    "output_logits": (False,),
+    "return_dict_in_generate": (False,),
+    "stop_strings": (),
+    "max_time": (),
+    "is_assistant": (False,),
+    "prompt_lookup_num_tokens": (),
+    "max_matching_ngram_size": (),
+    "assistant_early_exit": (),
+    "speculation_type": (),
+    "assistant_ensemble_weight": (),
+    "continuous_batching_config": (),
 }
 
 
@@ -118,7 +177,8 @@ def _unneutral(config: GenerationConfig, neutral: dict) -> list[str]:
     values = config.to_dict()
     ignored = frozenset() if config.do_sample else _WARPERS
     return [
-        f"{name}={values[name]!r}" for name in sorted(neutral.keys() - ignored)
+        f"{name}={values[name]!r}"
+        for name in sorted(neutral.keys() - ignored)
         if values.get(name) is not None and values[name] not in neutral[name]
     ]
 
@@ -155,8 +215,13 @@ class FastRollout:
     trainer is built.
     """
 
-    def __init__(self, model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None,
-                 own_copy: bool = False):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        compile: bool | None = None,
+        dtype: torch.dtype | None = None,
+        own_copy: bool = False,
+    ):
         self.model = model
         self._model_class = type(model)  # before sharding, which may swap the class for a wrapper
         self.compile = compile  # None: compile when the first rollout decodes on a GPU
@@ -220,14 +285,37 @@ class FastRollout:
             log.info("fast rollouts: new decode step for batch %d, cache length %d", batch, length)
         return self._compiled[key]
 
-    def _decode_step(self, runner, cache, token, position, cache_position, attention, inside, finished, forbidden,
-                     eos, pad, inv_temperature, greedy: bool):
-        logits = runner(  # a 4D mask goes to the attention as it is: (batch, 1, 1, visible cache positions)
-            input_ids=token, attention_mask=attention, position_ids=position, past_key_values=cache,
-            cache_position=cache_position, use_cache=True,
-        ).logits[:, -1].float()
-        return _choose(logits, inside, finished, forbidden, eos, pad, inv_temperature, greedy,
-                       self.model.reasoning_vocab)
+    def _decode_step(
+        self,
+        runner,
+        cache,
+        token,
+        position,
+        cache_position,
+        attention,
+        inside,
+        finished,
+        forbidden,
+        eos,
+        pad,
+        inv_temperature,
+        greedy: bool,
+    ):
+        logits = (
+            runner(  # a 4D mask goes to the attention as it is: (batch, 1, 1, visible cache positions)
+                input_ids=token,
+                attention_mask=attention,
+                position_ids=position,
+                past_key_values=cache,
+                cache_position=cache_position,
+                use_cache=True,
+            )
+            .logits[:, -1]
+            .float()
+        )
+        return _choose(
+            logits, inside, finished, forbidden, eos, pad, inv_temperature, greedy, self.model.reasoning_vocab
+        )
 
     @torch.no_grad()
     def generate(
@@ -266,13 +354,22 @@ class FastRollout:
         inside = thoughts.prompt_state(vocab, prompt)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
-        logits = runner(
-            input_ids=prompt, attention_mask=attention[:, :bucket], position_ids=positions,
-            past_key_values=entry.cache, cache_position=torch.arange(bucket, device=device), use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1].float()
-        token, logprob, inside, finished = _choose(logits, inside, finished, forbidden, eos, pad, inv_temperature,
-                                                   greedy, vocab)
+        logits = (
+            runner(
+                input_ids=prompt,
+                attention_mask=attention[:, :bucket],
+                position_ids=positions,
+                past_key_values=entry.cache,
+                cache_position=torch.arange(bucket, device=device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .float()
+        )
+        token, logprob, inside, finished = _choose(
+            logits, inside, finished, forbidden, eos, pad, inv_temperature, greedy, vocab
+        )
         if self.compile:
             _pin_cache(entry.cache)
         out = torch.full((batch, max_new), pad, dtype=torch.long, device=device)
@@ -283,13 +380,26 @@ class FastRollout:
         for t in range(1, max_new):
             attention[:, bucket + t - 1] = 1
             # a fresh contiguous mask: a view of `attention` would turn contiguous at the last bucket, a new guard
-            visible = attention[:, None, None, : min(length, -(-(bucket + t) // KV_BUCKET) * KV_BUCKET)].bool()
+            visible = attention[
+                :, None, None, : min(length, -(-(bucket + t) // KV_BUCKET) * KV_BUCKET)
+            ].bool()
             if self.compile:
                 torch._dynamo.mark_dynamic(visible, 3)
                 torch.compiler.cudagraph_mark_step_begin()
             state = entry.step(
-                runner, entry.cache, token.unsqueeze(-1), position, cache_position, visible, inside, finished, forbidden,
-                eos, pad, inv_temperature, greedy,
+                runner,
+                entry.cache,
+                token.unsqueeze(-1),
+                position,
+                cache_position,
+                visible,
+                inside,
+                finished,
+                forbidden,
+                eos,
+                pad,
+                inv_temperature,
+                greedy,
             )
             # a replay overwrites its outputs in place: keep copies, which the next step reads
             token, logprob, inside, finished = (x.clone() for x in state) if self.compile else state
@@ -323,15 +433,29 @@ def rollout_weights(accelerator, ds3_gather_for_generation: bool) -> RolloutWeig
     kind = accelerator.distributed_type
     weights = RolloutWeights(sharded=False)
     if kind == DistributedType.DEEPSPEED and accelerator.deepspeed_plugin.zero_stage == 3:
-        weights = RolloutWeights(sharded=True, obstacle=None if ds3_gather_for_generation else (
-            "DeepSpeed ZeRO-3 with ds3_gather_for_generation=false leaves each process only its partition of "
-            "the weights while it samples"))
+        weights = RolloutWeights(
+            sharded=True,
+            obstacle=None
+            if ds3_gather_for_generation
+            else (
+                "DeepSpeed ZeRO-3 with ds3_gather_for_generation=false leaves each process only its partition of "
+                "the weights while it samples"
+            ),
+        )
     elif kind == DistributedType.FSDP:
-        weights = RolloutWeights(sharded=True, obstacle=None if accelerator.is_fsdp2 else (
-            "FSDP1 keeps flattened shards that are not gathered for sampling (FSDP2: configs/fsdp2.yaml)"))
+        weights = RolloutWeights(
+            sharded=True,
+            obstacle=None
+            if accelerator.is_fsdp2
+            else (
+                "FSDP1 keeps flattened shards that are not gathered for sampling (FSDP2: configs/fsdp2.yaml)"
+            ),
+        )
     if weights.obstacle and accelerator.is_main_process:
-        log.warning("fast rollouts are off: %s; TRL's generation samples instead (constrained, slower).",
-                    weights.obstacle)
+        log.warning(
+            "fast rollouts are off: %s; TRL's generation samples instead (constrained, slower).",
+            weights.obstacle,
+        )
     return weights
 
 
@@ -346,7 +470,9 @@ def _require_same_parameters(model: PreTrainedModel, shadow: PreTrainedModel) ->
     own = {name: p.shape for name, p in model.named_parameters()}
     copied = {name: p.shape for name, p in shadow.named_parameters()}
     if own != copied:
-        missing = sorted(set(own) - set(copied)) + sorted(n for n in own.keys() & copied.keys() if own[n] != copied[n])
+        missing = sorted(set(own) - set(copied)) + sorted(
+            n for n in own.keys() & copied.keys() if own[n] != copied[n]
+        )
         extra = sorted(set(copied) - set(own))
         raise InputError(
             f"fast rollouts cannot copy {type(model).__name__} to a low-precision twin built from its config: "

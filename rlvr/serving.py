@@ -12,7 +12,12 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-GENERATION_DEFAULTS = {"max_new_tokens": 512, "temperature": 0.0, "top_p": 1.0, "seed": 0}  # greedy by default
+GENERATION_DEFAULTS = {
+    "max_new_tokens": 512,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "seed": 0,
+}  # greedy by default
 
 
 def _prompts(model_input: Any) -> list:
@@ -68,7 +73,12 @@ class ReasoningLM(mlflow.pyfunc.PythonModel):
             seed=int(options["seed"]),
         )
         rows = [
-            {"completion": c.text, "thought": c.thought, "answer": c.answer, "reasoning_tokens": c.reasoning_tokens}
+            {
+                "completion": c.text,
+                "thought": c.thought,
+                "answer": c.answer,
+                "reasoning_tokens": c.reasoning_tokens,
+            }
             for (c,) in completions
         ]
         return pd.DataFrame(rows, columns=["completion", "thought", "answer", "reasoning_tokens"])

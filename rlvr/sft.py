@@ -38,10 +38,16 @@ class WarmstartSettings:
     max_length: int = param(512, "examples are truncated to this many tokens")
     seed: int = param(42, "random seed")
     bf16: str = param("auto", "bf16 autocast: true, false or auto (on when a GPU supports it)")
-    gradient_checkpointing: str = param("false", "recompute activations in backward (less memory, slower): true or false")
+    gradient_checkpointing: str = param(
+        "false", "recompute activations in backward (less memory, slower): true or false"
+    )
     save_steps: int = param(200, "save a checkpoint every this many optimizer steps")
-    output_dir: str = param("outputs/warmstart", "checkpoints go here; rerunning with the same directory resumes")
-    registered_model_name: str = param("rlvr-warmstart", "register the final model under this name ('' to skip)")
+    output_dir: str = param(
+        "outputs/warmstart", "checkpoints go here; rerunning with the same directory resumes"
+    )
+    registered_model_name: str = param(
+        "rlvr-warmstart", "register the final model under this name ('' to skip)"
+    )
 
 
 def _sft_dataset(frame, data: str) -> Dataset:
@@ -52,20 +58,28 @@ def _sft_dataset(frame, data: str) -> Dataset:
             f"data {data!r} has no worked solutions (its reference column is empty); warm-start on a source "
             "with references, e.g. preprocess source=synthetic."
         )
-    return Dataset.from_list([
-        {"prompt": [dict(m) for m in row.prompt], "completion": [{"role": "assistant", "content": row.reference}]}
-        for row in usable.itertuples()
-    ])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [dict(m) for m in row.prompt],
+                "completion": [{"role": "assistant", "content": row.reference}],
+            }
+            for row in usable.itertuples()
+        ]
+    )
 
 
 def warmstart(settings: WarmstartSettings) -> str | None:
     """Fine-tune as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
-    require_at_least_one(settings, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-                         "save_steps")
+    require_at_least_one(
+        settings, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "save_steps"
+    )
     check_schedule(settings)
     checkpointing = checkpointing_option(SFTConfig, settings.gradient_checkpointing)  # a bad value fails here
     avoid_cudnn_attention_backward()
-    job = Job(settings.output_dir, run_name="warmstart", tags={"rlvr.step": "warmstart", "rlvr.arm": "baseline"})
+    job = Job(
+        settings.output_dir, run_name="warmstart", tags={"rlvr.step": "warmstart", "rlvr.arm": "baseline"}
+    )
     split = load_split(settings.data, "train").require_rows(settings.data)
     dataset = _sft_dataset(split.frame, settings.data)
     # the model is loaded before the run starts, so one that cannot be loaded leaves nothing behind
@@ -95,8 +109,13 @@ def warmstart(settings: WarmstartSettings) -> str | None:
         )
         if job.main:
             own = dataclasses.asdict(settings)
-            tracking.log_params({**own, "data_digest": split.digest,
-                                 "sft": {k: v for k, v in config.to_dict().items() if k not in own}})
+            tracking.log_params(
+                {
+                    **own,
+                    "data_digest": split.digest,
+                    "sft": {k: v for k, v in config.to_dict().items() if k not in own},
+                }
+            )
             if job.resume_from is None:  # a resumed run has it: every metric step once
                 mlflow.log_metric("data/train_examples", len(dataset))
         trainer = SFTTrainer(
@@ -107,8 +126,10 @@ def warmstart(settings: WarmstartSettings) -> str | None:
             callbacks=[tracking.MlflowMetrics(), StopOnNonFinite()],
         )
         trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
-        tags = {"base_model": settings.model, "reasoning_vocab_size": "0", "data_digest": split.digest,
-                "arm": "warmstart"}
+        tags = {
+            "base_model": settings.model,
+            "reasoning_vocab_size": "0",
+            "data_digest": split.digest,
+            "arm": "warmstart",
+        }
         return job.finish(trainer, tokenizer, settings.registered_model_name, tags)
-
-

@@ -30,8 +30,12 @@ class Paired:
     units: int  # problems
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
-        return {prefix: self.diff, f"{prefix}_ci_low": self.ci_low, f"{prefix}_ci_high": self.ci_high,
-                f"{prefix}_p_value": self.p_value}
+        return {
+            prefix: self.diff,
+            f"{prefix}_ci_low": self.ci_low,
+            f"{prefix}_ci_high": self.ci_high,
+            f"{prefix}_p_value": self.p_value,
+        }
 
 
 def per_problem_accuracy(samples: pd.DataFrame) -> pd.Series:
@@ -43,7 +47,9 @@ def paired(a: pd.Series, b: pd.Series, seed: int = 0, resamples: int = RESAMPLES
     """Compare B with A over the units (index entries) both were scored on; refuses unmatched units."""
     if set(a.index) != set(b.index):
         missing = sorted(set(a.index) ^ set(b.index))[:3]
-        raise ValueError(f"the two models were not scored on the same problems (e.g. {missing}); pair like with like")
+        raise ValueError(
+            f"the two models were not scored on the same problems (e.g. {missing}); pair like with like"
+        )
     differences = b - a.reindex(b.index)
     if "seed" in (differences.index.names or ()):
         differences = differences.groupby(level=[n for n in differences.index.names if n != "seed"]).mean()
@@ -65,16 +71,20 @@ def mean_interval(values: pd.Series, seed: int = 0, resamples: int = RESAMPLES) 
     """A bootstrap 95% interval of the mean per-problem value, averaging over a `seed` level first (see above)."""
     if "seed" in (values.index.names or ()):
         values = values.groupby(level=[n for n in values.index.names if n != "seed"]).mean()
-    low, high = np.percentile(bootstrap_means(values.to_numpy(dtype=np.float64), np.random.default_rng(seed),
-                                              resamples), [2.5, 97.5])
+    low, high = np.percentile(
+        bootstrap_means(values.to_numpy(dtype=np.float64), np.random.default_rng(seed), resamples),
+        [2.5, 97.5],
+    )
     return float(low), float(high)
 
 
 def bootstrap_means(values: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
     """Means of `resamples` resamples of `values` with replacement."""
     rows = max(1, _CHUNK // values.size)
-    means = [values[rng.integers(0, values.size, (min(rows, resamples - start), values.size))].mean(1)
-             for start in range(0, resamples, rows)]
+    means = [
+        values[rng.integers(0, values.size, (min(rows, resamples - start), values.size))].mean(1)
+        for start in range(0, resamples, rows)
+    ]
     return np.concatenate(means)
 
 

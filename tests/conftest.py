@@ -117,19 +117,25 @@ def bias_towards_forbidden(model, vocab: ReasoningVocab) -> None:
     bias = torch.zeros(head.weight.shape[0])
     bias[vocab.base_vocab_size :] = 10.0
     bias[vocab.tokenizer_size : vocab.base_vocab_size] = 20.0
-    control_copies = vocab.base_vocab_size + torch.nonzero(
-        torch.isin(torch.tensor(vocab.standard_token_ids), torch.tensor(vocab.control_token_ids))
-    ).flatten()
+    control_copies = (
+        vocab.base_vocab_size
+        + torch.nonzero(
+            torch.isin(torch.tensor(vocab.standard_token_ids), torch.tensor(vocab.control_token_ids))
+        ).flatten()
+    )
     bias[control_copies] = 20.0
-    bias[THINK] = 22.0  # outside, likelier than </think>; inside, about as likely as all reasoning ids together
+    bias[THINK] = (
+        22.0  # outside, likelier than </think>; inside, about as likely as all reasoning ids together
+    )
     bias[END_THINK] = 20.0  # inside, closes a thought every ~15 tokens
     head.bias = torch.nn.Parameter(bias)
 
 
 def prompts(tokenizer, count: int):
     texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i} + {i}?"}], tokenize=False,
-                                      add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"What is {i} + {i}?"}], tokenize=False, add_generation_prompt=True
+        )
         for i in range(count)
     ]
     tokenizer.padding_side = "left"

@@ -230,7 +230,11 @@ def test_entropy_matches_masked_logits_computed_by_hand(analysis):
             # by hand: the reference's tokens from its <think> up to (not including) its </think> predict inside
             prompt_length = len(ids[0]) - len(completion)
             opened = prompt_length + completion.index(vocab.think_start_id)
-            closed = prompt_length + completion.index(vocab.think_end_id) if vocab.think_end_id in completion else len(ids[0])
+            closed = (
+                prompt_length + completion.index(vocab.think_end_id)
+                if vocab.think_end_id in completion
+                else len(ids[0])
+            )
             inside = torch.zeros(len(ids[0]) - 1, dtype=torch.bool)
             inside[opened:closed] = True
             entropy = torch.distributions.Categorical(logits=vocab.mask_logits(logits, inside)).entropy()

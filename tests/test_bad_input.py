@@ -390,8 +390,9 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def running_runs(client: MlflowClient) -> set[str]:
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
-    runs = client.search_runs(experiments, "attributes.status = 'RUNNING'", run_view_type=ViewType.ALL,
-                              max_results=50000)
+    runs = client.search_runs(
+        experiments, "attributes.status = 'RUNNING'", run_view_type=ViewType.ALL, max_results=50000
+    )
     return {run.info.run_id for run in runs}
 
 
@@ -415,8 +416,10 @@ def invoke(entry: str, args: list[str], how: str) -> tuple[int, str]:
         command = import_module(f"entrypoints.{entry}").main
     result = CliRunner().invoke(command, args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
-        pytest.fail(f"{entry} raised instead of exiting with one line:\n"
-                    + "".join(traceback.format_exception(result.exception)))
+        pytest.fail(
+            f"{entry} raised instead of exiting with one line:\n"
+            + "".join(traceback.format_exception(result.exception))
+        )
     assert "Traceback" not in result.output
     return result.exit_code, result.stderr
 

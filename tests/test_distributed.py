@@ -39,8 +39,12 @@ from rlvr.surgery import enable_fast_rollouts
 from rlvr.training import bf16_enabled
 from rlvr.vocab import ReasoningVocab
 
-METRICS = ("reasoning/token_share", "reasoning/thought_length", "reasoning/answer_length",
-           "reasoning/closed_thought_rate")
+METRICS = (
+    "reasoning/token_share",
+    "reasoning/thought_length",
+    "reasoning/answer_length",
+    "reasoning/closed_thought_rate",
+)
 
 
 def _free_port() -> int:
@@ -51,8 +55,9 @@ def _free_port() -> int:
 
 def _tables(run_id: str, tmp_path, name: str) -> dict[int, pd.DataFrame]:
     """The run's samples tables by the step that generated them."""
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="completions",
-                                                dst_path=str(tmp_path / name))
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="completions", dst_path=str(tmp_path / name)
+    )
     tables = {}
     for path in sorted(Path(local).iterdir()):
         table = json.loads(path.read_text())
@@ -69,8 +74,12 @@ def _reasoning_metrics(vocab: ReasoningVocab, rows: pd.DataFrame) -> dict[str, f
         before = thoughts.completion_states(vocab, torch.tensor([False]), ids)
         totals += thoughts.batch_counts(vocab, before, ids, torch.ones_like(ids))
     completions, tokens, thought, reasoning, closed = totals.tolist()
-    values = (reasoning / max(thought, 1.0), thought / completions, (tokens - thought) / completions,
-              closed / completions)
+    values = (
+        reasoning / max(thought, 1.0),
+        thought / completions,
+        (tokens - thought) / completions,
+        closed / completions,
+    )
     return dict(zip(METRICS, values, strict=True))
 
 
@@ -88,18 +97,56 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
     preprocess("synthetic:count=120", data, Options(test_size=20, instruction=""))
     output = tmp_path / "two"
     experiment = "two-processes"
-    common = ["--model", "micro", "--data", str(data), "--reasoning_vocab_size", "325", "--max_steps", "3",
-              "--save_steps", "1", "--gradient_accumulation_steps", "2", "--num_generations", "4",
-              "--max_completion_length", "16", "--log_completions_steps", "1"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/ddp.yaml",
-               "--num_processes", "2", "--main_process_port", str(_free_port()),
-               "-m", "entrypoints.train_reasoning", *common, "--per_device_train_batch_size", "4",
-               "--output_dir", str(output),
-               "--registered_model_name", "two-processes"]
+    common = [
+        "--model",
+        "micro",
+        "--data",
+        str(data),
+        "--reasoning_vocab_size",
+        "325",
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "16",
+        "--log_completions_steps",
+        "1",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/ddp.yaml",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "entrypoints.train_reasoning",
+        *common,
+        "--per_device_train_batch_size",
+        "4",
+        "--output_dir",
+        str(output),
+        "--registered_model_name",
+        "two-processes",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_EXPERIMENT_NAME"] = experiment
-    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     first_checkpoint = output / "checkpoint-1"
     deadline = time.monotonic() + 600
     while not all((first_checkpoint / name).exists() for name in ("trainer_state.json", "rng_state_1.pth")):
@@ -114,8 +161,9 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
     run_id = json.loads((output / "mlflow_run.json").read_text())["run_id"]
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # killed: nobody closed it
 
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-                           check=False)
+    rerun = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
     assert rerun.returncode == 0, rerun.stderr[-5000:]
 
     client = MlflowClient()
@@ -142,8 +190,10 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
             assert not (vocab.is_reasoning(ids) & ~inside).any(), f"reasoning id outside a thought ({step})"
             sampled += ids.numel()
         # the logged metrics are the whole batch's, not rank 0's alone
-        logged = {name: next(m.value for m in client.get_metric_history(run_id, name) if m.step == step + 1)
-                  for name in METRICS}
+        logged = {
+            name: next(m.value for m in client.get_metric_history(run_id, name) if m.step == step + 1)
+            for name in METRICS
+        }
         assert logged == pytest.approx(_reasoning_metrics(vocab, table), abs=1e-6), step
         rank0 = _reasoning_metrics(vocab, table[table["rank"] == 0])
         differs += sum(abs(rank0[name] - logged[name]) > 1e-6 for name in METRICS)
@@ -154,8 +204,14 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "one-process")
     single = tmp_path / "one"
     settings = {arg.lstrip("-"): value for arg, value in zip(common[::2], common[1::2], strict=True)}
-    train(TrainSettings(**{k: type(getattr(TrainSettings, k))(v) for k, v in settings.items()},
-                        per_device_train_batch_size=8, output_dir=str(single), registered_model_name=""))
+    train(
+        TrainSettings(
+            **{k: type(getattr(TrainSettings, k))(v) for k, v in settings.items()},
+            per_device_train_batch_size=8,
+            output_dir=str(single),
+            registered_model_name="",
+        )
+    )
     one = json.loads((single / "mlflow_run.json").read_text())["run_id"]
     start, single_start = (load_file(d / "checkpoint-0" / "model.safetensors") for d in (output, single))
     assert start.keys() == single_start.keys()
@@ -167,8 +223,9 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
 
 def _accelerator(kind, zero_stage=None, fsdp2=False):
     plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
-    return SimpleNamespace(distributed_type=kind, deepspeed_plugin=plugin, is_fsdp2=fsdp2,
-                           is_main_process=True)
+    return SimpleNamespace(
+        distributed_type=kind, deepspeed_plugin=plugin, is_fsdp2=fsdp2, is_main_process=True
+    )
 
 
 @pytest.mark.parametrize(
@@ -179,14 +236,19 @@ def _accelerator(kind, zero_stage=None, fsdp2=False):
         (_accelerator(DistributedType.MULTI_CPU), False, False, None),
         (_accelerator(DistributedType.DEEPSPEED, zero_stage=2), False, False, None),
         (_accelerator(DistributedType.DEEPSPEED, zero_stage=3), True, True, None),
-        (_accelerator(DistributedType.DEEPSPEED, zero_stage=3), False, True,
-         "ds3_gather_for_generation=false"),
+        (
+            _accelerator(DistributedType.DEEPSPEED, zero_stage=3),
+            False,
+            True,
+            "ds3_gather_for_generation=false",
+        ),
         (_accelerator(DistributedType.FSDP, fsdp2=True), True, True, None),
         (_accelerator(DistributedType.FSDP, fsdp2=False), True, True, "FSDP1"),
     ],
 )
-def test_fast_rollouts_read_whole_weights_or_turn_off_with_one_warning(accelerator, gather, sharded, warned,
-                                                                       caplog):
+def test_fast_rollouts_read_whole_weights_or_turn_off_with_one_warning(
+    accelerator, gather, sharded, warned, caplog
+):
     with caplog.at_level(logging.WARNING, logger="rlvr.rollout"):
         weights = rollout_weights(accelerator, ds3_gather_for_generation=gather)
     assert weights.sharded is sharded
@@ -214,8 +276,12 @@ def test_fast_rollouts_gather_fsdp2_shards_into_their_own_copy():
     plain, _ = load_model("micro", reasoning_vocab_size=64)
     plain.load_state_dict(model.state_dict())
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(as_messages(f"What is {i}+{i}?"), tokenize=False,
-                                           add_generation_prompt=True) for i in range(4)]
+    texts = [
+        tokenizer.apply_chat_template(
+            as_messages(f"What is {i}+{i}?"), tokenize=False, add_generation_prompt=True
+        )
+        for i in range(4)
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     config = plain.generation_config
     config.update(do_sample=True, temperature=1.0, max_new_tokens=24, top_k=0)
@@ -275,8 +341,10 @@ def test_the_shipped_accelerate_configs_set_up_what_their_comments_say(name, mon
         assert zero.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
 
 
-@pytest.mark.parametrize("launcher, bf16, allowed", [("no", "false", True), ("bf16", "true", True),
-                                                      ("bf16", "false", False), ("fp16", "true", False)])
+@pytest.mark.parametrize(
+    "launcher, bf16, allowed",
+    [("no", "false", True), ("bf16", "true", True), ("bf16", "false", False), ("fp16", "true", False)],
+)
 def test_a_launcher_precision_other_than_the_bf16_parameter_is_refused(launcher, bf16, allowed, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
     if allowed:

@@ -50,7 +50,11 @@ def test_pass_at_k_equals_enumeration_over_every_subset():
     for n in range(1, 9):
         for c in range(n + 1):
             for k in range(1, n + 1):
-                assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+                assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (
+                    n,
+                    c,
+                    k,
+                )
 
 
 def test_pass_at_k_stays_exact_where_binomials_overflow_floats():
@@ -74,13 +78,25 @@ def test_wilson_interval_matches_the_textbook_and_stays_open_at_the_extremes():
 
 def scored(correct: bool, thought: int = 2, reasoning: int = 1, answer: int = 3) -> Scored:
     ids = list(range(thought + answer))
-    generated = Generated(ids, "", [], "", "", closed=True, well_formed=correct, thought_tokens=thought,
-                          answer_tokens=answer, reasoning_tokens=reasoning)
+    generated = Generated(
+        ids,
+        "",
+        [],
+        "",
+        "",
+        closed=True,
+        well_formed=correct,
+        thought_tokens=thought,
+        answer_tokens=answer,
+        reasoning_tokens=reasoning,
+    )
     return Scored(generated, correct, well_formed=generated.well_formed)
 
 
 def test_dataset_metrics_average_samples_and_problems():
-    metrics = dataset_metrics([[scored(True), scored(False)], [scored(False), scored(False, thought=6, reasoning=0)]])
+    metrics = dataset_metrics(
+        [[scored(True), scored(False)], [scored(False), scored(False, thought=6, reasoning=0)]]
+    )
     assert metrics["problems"] == 2 and metrics["accuracy"] == 0.25 and metrics["pass_at_1"] == 0.25
     assert metrics["pass_at_2"] == 0.5  # one problem of two was solved by some sample
     assert metrics["format_rate"] == 0.25
@@ -91,7 +107,9 @@ def test_dataset_metrics_average_samples_and_problems():
 
 def test_data_items_keep_synthetic_options_together_and_refuse_repeats():
     assert data_items(" outputs/data, synthetic:count=20,digits=3 ,org/set") == [
-        "outputs/data", "synthetic:count=20,digits=3", "org/set"
+        "outputs/data",
+        "synthetic:count=20,digits=3",
+        "org/set",
     ]
     with pytest.raises(ValueError, match="more than once"):
         data_items("a,b,a")
@@ -142,17 +160,25 @@ def test_html_page_marks_exactly_the_reasoning_runs_and_escapes_the_rest():
     parsed = Marks()
     parsed.feed(page)
     assert parsed.text == text  # every character shown once, markup in the completion escaped
-    expected = [(s.multiplicity, f"background:{colour_for(s.multiplicity)}", s.text)
-                for s in segments(text, spans) if s.multiplicity]
-    assert [tuple(m) for m in parsed.marked] == expected == [(1, "background:#E69F00", "a<b"),
-                                                             (2, "background:#56B4E9", " &")]
+    expected = [
+        (s.multiplicity, f"background:{colour_for(s.multiplicity)}", s.text)
+        for s in segments(text, spans)
+        if s.multiplicity
+    ]
+    assert (
+        [tuple(m) for m in parsed.marked]
+        == expected
+        == [(1, "background:#E69F00", "a<b"), (2, "background:#56B4E9", " &")]
+    )
     assert parsed.legend == [f"background:{colour_for(1)}", f"background:{colour_for(2)}"]
     assert "<title>Eval &lt;x&gt;</title>" in page and "2 &lt; 3?" in page and "<script" not in page
-    assert 'href=' not in page and "src=" not in page  # self-contained
+    assert "href=" not in page and "src=" not in page  # self-contained
 
 
 def test_html_page_without_reasoning_tokens_has_no_marks():
-    page = completions_page("t", [PageEntry("h", "p", "1", False, "<think>x</think>1", [TokenSpan(0, 17, 0)])])
+    page = completions_page(
+        "t", [PageEntry("h", "p", "1", False, "<think>x</think>1", [TokenSpan(0, 17, 0)])]
+    )
     parsed = Marks()
     parsed.feed(page)
     assert parsed.marked == [] and parsed.legend == [] and "No reasoning tokens" in page
@@ -217,7 +243,9 @@ def eights(tmp_path_factory) -> Path:
     return root / "data"
 
 
-def test_evaluate_scores_a_right_and_a_wrong_dataset(tracking_uri, answer_7_model, sevens, eights, monkeypatch):
+def test_evaluate_scores_a_right_and_a_wrong_dataset(
+    tracking_uri, answer_7_model, sevens, eights, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-in-process")
     results = evaluate(EvalSettings(model=str(answer_7_model), data=f"{sevens},{eights}", **FAST))
     assert list(results) == [str(sevens), str(eights)]
@@ -229,14 +257,19 @@ def test_evaluate_scores_a_right_and_a_wrong_dataset(tracking_uri, answer_7_mode
     assert wrong["accuracy_ci_low"] == 0.0 < wrong["accuracy_ci_high"]
     for metrics in (right, wrong):
         assert metrics["format_rate"] == 1.0
-        assert metrics["thought_length"] == 3 and metrics["answer_length"] == 5  # <think>, 7*, </think> | \boxed{7}
+        assert (
+            metrics["thought_length"] == 3 and metrics["answer_length"] == 5
+        )  # <think>, 7*, </think> | \boxed{7}
         assert metrics["reasoning_share"] == pytest.approx(1 / 3)
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("evaluate-in-process")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["rlvr.model"] == str(answer_7_model)
-    assert run.data.metrics["eval/sevens.jsonl/accuracy"] == 1.0 and run.data.metrics["eval/eights.jsonl/accuracy"] == 0.0
+    assert (
+        run.data.metrics["eval/sevens.jsonl/accuracy"] == 1.0
+        and run.data.metrics["eval/eights.jsonl/accuracy"] == 0.0
+    )
     assert run.data.params["num_samples"] == "2" and run.data.params["reasoning_vocab_size"] == "1"
     test_split = load_split(str(eights), "test")
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
@@ -247,7 +280,10 @@ def test_evaluate_scores_a_right_and_a_wrong_dataset(tracking_uri, answer_7_mode
     assert {i.tags[0].value for i in inputs.values()} == {"eval"}
     table = mlflow.load_table("samples.json", run_ids=[run.info.run_id])
     assert len(table) == (3 + 2) * 2 and set(table["completion"]) == {"<think>⟦7⟧</think>\\boxed{7}"}
-    assert table.groupby("dataset")["correct"].all().to_dict() == {"eights.jsonl": False, "sevens.jsonl": True}
+    assert table.groupby("dataset")["correct"].all().to_dict() == {
+        "eights.jsonl": False,
+        "sevens.jsonl": True,
+    }
 
 
 def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_uri, answer_7_model, sevens):
@@ -266,7 +302,10 @@ def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_ur
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["eval/sevens.jsonl/accuracy"] == 1.0 and run.data.metrics["eval/sevens.jsonl/problems"] == 2
+    assert (
+        run.data.metrics["eval/sevens.jsonl/accuracy"] == 1.0
+        and run.data.metrics["eval/sevens.jsonl/problems"] == 2
+    )
     assert run.data.metrics["eval/sevens.jsonl/pass_at_2"] == 1.0
     tags = run.data.tags
     assert (tags["rlvr.model_name"], tags["rlvr.model_version"]) == ("answer-7", "1")
@@ -304,9 +343,13 @@ def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_ur
 )
 def test_bad_input_fails_with_one_clear_line(tracking_uri, sevens, args, message, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-bad-input")
-    result = CliRunner().invoke(main, ["--model", "micro", "--data", str(sevens), "--max_new_tokens", "4", *args])
+    result = CliRunner().invoke(
+        main, ["--model", "micro", "--data", str(sevens), "--max_new_tokens", "4", *args]
+    )
     assert result.exit_code == 1, result.output
-    assert result.output.startswith("Error: ") and message in result.output and "Traceback" not in result.output
+    assert (
+        result.output.startswith("Error: ") and message in result.output and "Traceback" not in result.output
+    )
     experiment = mlflow.get_experiment_by_name("evaluate-bad-input")
     if experiment is not None:  # checks that need no model or data fail before any run starts
         assert all(r.info.status == "FAILED" for r in MlflowClient().search_runs([experiment.experiment_id]))

@@ -46,10 +46,27 @@ def test_a_diverging_warm_start_fails_in_one_line_keeps_its_finite_checkpoint_an
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "diverging")
     output = tmp_path / "warm"
     # a learning rate of 1e30 sends the weights to ~1e30 in one Adam step; the next forward overflows
-    result = CliRunner().invoke(main, ["--model", "micro", "--data", str(data_dir), "--output_dir", str(output),
-                                       "--max_steps", "4", "--save_steps", "1", "--learning_rate", "1e30",
-                                       "--per_device_train_batch_size", "4", "--registered_model_name",
-                                       "diverged-model"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--model",
+            "micro",
+            "--data",
+            str(data_dir),
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "1",
+            "--learning_rate",
+            "1e30",
+            "--per_device_train_batch_size",
+            "4",
+            "--registered_model_name",
+            "diverged-model",
+        ],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     diverged = re.search(r"Error: training diverged at step (\d+)", result.output)
     assert diverged, result.output[-2000:]
@@ -72,11 +89,31 @@ def test_a_grpo_step_that_turns_non_finite_is_stopped(tracking_uri, data_dir, tm
     source = save_model(model, tokenizer, tmp_path / "overflowing")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "diverging-grpo")
     output = tmp_path / "grpo"
-    result = CliRunner().invoke(main, ["--model", str(source), "--data", str(data_dir), "--output_dir", str(output),
-                                       "--max_steps", "2", "--per_device_train_batch_size", "4",
-                                       "--gradient_accumulation_steps", "1", "--num_generations", "4",
-                                       "--max_completion_length", "8", "--fast_rollouts", "true",
-                                       "--registered_model_name", "diverged-grpo"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--model",
+            str(source),
+            "--data",
+            str(data_dir),
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--gradient_accumulation_steps",
+            "1",
+            "--num_generations",
+            "4",
+            "--max_completion_length",
+            "8",
+            "--fast_rollouts",
+            "true",
+            "--registered_model_name",
+            "diverged-grpo",
+        ],
+    )
     assert result.exit_code == 1 and "Error: training diverged at step 1" in result.output, result.output
     assert MlflowClient().get_run(run_of(output)).info.status == "FAILED"
     assert MlflowClient().search_model_versions("name='diverged-grpo'") == []
@@ -99,8 +136,12 @@ def test_fast_rollouts_never_draw_a_masked_id_even_from_zero_noise(monkeypatch):
     model, tokenizer = load_model("tiny-qwen3", reasoning_vocab_size=8)
     enable_fast_rollouts(model, compile=False)
     masked = torch.tensor([151700, model.reasoning_vocab.total_size - 1])  # a padding row, a reasoning id
-    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.fill_(1.0).index_fill_(-1, masked, 0.0))
+    monkeypatch.setattr(
+        torch.Tensor, "exponential_", lambda self, *a, **k: self.fill_(1.0).index_fill_(-1, masked, 0.0)
+    )
     batch = tokenizer(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"] * 2, return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=4, do_sample=True, top_k=0, pad_token_id=151643)
     completion = out[:, batch["input_ids"].shape[1] :]
-    assert not (completion >= model.reasoning_vocab.tokenizer_size).any()  # no padding row, no reasoning id outside
+    assert not (
+        completion >= model.reasoning_vocab.tokenizer_size
+    ).any()  # no padding row, no reasoning id outside

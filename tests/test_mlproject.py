@@ -17,7 +17,15 @@ def command_of(entry: str):
 
 
 def test_the_project_has_the_entry_points_users_run():
-    assert {"main", "preprocess", "warmstart", "train_baseline", "train_reasoning", "evaluate", "analyze"} <= set(SPEC)
+    assert {
+        "main",
+        "preprocess",
+        "warmstart",
+        "train_baseline",
+        "train_reasoning",
+        "evaluate",
+        "analyze",
+    } <= set(SPEC)
 
 
 @pytest.mark.parametrize("entry", sorted(SPEC))

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 import rlvr
-from rlvr.rewards import DEFAULT_INSTRUCTION
 from rlvr.presets import PRESETS, build_preset, micro_tokenizer
+from rlvr.rewards import DEFAULT_INSTRUCTION
 from rlvr.synthetic import Difficulty, generate
 from rlvr.tokenizer import CHATML_TEMPLATE
 

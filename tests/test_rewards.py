@@ -41,9 +41,14 @@ def score(tokenizer, completion_ids, solutions, starts_in_thought=None):
     accuracy, format_ = reward_functions(tokenizer)
     assert (accuracy.__name__, format_.__name__) == ("accuracy_reward", "format_reward")
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    kwargs = {"prompts": [[{"role": "user", "content": "q"}]] * len(texts),
-                  "completions": [[{"role": "assistant", "content": t}] for t in texts], "completion_ids": completion_ids,
-                  "trainer_state": None, "log_extra": None, "log_metric": None}
+    kwargs = {
+        "prompts": [[{"role": "user", "content": "q"}]] * len(texts),
+        "completions": [[{"role": "assistant", "content": t}] for t in texts],
+        "completion_ids": completion_ids,
+        "trainer_state": None,
+        "log_extra": None,
+        "log_metric": None,
+    }
     if starts_in_thought is not None:
         kwargs["starts_in_thought"] = starts_in_thought
     return accuracy(solution=solutions, **kwargs), format_(**kwargs)
@@ -51,10 +56,19 @@ def score(tokenizer, completion_ids, solutions, starts_in_thought=None):
 
 def test_a_spelled_out_close_tag_closes_nothing_so_an_answer_after_it_earns_nothing(tokenizer):
     think = [tokenizer.reasoning_vocab.think_start_id]
-    in_reasoning_ids = think + encode(tokenizer, "6*7=42") + spelled_close(tokenizer) + as_reasoning(tokenizer, " \\boxed{42}")
-    in_standard_ids = think + encode(tokenizer, "6*7=42") + spelled_close(tokenizer) + encode(tokenizer, " \\boxed{42}")
+    in_reasoning_ids = (
+        think
+        + encode(tokenizer, "6*7=42")
+        + spelled_close(tokenizer)
+        + as_reasoning(tokenizer, " \\boxed{42}")
+    )
+    in_standard_ids = (
+        think + encode(tokenizer, "6*7=42") + spelled_close(tokenizer) + encode(tokenizer, " \\boxed{42}")
+    )
     for ids in (in_reasoning_ids, in_standard_ids):
-        assert tokenizer.decode(ids) == "<think>6*7=42</think> \\boxed{42}"  # the text looks like a finished answer
+        assert (
+            tokenizer.decode(ids) == "<think>6*7=42</think> \\boxed{42}"
+        )  # the text looks like a finished answer
     assert score(tokenizer, [in_reasoning_ids, in_standard_ids], ["42", "42"]) == ([0.0, 0.0], [0.0, 0.0])
 
 
@@ -66,10 +80,20 @@ def test_a_reopened_thought_that_never_closes_has_no_answer(tokenizer):
 def test_proper_completions_are_scored_on_their_answer(tokenizer):
     eos = tokenizer.eos_token_id
     right = encode(tokenizer, "<think>6*7=42</think>\n\nThe answer is \\boxed{42}.") + [eos]
-    wrong = encode(tokenizer, "<think>6*7=41</think>\n\nThe answer is \\boxed{41}.") + [eos, tokenizer.pad_token_id]
-    reasoned = [tokenizer.reasoning_vocab.think_start_id, *as_reasoning(tokenizer, "6*7=42"),
-                tokenizer.reasoning_vocab.think_end_id, *encode(tokenizer, " \\boxed{42}")]
-    assert score(tokenizer, [right, wrong, reasoned], ["42", "42", "42"]) == ([1.0, 0.0, 1.0], [1.0, 1.0, 1.0])
+    wrong = encode(tokenizer, "<think>6*7=41</think>\n\nThe answer is \\boxed{41}.") + [
+        eos,
+        tokenizer.pad_token_id,
+    ]
+    reasoned = [
+        tokenizer.reasoning_vocab.think_start_id,
+        *as_reasoning(tokenizer, "6*7=42"),
+        tokenizer.reasoning_vocab.think_end_id,
+        *encode(tokenizer, " \\boxed{42}"),
+    ]
+    assert score(tokenizer, [right, wrong, reasoned], ["42", "42", "42"]) == (
+        [1.0, 0.0, 1.0],
+        [1.0, 1.0, 1.0],
+    )
 
 
 def test_a_thought_opened_by_the_chat_template_is_closed_by_the_completion(tokenizer):
@@ -78,7 +102,10 @@ def test_a_thought_opened_by_the_chat_template_is_closed_by_the_completion(token
     # the same ids after a prompt that left no thought open: an answer without a thought
     assert score(tokenizer, [ids], ["42"], starts_in_thought=[False]) == ([1.0], [0.0])
     # inside a thought the template opened, a completion that never closes it has no answer
-    assert score(tokenizer, [encode(tokenizer, "so \\boxed{42}")], ["42"], starts_in_thought=[True]) == ([0.0], [0.0])
+    assert score(tokenizer, [encode(tokenizer, "so \\boxed{42}")], ["42"], starts_in_thought=[True]) == (
+        [0.0],
+        [0.0],
+    )
 
 
 @pytest.mark.parametrize(
@@ -123,7 +150,11 @@ def test_rewards_refuse_to_guess_the_structure_from_text(tokenizer):
 
 @pytest.mark.parametrize(
     "answer",
-    ["\\boxed{9^{9^{9^{9^{9}}}}}", "\\boxed{" + "(" * 400 + "1" + ")" * 400 + "}", "\\boxed{" + "1+" * 2000 + "1}"],
+    [
+        "\\boxed{9^{9^{9^{9^{9}}}}}",
+        "\\boxed{" + "(" * 400 + "1" + ")" * 400 + "}",
+        "\\boxed{" + "1+" * 2000 + "1}",
+    ],
 )
 def test_a_pathological_answer_scores_zero_without_reaching_the_parser(tokenizer, answer, monkeypatch):
     """Such answers cost sympy seconds each (a group of them stalls a step); they are refused before parsing."""
@@ -135,7 +166,10 @@ def test_a_pathological_answer_scores_zero_without_reaching_the_parser(tokenizer
 
 def test_rewards_are_chosen_by_name_with_weights_in_order():
     assert parse_rewards("accuracy:1,format:0.5") == [("accuracy", 1.0), ("format", 0.5)]
-    assert parse_rewards(" format : 2 , accuracy ") == [("format", 2.0), ("accuracy", 1.0)]  # a bare name weighs 1
+    assert parse_rewards(" format : 2 , accuracy ") == [
+        ("format", 2.0),
+        ("accuracy", 1.0),
+    ]  # a bare name weighs 1
 
 
 @pytest.mark.parametrize(
@@ -158,7 +192,10 @@ def test_the_trainer_gets_the_chosen_functions_and_weights_in_order(tokenizer):
     settings = TrainSettings(rewards="format:0.5,accuracy:2", max_steps=1, output_dir="unused")
     assert grpo_config(settings, {}).reward_weights == [0.5, 2.0]
     names = [name for name, _ in chosen_rewards(settings)]
-    assert [f.__name__ for f in reward_functions(tokenizer, names=names)] == ["format_reward", "accuracy_reward"]
+    assert [f.__name__ for f in reward_functions(tokenizer, names=names)] == [
+        "format_reward",
+        "accuracy_reward",
+    ]
     # without `rewards`, the two weights of their own choose accuracy and format, as before
     default = TrainSettings(format_weight=0.25, max_steps=1, output_dir="unused")
     assert chosen_rewards(default) == [("accuracy", 1.0), ("format", 0.25)]

@@ -43,7 +43,9 @@ def test_sampling_on_the_fast_path_obeys_confinement_and_never_samples_forbidden
     start = batch["input_ids"].shape[1]
     before = thoughts.inside_after(vocab, out, start)[:, start - 1 : -1]
     completion = out[:, start:]
-    live = ~torch.cumsum(torch.isin(completion, torch.tensor([151645, 151643])), 1).bool()  # before the first stop
+    live = ~torch.cumsum(
+        torch.isin(completion, torch.tensor([151645, 151643])), 1
+    ).bool()  # before the first stop
     reasoning = vocab.is_reasoning(completion)
     assert not (reasoning & ~before & live).any()
     table = vocab.forbidden_table("cpu")
@@ -54,14 +56,29 @@ def test_sampling_on_the_fast_path_obeys_confinement_and_never_samples_forbidden
 
 def test_the_sampler_draws_from_the_masked_softmax_at_its_temperature(qwen_tok):
     """Gumbel-max over masked, tempered logits has the frequencies of softmax(mask(logits) / T)."""
-    vocab = ReasoningVocab(base_vocab_size=6, tokenizer_size=5, think_start_id=3, think_end_id=4,
-                           standard_token_ids=(0, 1, 2), control_token_ids=(2, 3, 4))
+    vocab = ReasoningVocab(
+        base_vocab_size=6,
+        tokenizer_size=5,
+        think_start_id=3,
+        think_end_id=4,
+        standard_token_ids=(0, 1, 2),
+        control_token_ids=(2, 3, 4),
+    )
     logits = torch.tensor([0.5, 1.0, 2.0, -1.0, 0.0, 3.0, 0.7, 1.5, 2.5])
     draws = 40_000
     inside = torch.ones(draws, dtype=torch.bool)
     torch.manual_seed(0)
-    tokens, _, _, _ = _choose(logits.expand(draws, -1).clone(), inside, torch.zeros(draws, dtype=torch.bool),
-                           vocab.forbidden_table("cpu"), torch.tensor([99]), 0, torch.tensor(1 / 0.7), False, vocab)
+    tokens, _, _, _ = _choose(
+        logits.expand(draws, -1).clone(),
+        inside,
+        torch.zeros(draws, dtype=torch.bool),
+        vocab.forbidden_table("cpu"),
+        torch.tensor([99]),
+        0,
+        torch.tensor(1 / 0.7),
+        False,
+        vocab,
+    )
     expected = torch.softmax(vocab.mask_logits(logits / 0.7, torch.tensor(True)), -1)
     observed = torch.bincount(tokens, minlength=9).float() / draws
     assert observed[5] == 0 and observed[8] == 0  # the padding row and the copy of a control token
@@ -73,8 +90,12 @@ def test_requests_the_fast_path_does_not_cover_go_to_generate(fast_model):
     batch = prompts(tokenizer, 2)
     served = model.fast_rollout.calls
     torch.manual_seed(0)
-    model.generate(**batch, generation_config=GenerationConfig(max_new_tokens=4, do_sample=True, top_p=0.9, **STOP))
-    model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    model.generate(
+        **batch, generation_config=GenerationConfig(max_new_tokens=4, do_sample=True, top_p=0.9, **STOP)
+    )
+    model.generate(
+        **batch, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True
+    )
     assert model.fast_rollout.calls == served
 
 
@@ -87,7 +108,11 @@ def test_packed_decode_attention_equals_attention_over_repeated_heads(mask_kind)
     key, value = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
     allowed = torch.rand(batch, 1, 1, length) > 0.4
     allowed[..., -1] = True  # the newest position is always visible
-    mask = {"bool": allowed, "additive": torch.zeros(allowed.shape).masked_fill(~allowed, -1e9), "none": None}[mask_kind]
+    mask = {
+        "bool": allowed,
+        "additive": torch.zeros(allowed.shape).masked_fill(~allowed, -1e9),
+        "none": None,
+    }[mask_kind]
     repeated = [t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value)]
     expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.3)
 
@@ -101,19 +126,34 @@ def test_rollouts_decode_under_packed_attention_and_restore_the_models_own(fast_
     model, tokenizer = fast_model
     seen = []
     original = model.config._attn_implementation
-    monkeypatch.setattr("rlvr.rollout._attend", lambda *a: seen.append(model.config._attn_implementation)
-                        or torch.nn.functional.scaled_dot_product_attention(*a[:3], attn_mask=a[3], scale=a[4]))
-    model.generate(**prompts(tokenizer, 2), generation_config=GenerationConfig(do_sample=False, max_new_tokens=3, **STOP))
+    monkeypatch.setattr(
+        "rlvr.rollout._attend",
+        lambda *a: (
+            seen.append(model.config._attn_implementation)
+            or torch.nn.functional.scaled_dot_product_attention(*a[:3], attn_mask=a[3], scale=a[4])
+        ),
+    )
+    model.generate(
+        **prompts(tokenizer, 2), generation_config=GenerationConfig(do_sample=False, max_new_tokens=3, **STOP)
+    )
 
-    assert len(seen) == 2 * model.config.num_hidden_layers  # each decode step after the prefill, in every layer
+    assert (
+        len(seen) == 2 * model.config.num_hidden_layers
+    )  # each decode step after the prefill, in every layer
     assert set(seen) == {DECODE_ATTENTION}
     assert model.config._attn_implementation == original
 
 
 @pytest.mark.parametrize(
     "options",
-    [{"typical_p": 0.9}, {"min_length": 40}, {"sequence_bias": {(5,): 1.0}}, {"epsilon_cutoff": 1e-3},
-     {"renormalize_logits": True}, {"top_k": 50}],
+    [
+        {"typical_p": 0.9},
+        {"min_length": 40},
+        {"sequence_bias": {(5,): 1.0}},
+        {"epsilon_cutoff": 1e-3},
+        {"renormalize_logits": True},
+        {"top_k": 50},
+    ],
 )
 def test_the_fast_path_serves_only_what_its_allowlist_names(fast_model, options):
     """Any generation option that reshapes the distribution goes to `generate`, listed or not in a denylist."""
@@ -146,7 +186,9 @@ def test_the_fast_path_fills_unset_fields_from_the_models_generation_config_as_g
     for temperature, agrees in ((0.6, True), (1.0, False)):
         model.reasoning_temperature = temperature
         with torch.no_grad():
-            scored = model(input_ids=out, attention_mask=attention, labels=labels, fused_lm_head=True).log_probs
+            scored = model(
+                input_ids=out, attention_mask=attention, labels=labels, fused_lm_head=True
+            ).log_probs
         close = torch.allclose(scored[:, start - 1 :], model.sampling_logprobs, atol=5e-4, rtol=1e-4)
         assert close is agrees, temperature
 

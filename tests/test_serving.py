@@ -18,7 +18,9 @@ from rlvr import load_model, save_model, tracking
 
 
 def post(url: str, body) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -44,9 +46,27 @@ def served(mlflow_server, tmp_path_factory):
         log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
         with log_path.open("w") as log:
             server = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "--host",
-                 "127.0.0.1", "--port", str(port), "--workers", "1"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ},
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "models",
+                    "serve",
+                    "-m",
+                    uri,
+                    "--env-manager",
+                    "local",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ},
             )
         base = f"http://127.0.0.1:{port}"
         try:
@@ -71,17 +91,29 @@ def _wait_for(base: str, server: subprocess.Popen, log_path, timeout: float = 24
 
 def test_prompts_in_completions_out_with_params(served):
     base, _ = served
-    status, body = post(f"{base}/invocations", {"inputs": ["What is 2+3?", "What is 7*6?"],
-                                                "params": {"max_new_tokens": 12, "temperature": 1.0, "seed": 1}})
+    status, body = post(
+        f"{base}/invocations",
+        {
+            "inputs": ["What is 2+3?", "What is 7*6?"],
+            "params": {"max_new_tokens": 12, "temperature": 1.0, "seed": 1},
+        },
+    )
     assert status == 200, body
     rows = body["predictions"]
     assert len(rows) == 2 and set(rows[0]) == {"completion", "thought", "answer", "reasoning_tokens"}
     assert all(isinstance(row["reasoning_tokens"], int) for row in rows)
-    again = post(f"{base}/invocations", {"inputs": ["What is 2+3?", "What is 7*6?"],
-                                         "params": {"max_new_tokens": 12, "temperature": 1.0, "seed": 1}})[1]
+    again = post(
+        f"{base}/invocations",
+        {
+            "inputs": ["What is 2+3?", "What is 7*6?"],
+            "params": {"max_new_tokens": 12, "temperature": 1.0, "seed": 1},
+        },
+    )[1]
     assert again == body  # the seed makes a request repeatable
-    frame = post(f"{base}/invocations", {"dataframe_records": [{"prompt": "What is 1+1?"}],
-                                         "params": {"max_new_tokens": 4}})
+    frame = post(
+        f"{base}/invocations",
+        {"dataframe_records": [{"prompt": "What is 1+1?"}], "params": {"max_new_tokens": 4}},
+    )
     assert frame[0] == 200 and len(frame[1]["predictions"]) == 1
 
 

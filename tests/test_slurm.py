@@ -83,7 +83,9 @@ def cluster() -> str:
     except FileNotFoundError:
         state = ""
     if state.strip() not in ("idle", "mix", "alloc"):
-        missing = f"no SLURM cluster with an up partition {PARTITION!r}; start one with `bash .ci/slurm-up` (root)"
+        missing = (
+            f"no SLURM cluster with an up partition {PARTITION!r}; start one with `bash .ci/slurm-up` (root)"
+        )
         if os.environ.get("RLVR_REQUIRE_SLURM") == "1":  # CI sets it: there a missing cluster is a failure
             pytest.fail(missing)
         pytest.skip(missing)
@@ -171,8 +173,11 @@ def _train_after(preprocess_run: str, data_dir: Path, partition: str, workdir: P
         "max_completion_length": 12, "log_completions_steps": 1, "save_steps": 1,
         "registered_model_name": "slurm-two-processes", "output_dir": str(workdir / "train"),
     }  # fmt: skip
-    config = {"partition": partition, "sbatch-template": "accelerate",
-              "environment": ["RLVR_PROCESSES_PER_NODE=2"]}
+    config = {
+        "partition": partition,
+        "sbatch-template": "accelerate",
+        "environment": ["RLVR_PROCESSES_PER_NODE=2"],
+    }
     return _submit(ROOT, params, config, entry_point="train_reasoning").run_id
 
 
@@ -312,8 +317,9 @@ def test_train_reasoning_in_two_processes_reaches_finished_in_one_run(queued, tm
         assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [1, 2], name
     (version,) = client.search_model_versions("name='slurm-two-processes'")
     assert version.run_id == run_id
-    table = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="completions/step_000001.json",
-                                                dst_path=str(tmp_path))
+    table = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="completions/step_000001.json", dst_path=str(tmp_path)
+    )
     loaded = json.loads(Path(table).read_text())
     ranks = [row[loaded["columns"].index("rank")] for row in loaded["data"]]
     assert sorted(ranks) == [0, 0, 1, 1]  # both processes sampled, rank 0 logged

@@ -26,8 +26,10 @@ def test_the_difference_is_b_minus_a_per_problem_and_pairs_by_id():
 def test_small_samples_get_the_exact_sign_flip_p_value():
     differences = np.array([1.0, 1.0, 1.0, -0.5, 0.0])
     # all 16 sign patterns of the four nonzero differences, by hand
-    sums = [abs(sum(s * d for s, d in zip(signs, differences[:4], strict=True)))
-            for signs in itertools.product((-1, 1), repeat=4)]
+    sums = [
+        abs(sum(s * d for s, d in zip(signs, differences[:4], strict=True)))
+        for signs in itertools.product((-1, 1), repeat=4)
+    ]
     expected = sum(total >= 2.5 for total in sums) / 16
     assert sign_flip_p_value(differences, np.random.default_rng(0), 100) == expected == 0.25
     assert sign_flip_p_value(np.zeros(5), np.random.default_rng(0), 100) == 1.0
@@ -56,8 +58,13 @@ def test_the_interval_covers_the_true_difference_about_95_percent_of_the_time():
 
 
 def test_per_problem_accuracy_averages_samples_within_each_problem():
-    samples = pd.DataFrame({"dataset": ["d"] * 4 + ["e"], "id": ["1", "1", "2", "2", "1"],
-                            "correct": [True, False, True, True, False]})
+    samples = pd.DataFrame(
+        {
+            "dataset": ["d"] * 4 + ["e"],
+            "id": ["1", "1", "2", "2", "1"],
+            "correct": [True, False, True, True, False],
+        }
+    )
     accuracy = per_problem_accuracy(samples)
     assert accuracy.to_dict() == {("d", "1"): 0.5, ("d", "2"): 1.0, ("e", "1"): 0.0}
 

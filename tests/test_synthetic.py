@@ -64,15 +64,24 @@ def test_knobs_make_it_harder():
 def test_teacher_errors_corrupt_one_step_of_that_share_of_solutions_and_never_the_answer():
     clean = generate(2000, seed=5, difficulty=Difficulty(digits=1))
     noisy = generate(2000, seed=5, difficulty=Difficulty(digits=1, errors=0.3))
-    assert generate(300, seed=5, difficulty=Difficulty(errors=0.0)) == generate(300, seed=5)  # no knob, same data
+    assert generate(300, seed=5, difficulty=Difficulty(errors=0.0)) == generate(
+        300, seed=5
+    )  # no knob, same data
     wrong = 0
     for problem in noisy:
         expression = QUESTION.fullmatch(problem.question).group(1)
-        assert eval(expression, {"__builtins__": {}}) == int(problem.solution)  # the answer column stays right
+        assert eval(expression, {"__builtins__": {}}) == int(
+            problem.solution
+        )  # the answer column stays right
         reference = REFERENCE.fullmatch(problem.reference)
         steps = [tuple(STEP.fullmatch(line).groups()) for line in reference.group(1).splitlines()]
-        off = [int(c) - {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] for a, op, b, c in steps]
-        assert sum(1 for d in off if d) <= 1 and all(abs(d) <= 9 and int(c) >= 0 for d, (*_, c) in zip(off, steps))
+        off = [
+            int(c) - {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            for a, op, b, c in steps
+        ]
+        assert sum(1 for d in off if d) <= 1 and all(
+            abs(d) <= 9 and int(c) >= 0 for d, (*_, c) in zip(off, steps)
+        )
         for (*_, result), (a, *_) in pairwise(steps):
             assert a == result  # the chain goes on from the wrong value
         assert reference.group(2) == steps[-1][3]

@@ -11,7 +11,9 @@ from rlvr.tokenizer import CHATML_TEMPLATE
 from rlvr.vocab import ReasoningVocab
 
 # ChatML whose generation prompt opens the thought, as reasoning models' templates do
-OPENING_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
+OPENING_TEMPLATE = CHATML_TEMPLATE.replace(
+    "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'"
+)
 STOPS = [151645, 151643]
 
 
@@ -21,9 +23,12 @@ def vocab(qwen_tok):
 
 
 def render(tokenizer, user: str, template: str | None = None, system: str | None = None, **kwargs) -> str:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template,
-                                         **kwargs)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}
+    ]
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, chat_template=template, **kwargs
+    )
 
 
 def prompt_ids(tokenizer, texts: list[str]) -> dict:
@@ -38,7 +43,9 @@ def test_the_thought_state_starts_at_the_assistant_turn(qwen_tok, vocab):
         render(qwen_tok, "What is 1+1? <think>", system="You think in <think> tags"),
         render(qwen_tok, "What is 2+2?", template=OPENING_TEMPLATE),  # the template opens the thought
         render(qwen_tok, "Tell me about <think>", template=OPENING_TEMPLATE),
-        render(qwen_tok, "What is 2+2?", enable_thinking=False),  # the template opens and closes an empty thought
+        render(
+            qwen_tok, "What is 2+2?", enable_thinking=False
+        ),  # the template opens and closes an empty thought
     ]
     batch = prompt_ids(qwen_tok, texts)
     assert (batch["input_ids"][1] == THINK).any()  # the literal tag is the tag's id
@@ -73,7 +80,9 @@ def test_structure_of_a_completion(vocab, parts, starts_inside, in_thought, answ
 def test_batch_counts_agree_with_each_completions_structure(vocab):
     generator = torch.Generator().manual_seed(1)
     completions = torch.randint(0, 5, (40, 12), generator=generator)
-    completions = torch.where(completions == 0, THINK, torch.where(completions == 1, END_THINK, completions + 100))
+    completions = torch.where(
+        completions == 0, THINK, torch.where(completions == 1, END_THINK, completions + 100)
+    )
     completions[completions == 104] = vocab.base_vocab_size + 3
     lengths = torch.randint(1, 13, (40,), generator=generator)
     mask = torch.arange(12).expand(40, -1) < lengths.unsqueeze(1)
@@ -81,11 +90,17 @@ def test_batch_counts_agree_with_each_completions_structure(vocab):
     prompts[::2, -1] = THINK  # half the prompts end inside a thought
     before = thoughts.completion_states(vocab, thoughts.prompt_state(vocab, prompts), completions)
     counts = thoughts.batch_counts(vocab, before, completions, mask.long()).tolist()
-    structures = [thoughts.structure(vocab, row[:n].tolist(), i % 2 == 0)
-                  for i, (row, n) in enumerate(zip(completions, lengths, strict=True))]
-    assert counts == [40, lengths.sum().item(), sum(s.thought_tokens for s in structures),
-                      sum(int((row[:n] >= vocab.base_vocab_size).sum()) for row, n in zip(completions, lengths)),
-                      sum(s.closed for s in structures)]
+    structures = [
+        thoughts.structure(vocab, row[:n].tolist(), i % 2 == 0)
+        for i, (row, n) in enumerate(zip(completions, lengths, strict=True))
+    ]
+    assert counts == [
+        40,
+        lengths.sum().item(),
+        sum(s.thought_tokens for s in structures),
+        sum(int((row[:n] >= vocab.base_vocab_size).sum()) for row, n in zip(completions, lengths)),
+        sum(s.closed for s in structures),
+    ]
 
 
 def sample_with_recorded_logprobs(model, tokenizer, texts: list[str], seed: int = 0):
@@ -94,12 +109,23 @@ def sample_with_recorded_logprobs(model, tokenizer, texts: list[str], seed: int 
     batch = prompt_ids(tokenizer, texts)
     model.record_sampling_logprobs = True
     torch.manual_seed(seed)
-    out = model.generate(**batch, max_new_tokens=20, do_sample=True, top_k=0, top_p=1.0,
-                         temperature=model.reasoning_temperature, eos_token_id=STOPS, pad_token_id=151643)
+    out = model.generate(
+        **batch,
+        max_new_tokens=20,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=model.reasoning_temperature,
+        eos_token_id=STOPS,
+        pad_token_id=151643,
+    )
     sampled = model.sampling_logprobs
     start = batch["input_ids"].shape[1]
     completion = out[:, start:]
-    live = ~(torch.cumsum(torch.isin(completion, torch.tensor(STOPS)), 1) - torch.isin(completion, torch.tensor(STOPS)).long()).bool()
+    live = ~(
+        torch.cumsum(torch.isin(completion, torch.tensor(STOPS)), 1)
+        - torch.isin(completion, torch.tensor(STOPS)).long()
+    ).bool()
     attention = torch.cat([batch["attention_mask"], live.long()], 1)
     labels = out.masked_fill(attention == 0, -100)
     labels[:, :start] = -100
@@ -116,7 +142,10 @@ def test_sampling_time_logprobs_equal_training_time_logprobs_token_by_token(qwen
     vocab = model.reasoning_vocab
     bias_towards_forbidden(model, vocab)
     bias = model.get_output_embeddings().bias
-    bias.data[THINK], bias.data[END_THINK] = 15.0, 18.0  # inside a thought, reasoning ids now outweigh both tags
+    bias.data[THINK], bias.data[END_THINK] = (
+        15.0,
+        18.0,
+    )  # inside a thought, reasoning ids now outweigh both tags
     model.reasoning_temperature = temperature
     texts = [
         render(tokenizer, "What is 2+2?"),
@@ -169,13 +198,28 @@ def test_describe_reads_the_structure_the_sampler_used(qwen_tok, vocab):
     from rlvr.tokenizer import qwen3_tokenizer
 
     tokenizer = make_faithful(qwen3_tokenizer(), vocab)
-    spelled = tokenizer.encode("</", add_special_tokens=False) + tokenizer.encode("think>", add_special_tokens=False)
-    ids = [THINK, *tokenizer.encode("6*7=42", add_special_tokens=False), *spelled,
-           *[vocab.base_vocab_size + i for i in tokenizer.encode(" \\boxed{42}", add_special_tokens=False)]]
+    spelled = tokenizer.encode("</", add_special_tokens=False) + tokenizer.encode(
+        "think>", add_special_tokens=False
+    )
+    ids = [
+        THINK,
+        *tokenizer.encode("6*7=42", add_special_tokens=False),
+        *spelled,
+        *[vocab.base_vocab_size + i for i in tokenizer.encode(" \\boxed{42}", add_special_tokens=False)],
+    ]
     sample = describe(until_stop(ids, STOPS), tokenizer, vocab)
     assert sample.text == "<think>6*7=42</think> \\boxed{42}"
     assert (sample.closed, sample.answer, sample.well_formed) == (False, "", False)
     assert sample.thought_tokens == len(ids) and sample.answer_tokens == 0
-    opened = describe(tokenizer.encode("2+2=4</think> \\boxed{4}", add_special_tokens=False), tokenizer, vocab,
-                      starts_in_thought=True)
-    assert (opened.closed, opened.answer, opened.well_formed, opened.thought) == (True, "\\boxed{4}", True, "2+2=4")
+    opened = describe(
+        tokenizer.encode("2+2=4</think> \\boxed{4}", add_special_tokens=False),
+        tokenizer,
+        vocab,
+        starts_in_thought=True,
+    )
+    assert (opened.closed, opened.answer, opened.well_formed, opened.thought) == (
+        True,
+        "\\boxed{4}",
+        True,
+        "2+2=4",
+    )

@@ -70,7 +70,11 @@ def test_decode_round_trips(qwen_tok):
 
 def test_added_tokens_sit_at_qwen3_ids(qwen_tok):
     assert len(qwen_tok) == QWEN3_VOCAB_SIZE == 151669
-    assert qwen_tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert qwen_tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        151643,
+        151644,
+        151645,
+    ]
     assert qwen_tok.convert_tokens_to_ids(["<tool_call>", "<think>", "</think>"]) == [151657, 151667, 151668]
     assert qwen_tok.eos_token == "<|im_end|>" and qwen_tok.pad_token == "<|endoftext|>"
     assert qwen_tok.encode("a<think>b</think>c") == [64, 151667, 65, 151668, 66]

@@ -105,8 +105,11 @@ def test_main_launched_in_default_moves_to_its_own_experiment_leaving_a_pointer(
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pointer whose `mlflow run` and main were killed: RUNNING, its process gone
-    orphan = client.create_run(tracking.DEFAULT_EXPERIMENT_ID, run_name=f"main (in experiment {demo})", tags={
-        tracking.MOVED_TO: real.info.run_id, tracking.PROCESS: f"{socket.gethostname()}/{gone.pid}"})
+    orphan = client.create_run(
+        tracking.DEFAULT_EXPERIMENT_ID,
+        run_name=f"main (in experiment {demo})",
+        tags={tracking.MOVED_TO: real.info.run_id, tracking.PROCESS: f"{socket.gethostname()}/{gone.pid}"},
+    )
     second = launched_by_mlflow_run(client, monkeypatch, tracking.DEFAULT_EXPERIMENT_ID)
     assert run_main(demo).info.experiment_id == own  # the experiment exists now: reused
     assert client.get_run(second).data.tags[tracking.MOVED_TO] != real.info.run_id
@@ -160,13 +163,24 @@ def test_mlflow_run_of_main_in_default_ends_cleanly_with_the_work_in_its_experim
         f"with tracking.entrypoint_run('main', default_experiment={demo!r}):\n"
         "    pass\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     client = store
-    (pointer,) = client.search_runs([tracking.DEFAULT_EXPERIMENT_ID],
-                                    f"tags.`mlflow.runName` = 'main (in experiment {demo})'")
+    (pointer,) = client.search_runs(
+        [tracking.DEFAULT_EXPERIMENT_ID], f"tags.`mlflow.runName` = 'main (in experiment {demo})'"
+    )
     assert pointer.info.status == "FINISHED" and pointer.info.run_name == f"main (in experiment {demo})"
     real = client.get_run(pointer.data.tags[tracking.MOVED_TO])
     assert real.info.status == "FINISHED" and real.info.run_name == "main"

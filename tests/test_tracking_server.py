@@ -62,8 +62,11 @@ class AuthServer:
             "auth_cache_ttl_seconds = 600\n"  # one password hash per login, not one per request
         )
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        self.env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_FLASK_SERVER_SECRET_KEY=token_hex(16),
-                        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # its job workers would only cost CPU here
+        self.env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(config),
+            MLFLOW_FLASK_SERVER_SECRET_KEY=token_hex(16),
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        )  # its job workers would only cost CPU here
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -74,8 +77,9 @@ class AuthServer:
             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
         ]  # fmt: skip
         with (self.root / "server.log").open("a") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
         _wait_healthy(self.uri, self.process, self.root / "server.log")
 
     def kill(self) -> None:
@@ -135,8 +139,11 @@ def files_under(*roots: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("username, password", [(USER, f"wrong-{token_urlsafe(12)}"), (None, None)],
-                         ids=["wrong password", "no login"])
+@pytest.mark.parametrize(
+    "username, password",
+    [(USER, f"wrong-{token_urlsafe(12)}"), (None, None)],
+    ids=["wrong password", "no login"],
+)
 def test_wrong_or_missing_credentials_fail_before_training_with_one_line(
     logged_in, data_dir, tmp_path, monkeypatch, username, password
 ):
@@ -180,9 +187,21 @@ def test_training_and_evaluation_with_credentials_leave_none_behind(
         cwd=ROOT, capture_output=True, timeout=600, check=False,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:].decode()
-    evaluated = CliRunner().invoke(evaluate_main, ["--model", "models:/auth-micro/1", "--data", str(data_dir),
-                                                   "--num_samples", "1", "--max_new_tokens", "8",
-                                                   "--max_examples", "4"])
+    evaluated = CliRunner().invoke(
+        evaluate_main,
+        [
+            "--model",
+            "models:/auth-micro/1",
+            "--data",
+            str(data_dir),
+            "--num_samples",
+            "1",
+            "--max_new_tokens",
+            "8",
+            "--max_examples",
+            "4",
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output[-3000:]
     jobs, script, submitted = render_slurm_job(data_dir, tmp_path, monkeypatch)
     assert "--export=ALL" in submitted["argv"]  # the credentials travel in the job's environment, by name
@@ -198,9 +217,14 @@ def test_training_and_evaluation_with_credentials_leave_none_behind(
     said["model version"] = [version.tags, version.source, version.description]
     captured = capfd.readouterr()
     places = {where: json.dumps(value).encode() for where, value in said.items()}
-    places.update({"train stdout": trained.stdout, "train stderr": trained.stderr,
-                   "evaluate output": evaluated.output.encode(),
-                   "this process": (captured.out + captured.err).encode()})
+    places.update(
+        {
+            "train stdout": trained.stdout,
+            "train stderr": trained.stderr,
+            "evaluate output": evaluated.output.encode(),
+            "this process": (captured.out + captured.err).encode(),
+        }
+    )
     downloads = tmp_path / "downloads"
     for run in runs:
         mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(downloads / run.info.run_id))
@@ -240,15 +264,27 @@ def render_slurm_job(data_dir: Path, tmp_path: Path, monkeypatch) -> tuple[Path,
     )  # fmt: skip
     MlflowClient().set_terminated(submitted.run_id, "KILLED")  # no queue will run it
     script = submitted.files.script.read_text()
-    return submitted.files.root, script, {
-        "argv": Path(f"{report}.argv").read_text().split(),
-        "names": Path(f"{report}.names").read_text().split(),
-        "password_sha256": Path(f"{report}.sha").read_text().strip(),
-    }
+    return (
+        submitted.files.root,
+        script,
+        {
+            "argv": Path(f"{report}.argv").read_text().split(),
+            "names": Path(f"{report}.names").read_text().split(),
+            "password_sha256": Path(f"{report}.sha").read_text().strip(),
+        },
+    )
 
 
-@pytest.mark.parametrize("name", ["MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-                                  "MLFLOW_TRACKING_USERNAME", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_USERNAME",
+        "HF_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+    ],
+)
 def test_a_credential_in_the_slurm_environment_key_is_refused(name):
     with pytest.raises(SlurmError, match=f"{name} holds a credential.*list \"{name}\" under 'exports'"):
         SlurmConfig.from_backend_config({"environment": ["OMP_NUM_THREADS=8", f"{name}=x"]})
@@ -268,8 +304,19 @@ def test_a_server_killed_mid_training_stops_it_at_a_checkpoint_and_the_rerun_log
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "outage")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     output = tmp_path / "train"
-    args = ["--data", str(data_dir), "--output_dir", str(output), "--max_steps", "4", "--save_steps", "3",
-            "--registered_model_name", "outage-micro", *TRAIN]
+    args = [
+        "--data",
+        str(data_dir),
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "3",
+        "--registered_model_name",
+        "outage-micro",
+        *TRAIN,
+    ]
     killer = threading.Thread(target=kill_once_step_1_is_logged, args=(logged_in, output), daemon=True)
     killer.start()
     with caplog.at_level(logging.WARNING, logger="rlvr.tracking"):

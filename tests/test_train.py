@@ -34,11 +34,18 @@ def data_dir(tmp_path_factory):
 def run_module(module: str, *args: str, env_extra: dict | None = None, check: bool = True):
     env = {**os.environ, **(env_extra or {})}
     result = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
         check=False,
     )
     if check and result.returncode:
-        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{module} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -62,8 +69,18 @@ def test_train_reasoning_logs_registers_and_serves(tracking_uri, data_dir, tmp_p
     output = tmp_path / "reasoning"
     experiment = "train-reasoning"
     run_module(
-        "entrypoints.train_reasoning", "--model", "tiny-qwen3", "--data", str(data_dir), "--output_dir", str(output),
-        "--registered_model_name", "test-reasoning", "--log_completions_steps", "1", *SMALL,
+        "entrypoints.train_reasoning",
+        "--model",
+        "tiny-qwen3",
+        "--data",
+        str(data_dir),
+        "--output_dir",
+        str(output),
+        "--registered_model_name",
+        "test-reasoning",
+        "--log_completions_steps",
+        "1",
+        *SMALL,
         env_extra={"MLFLOW_EXPERIMENT_NAME": experiment},
     )
     run = only_run(experiment, **{"rlvr.arm": "reasoning"})
@@ -72,9 +89,17 @@ def test_train_reasoning_logs_registers_and_serves(tracking_uri, data_dir, tmp_p
     params = run.data.params
     assert params["reasoning_vocab_size"] == str(QWEN3_N) and params["model"] == "tiny-qwen3"
     assert params["learning_rate"] == "1e-06" and params["grpo.scale_rewards"] == "group"
-    for metric in ("reward", "rewards/accuracy_reward/mean", "rewards/format_reward/mean", "entropy",
-                   "completions/mean_length", "reasoning/token_share", "reasoning/thought_length",
-                   "reasoning/answer_length", "reasoning/closed_thought_rate"):
+    for metric in (
+        "reward",
+        "rewards/accuracy_reward/mean",
+        "rewards/format_reward/mean",
+        "entropy",
+        "completions/mean_length",
+        "reasoning/token_share",
+        "reasoning/thought_length",
+        "reasoning/answer_length",
+        "reasoning/closed_thought_rate",
+    ):
         history = client.get_metric_history(run.info.run_id, metric)
         assert [m.step for m in history] == [1, 2], metric
     # lineage: the training split preprocess wrote, by digest
@@ -86,21 +111,39 @@ def test_train_reasoning_logs_registers_and_serves(tracking_uri, data_dir, tmp_p
     assert tables == {"completions/step_000000.json", "completions/step_000001.json"}
     # every checkpoint, checkpoint-0 included, carries the token map
     for step in (0, 1, 2):
-        assert json.loads((output / f"checkpoint-{step}" / "reasoning_token_map.json").read_text())["base_vocab_size"] == 151936
+        assert (
+            json.loads((output / f"checkpoint-{step}" / "reasoning_token_map.json").read_text())[
+                "base_vocab_size"
+            ]
+            == 151936
+        )
     version = client.get_model_version("test-reasoning", "1")
     assert version.run_id == run.info.run_id
-    assert version.tags == {"base_model": "tiny-qwen3", "reasoning_vocab_size": str(QWEN3_N),
-                            "data_digest": split.digest, "arm": "reasoning"}
+    assert version.tags == {
+        "base_model": "tiny-qwen3",
+        "reasoning_vocab_size": str(QWEN3_N),
+        "data_digest": split.digest,
+        "arm": "reasoning",
+    }
 
     served = mlflow.pyfunc.load_model("models:/test-reasoning/1")
-    frame = served.predict(pd.DataFrame({"prompt": ["What is 2+3?", "What is 7*6?"]}), params={"max_new_tokens": 8})
+    frame = served.predict(
+        pd.DataFrame({"prompt": ["What is 2+3?", "What is 7*6?"]}), params={"max_new_tokens": 8}
+    )
     assert list(frame.columns) == ["completion", "thought", "answer", "reasoning_tokens"] and len(frame) == 2
     assert served.predict(["What is 1+1?"], params={"max_new_tokens": 4}).shape == (1, 4)
 
     model, tokenizer = load_model("models:/test-reasoning/1")
     assert model.reasoning_vocab.size == QWEN3_N
-    batch = tokenizer([tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False,
-                                                     add_generation_prompt=True)] * 16, return_tensors="pt")
+    batch = tokenizer(
+        [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "2+2?"}], tokenize=False, add_generation_prompt=True
+            )
+        ]
+        * 16,
+        return_tensors="pt",
+    )
     torch.manual_seed(0)
     sequences = model.generate(**batch, max_new_tokens=24, do_sample=True, top_k=0)
     assert reasoning_outside_thoughts(model, sequences, batch["input_ids"].shape[1]) == 0
@@ -108,14 +151,48 @@ def test_train_reasoning_logs_registers_and_serves(tracking_uri, data_dir, tmp_p
 
 def test_mlflow_run_train_baseline_on_micro_uses_one_run(tracking_uri, data_dir, tmp_path):
     experiment = "train-baseline"
-    params = ["-P", "model=micro", "-P", f"data={data_dir}", "-P", f"output_dir={tmp_path / 'baseline'}",
-              "-P", "registered_model_name=test-baseline", "-P", "max_steps=2",
-              "-P", "per_device_train_batch_size=4", "-P", "gradient_accumulation_steps=2",
-              "-P", "num_generations=4", "-P", "max_completion_length=12", "-P", "learning_rate=1e-5"]
+    params = [
+        "-P",
+        "model=micro",
+        "-P",
+        f"data={data_dir}",
+        "-P",
+        f"output_dir={tmp_path / 'baseline'}",
+        "-P",
+        "registered_model_name=test-baseline",
+        "-P",
+        "max_steps=2",
+        "-P",
+        "per_device_train_batch_size=4",
+        "-P",
+        "gradient_accumulation_steps=2",
+        "-P",
+        "num_generations=4",
+        "-P",
+        "max_completion_length=12",
+        "-P",
+        "learning_rate=1e-5",
+    ]
     result = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", "-e", "train_baseline",
-         "--experiment-name", experiment, *params],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            ".",
+            "--env-manager",
+            "local",
+            "-e",
+            "train_baseline",
+            "--experiment-name",
+            experiment,
+            *params,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-5000:]
     client = MlflowClient()
@@ -133,16 +210,39 @@ def test_mlflow_run_train_baseline_on_micro_uses_one_run(tracking_uri, data_dir,
 def test_resume_after_sigkill_continues_the_same_run(tracking_uri, data_dir, tmp_path):
     output = tmp_path / "resume"
     experiment = "train-resume"
-    args = ["-m", "entrypoints.train_baseline", "--model", "micro", "--data", str(data_dir), "--output_dir",
-            str(output), "--registered_model_name", "", "--max_steps", "4", "--save_steps", "1",
-            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_generations", "4",
-            "--max_completion_length", "12"]
+    args = [
+        "-m",
+        "entrypoints.train_baseline",
+        "--model",
+        "micro",
+        "--data",
+        str(data_dir),
+        "--output_dir",
+        str(output),
+        "--registered_model_name",
+        "",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "12",
+    ]
     env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": experiment}
-    job = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 600
     while not (output / "checkpoint-2" / "trainer_state.json").exists():
-        assert job.poll() is None and time.monotonic() < deadline, "training ended before its second checkpoint"
+        assert job.poll() is None and time.monotonic() < deadline, (
+            "training ended before its second checkpoint"
+        )
         time.sleep(0.2)
     job.send_signal(signal.SIGKILL)
     job.wait()
@@ -160,24 +260,53 @@ def test_resume_after_sigkill_continues_the_same_run(tracking_uri, data_dir, tmp
 
 
 @pytest.mark.parametrize("rerun_with", ["the same command", "--run-id"])
-def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(tracking_uri, data_dir, tmp_path,
-                                                                             rerun_with):
+def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(
+    tracking_uri, data_dir, tmp_path, rerun_with
+):
     """SIGKILL of the whole `mlflow run` process group after a checkpoint, then the same command again (or with
     MLflow's own `--run-id` of the killed run)."""
     output = tmp_path / "resume"
     experiment = f"mlflow-run-resume-{rerun_with.strip('-').replace(' ', '-')}"
-    command = [sys.executable, "-m", "mlflow", "run", ".", "-e", "train_baseline", "--env-manager", "local",
-               "--experiment-name", experiment]
-    for key, value in {"model": "micro", "data": data_dir, "output_dir": output, "registered_model_name": "",
-                       "max_steps": 4, "save_steps": 1, "per_device_train_batch_size": 4,
-                       "gradient_accumulation_steps": 2, "num_generations": 4, "max_completion_length": 12}.items():
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        ".",
+        "-e",
+        "train_baseline",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+    ]
+    for key, value in {
+        "model": "micro",
+        "data": data_dir,
+        "output_dir": output,
+        "registered_model_name": "",
+        "max_steps": 4,
+        "save_steps": 1,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "num_generations": 4,
+        "max_completion_length": 12,
+    }.items():
         command += ["-P", f"{key}={value}"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     while not (output / "checkpoint-2" / "trainer_state.json").exists():
-        assert job.poll() is None and time.monotonic() < deadline, "training ended before its second checkpoint"
+        assert job.poll() is None and time.monotonic() < deadline, (
+            "training ended before its second checkpoint"
+        )
         time.sleep(0.2)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
@@ -185,7 +314,9 @@ def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(trac
     first = json.loads((output / "mlflow_run.json").read_text())["run_id"]
     if rerun_with == "--run-id":
         command += ["--run-id", first]
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    rerun = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
@@ -213,18 +344,44 @@ def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(trac
         ("train_baseline", ["--grpo_args", "learning_rat=1"], "not a GRPOConfig field"),
         ("train_baseline", ["--grpo_args", "top_p=0.9"], "sampling option top_p=0.9 is refused"),
         ("train_baseline", ["--grpo_args", "repetition_penalty=1.1"], "repetition_penalty=1.1 is refused"),
-        ("train_baseline", ["--grpo_args", 'generation_kwargs={"typical_p":0.5}'], "typical_p=0.5 is refused"),
-        ("train_baseline", ["--grpo_args", 'generation_kwargs={"temperature":0.5}'], "may not set temperature"),
-        ("train_baseline", ["--grpo_args", "generation_kwargs={typical_p: 0.5}"], "put mappings and lists in a grpo_config"),
+        (
+            "train_baseline",
+            ["--grpo_args", 'generation_kwargs={"typical_p":0.5}'],
+            "typical_p=0.5 is refused",
+        ),
+        (
+            "train_baseline",
+            ["--grpo_args", 'generation_kwargs={"temperature":0.5}'],
+            "may not set temperature",
+        ),
+        (
+            "train_baseline",
+            ["--grpo_args", "generation_kwargs={typical_p: 0.5}"],
+            "put mappings and lists in a grpo_config",
+        ),
         ("train_baseline", ["--sampling_correction", "auto"], "sampling_correction must be true or false"),
     ],
 )
-def test_bad_input_fails_before_training_with_one_clear_line(tracking_uri, data_dir, tmp_path, module, args, message):
+def test_bad_input_fails_before_training_with_one_clear_line(
+    tracking_uri, data_dir, tmp_path, module, args, message
+):
     from importlib import import_module
 
     output = tmp_path / "out"
-    base = ["--model", "tiny-qwen3", "--data", str(data_dir), "--output_dir", str(output),
-            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_generations", "4"]
+    base = [
+        "--model",
+        "tiny-qwen3",
+        "--data",
+        str(data_dir),
+        "--output_dir",
+        str(output),
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--num_generations",
+        "4",
+    ]
     command = import_module(f"entrypoints.{module}").main
     result = CliRunner().invoke(command, base + args)
     assert result.exit_code == 1, result.output
@@ -239,8 +396,9 @@ def test_unreachable_tracking_server_is_refused_up_front(data_dir, tmp_path, mon
     from entrypoints.train_baseline import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    result = CliRunner().invoke(main, ["--model", "tiny-qwen3", "--data", str(data_dir), "--output_dir",
-                                       str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["--model", "tiny-qwen3", "--data", str(data_dir), "--output_dir", str(tmp_path / "out")]
+    )
     assert result.exit_code == 1 and "tracking server http://127.0.0.1:9 is unreachable" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -252,8 +410,11 @@ def test_max_prompt_length_counts_tokens_and_leaves_out_longer_prompts(qwen_tok)
         "prompt": [[{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content": "2 + " * 1000 + "2?"}]],
         "solution": ["4", "2002"], "id": ["short", "long"],
     })  # fmt: skip
-    short = len(qwen_tok(qwen_tok.apply_chat_template(list(frame["prompt"][0]), tokenize=False,
-                                                      add_generation_prompt=True))["input_ids"])
+    short = len(
+        qwen_tok(
+            qwen_tok.apply_chat_template(list(frame["prompt"][0]), tokenize=False, add_generation_prompt=True)
+        )["input_ids"]
+    )
     dataset, too_long = _prompt_dataset(frame, qwen_tok, max_prompt_length=short)
     assert too_long == 1 and dataset["id"] == ["short"]
     assert _prompt_dataset(frame, qwen_tok, max_prompt_length=4000)[1] == 0
@@ -266,9 +427,22 @@ def test_fast_rollouts_log_the_sampling_mismatch_and_correct_it(tracking_uri, da
     for correction in ("true", "false"):
         experiment = f"sampling-correction-{correction}"
         run_module(
-            "entrypoints.train_baseline", "--model", "micro", "--data", str(data_dir), "--output_dir",
-            str(tmp_path / correction), "--registered_model_name", "", "--fast_rollouts", "true",
-            "--sampling_correction", correction, "--max_prompt_length", "40", *SMALL,
+            "entrypoints.train_baseline",
+            "--model",
+            "micro",
+            "--data",
+            str(data_dir),
+            "--output_dir",
+            str(tmp_path / correction),
+            "--registered_model_name",
+            "",
+            "--fast_rollouts",
+            "true",
+            "--sampling_correction",
+            correction,
+            "--max_prompt_length",
+            "40",
+            *SMALL,
             env_extra={"MLFLOW_EXPERIMENT_NAME": experiment},
         )
         run = only_run(experiment, **{"rlvr.arm": "baseline"})
@@ -277,24 +451,33 @@ def test_fast_rollouts_log_the_sampling_mismatch_and_correct_it(tracking_uri, da
         if correction == "false":
             assert not any(name.startswith("sampling/") for name in metrics)
             continue
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "sampling/sampling_logp_difference/mean")] == [1, 2]
+        assert [
+            m.step
+            for m in client.get_metric_history(run.info.run_id, "sampling/sampling_logp_difference/mean")
+        ] == [1, 2]
         assert 0 <= metrics["sampling/sampling_logp_difference/max"] < 1e-3
         for name in ("min", "mean", "max"):
             assert metrics[f"sampling/importance_sampling_ratio/{name}"] == pytest.approx(1.0, abs=1e-3)
 
 
-def test_a_model_whose_generation_config_reshapes_sampling_is_refused(tracking_uri, data_dir, tmp_path, monkeypatch):
+def test_a_model_whose_generation_config_reshapes_sampling_is_refused(
+    tracking_uri, data_dir, tmp_path, monkeypatch
+):
     from entrypoints.train_baseline import main
 
     model, tokenizer = load_model("micro")
-    model.generation_config.do_sample, model.generation_config.typical_p = True, 0.5  # as a hub model may ship
+    model.generation_config.do_sample, model.generation_config.typical_p = (
+        True,
+        0.5,
+    )  # as a hub model may ship
     source = tmp_path / "typical"
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "refused-generation-config")
     output = tmp_path / "out"
-    result = CliRunner().invoke(main, ["--model", str(source), "--data", str(data_dir), "--output_dir", str(output),
-                                       *SMALL])
+    result = CliRunner().invoke(
+        main, ["--model", str(source), "--data", str(data_dir), "--output_dir", str(output), *SMALL]
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "sampling would use typical_p=0.5" in result.output
     assert not (output / "checkpoint-1").exists()
@@ -318,17 +501,47 @@ def test_the_same_seed_on_the_same_machine_logs_the_same_metrics(tracking_uri, t
     for attempt in ("first", "second"):
         experiment = f"reproducible-{attempt}"
         run_module(
-            "entrypoints.train_reasoning", "--model", str(tmp_path / "warm" / "final"), "--data", str(data),
-            "--output_dir", str(tmp_path / attempt), "--registered_model_name", "", "--reasoning_vocab_size", "64",
-            "--seed", "3", "--learning_rate", "1e-3", "--max_steps", "3", "--per_device_train_batch_size", "8",
-            "--gradient_accumulation_steps", "2", "--num_generations", "4", "--max_completion_length", "24",
-            "--format_weight", "1", "--save_steps", "10",
+            "entrypoints.train_reasoning",
+            "--model",
+            str(tmp_path / "warm" / "final"),
+            "--data",
+            str(data),
+            "--output_dir",
+            str(tmp_path / attempt),
+            "--registered_model_name",
+            "",
+            "--reasoning_vocab_size",
+            "64",
+            "--seed",
+            "3",
+            "--learning_rate",
+            "1e-3",
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "8",
+            "--gradient_accumulation_steps",
+            "2",
+            "--num_generations",
+            "4",
+            "--max_completion_length",
+            "24",
+            "--format_weight",
+            "1",
+            "--save_steps",
+            "10",
             env_extra={"MLFLOW_EXPERIMENT_NAME": experiment},
         )
         run = only_run(experiment, **{"rlvr.arm": "reasoning"})
-        histories.append({
-            name: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
-            for name in run.data.metrics if not any(clock in name for clock in ("time", "per_second"))
-        })  # everything but wall-clock measurements
+        histories.append(
+            {
+                name: [
+                    (m.step, m.value)
+                    for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+                ]
+                for name in run.data.metrics
+                if not any(clock in name for clock in ("time", "per_second"))
+            }
+        )  # everything but wall-clock measurements
     assert histories[0] == histories[1]
     assert len(histories[0]["reward"]) == 3 and histories[0]["grad_norm"][0][1] > 0  # it trained

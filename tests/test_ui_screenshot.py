@@ -33,8 +33,9 @@ def chromium() -> str:
 
 def test_without_chromium_the_script_stops_with_one_line_naming_the_package(tmp_path):
     output = tmp_path / "ui.png"
-    done = screenshot("--chromium", "no-such-chromium", "--tracking-uri", "http://127.0.0.1:9",
-                      "--output", str(output))
+    done = screenshot(
+        "--chromium", "no-such-chromium", "--tracking-uri", "http://127.0.0.1:9", "--output", str(output)
+    )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "no-such-chromium not found" in done.stderr and "apt-get install" in done.stderr
@@ -54,8 +55,20 @@ def test_the_screenshot_shows_the_compared_runs(chromium, tracking_uri, tmp_path
     output = tmp_path / "shots" / "ui.png"
     width, height = 1200, 900
 
-    done = screenshot("--tracking-uri", tracking_uri, "--experiment", experiment_name, "--output",
-                      str(output), "--width", str(width), "--height", str(height), "--chromium", chromium)
+    done = screenshot(
+        "--tracking-uri",
+        tracking_uri,
+        "--experiment",
+        experiment_name,
+        "--output",
+        str(output),
+        "--width",
+        str(width),
+        "--height",
+        str(height),
+        "--chromium",
+        chromium,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert ", ".join(EVALUATIONS) in done.stdout  # it waited until the page showed every run name
     with Image.open(output) as image:
@@ -64,8 +77,18 @@ def test_the_screenshot_shows_the_compared_runs(chromium, tracking_uri, tmp_path
     assert len(colours) > 500  # text, links and tables, not a blank or single-spinner page
     assert max(count for count, _ in colours) < 0.9 * width * height  # no colour fills the page
 
-    missing = screenshot("--tracking-uri", tracking_uri, "--experiment", experiment_name, "--output",
-                         str(tmp_path / "none.png"), "--runs", "evaluate nothing", "--chromium", chromium)
+    missing = screenshot(
+        "--tracking-uri",
+        tracking_uri,
+        "--experiment",
+        experiment_name,
+        "--output",
+        str(tmp_path / "none.png"),
+        "--runs",
+        "evaluate nothing",
+        "--chromium",
+        chromium,
+    )
     assert missing.returncode == 1
     expected = f"Error: no finished run named 'evaluate nothing' in experiment '{experiment_name}'"
     assert missing.stderr.strip() == expected

@@ -76,7 +76,9 @@ def test_expansion_copies_both_matrices_of_an_untied_llama(qwen_tok, tiny_llama_
     expand_model(model, vocab)
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert emb.data_ptr() != head.data_ptr()
-    assert torch.equal(emb[len(qwen_tok):], before_in[twins]) and torch.equal(head[len(qwen_tok):], before_out[twins])
+    assert torch.equal(emb[len(qwen_tok) :], before_in[twins]) and torch.equal(
+        head[len(qwen_tok) :], before_out[twins]
+    )
     assert torch.equal(emb[: len(qwen_tok)], before_in) and torch.equal(head[: len(qwen_tok)], before_out)
     assert not torch.equal(before_in[twins], before_out[twins])  # the two copies really are distinct
 
@@ -111,7 +113,9 @@ def test_forbidden_table_encodes_confinement_and_never_sampled_rows(tiny_reasoni
     assert not outside[:151669].any() and outside[151669:].all()
     assert inside[151669:151936].all()  # Qwen3's padding rows: no token
     copies = inside[151936:]
-    assert copies.sum() == 3 and copies[[151643, 151644, 151645]].all()  # copies of <|endoftext|> <|im_start|> <|im_end|>
+    assert (
+        copies.sum() == 3 and copies[[151643, 151644, 151645]].all()
+    )  # copies of <|endoftext|> <|im_start|> <|im_end|>
     assert not inside[:151669].any()
 
 
@@ -129,8 +133,11 @@ def test_sampling_never_leaves_reasoning_ids_outside_thoughts(tiny_reasoning):
     vocab = model.reasoning_vocab
     bias_towards_forbidden(model, vocab)
     batch = prompts(tokenizer, 70)
-    control_copies = {vocab.base_vocab_size + i for i, s in enumerate(vocab.standard_token_ids)
-                      if s in set(vocab.control_token_ids)}
+    control_copies = {
+        vocab.base_vocab_size + i
+        for i, s in enumerate(vocab.standard_token_ids)
+        if s in set(vocab.control_token_ids)
+    }
     counts = {"reasoning_inside": 0, "closed_thoughts": 0, "sequences": 0}
     for seed in range(3):
         torch.manual_seed(seed)
@@ -158,9 +165,13 @@ def test_constraint_costs_one_scan_then_one_token_per_step(tiny_reasoning, monke
     model, tokenizer = tiny_reasoning
     scans, advances = [], []
     scan, advance = thoughts.inside_after, thoughts.advance
-    monkeypatch.setattr(thoughts, "inside_after", lambda tags, ids, *a: scans.append(ids.shape) or scan(tags, ids, *a))
     monkeypatch.setattr(
-        thoughts, "advance", lambda tags, inside, new: advances.append(new.shape) or advance(tags, inside, new)
+        thoughts, "inside_after", lambda tags, ids, *a: scans.append(ids.shape) or scan(tags, ids, *a)
+    )
+    monkeypatch.setattr(
+        thoughts,
+        "advance",
+        lambda tags, inside, new: advances.append(new.shape) or advance(tags, inside, new),
     )
     monkeypatch.setattr(type(tokenizer), "_decode", lambda *a, **k: pytest.fail("decoded during generation"))
     batch = prompts(tokenizer, 4)
@@ -178,8 +189,16 @@ def test_generate_time_logprobs_equal_training_time_logprobs(temperature):
     attach(model, vocab, temperature=temperature)
     batch = prompts(tokenizer, 6)
     torch.manual_seed(0)
-    out = model.generate(**batch, max_new_tokens=24, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
-                         output_scores=True, return_dict_in_generate=True)
+    out = model.generate(
+        **batch,
+        max_new_tokens=24,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=temperature,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     prompt_len = batch["input_ids"].shape[1]
     completion = out.sequences[:, prompt_len:]
     # float64: torch's fp32 CPU log_softmax drops the many tiny terms of a 300k-wide sum (~1e-4 error)
@@ -225,10 +244,15 @@ def test_baseline_takes_the_same_path_and_equals_a_plain_model(qwen_tok, tiny_ll
         outputs.append(model.generate(**batch, max_new_tokens=16, do_sample=True, top_k=0))
     assert torch.equal(outputs[0], outputs[1])
     ids = outputs[0]
-    labels = ids.masked_fill(torch.cat([batch["attention_mask"], torch.ones_like(ids[:, batch["input_ids"].shape[1]:])], 1) == 0, -100)
+    labels = ids.masked_fill(
+        torch.cat([batch["attention_mask"], torch.ones_like(ids[:, batch["input_ids"].shape[1] :])], 1) == 0,
+        -100,
+    )
     logits = plain(input_ids=ids, attention_mask=(labels != -100).long()).logits[:, :-1]
     expected = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    got = constrained(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels, fused_lm_head=True)
+    got = constrained(
+        input_ids=ids, attention_mask=(labels != -100).long(), labels=labels, fused_lm_head=True
+    )
     valid = labels[:, 1:] != -100
     torch.testing.assert_close(got.log_probs[valid], expected[valid], atol=1e-5, rtol=1e-5)
 
@@ -258,7 +282,9 @@ def test_decode_with_spans_marks_each_token_and_its_multiplicity(qwen_tok):
     assert len(spans) == len(ids)
     pieces = [(text[s.start : s.end], s.multiplicity) for s in spans]
     assert pieces[2:4] == [(" x", 1), (" x", 2)]
-    assert pieces[4 : 4 + len(emoji)] == [("", 0)] * (len(emoji) - 1) + [("🫠", 0)]  # credited to the last byte
+    assert pieces[4 : 4 + len(emoji)] == [("", 0)] * (len(emoji) - 1) + [
+        ("🫠", 0)
+    ]  # credited to the last byte
     assert pieces[4 + len(emoji)] == (" y", 1)
     assert "".join(piece for piece, _ in pieces) == text
     assert all(a.end == b.start for a, b in itertools.pairwise(spans))
@@ -314,8 +340,15 @@ def test_a_model_that_transforms_its_logits_is_refused_by_one_forward(qwen_tok):
     from transformers import GraniteConfig, GraniteForCausalLM
 
     def granite(scaling: float):
-        config = GraniteConfig(vocab_size=len(qwen_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=4, num_key_value_heads=2, logits_scaling=scaling)
+        config = GraniteConfig(
+            vocab_size=len(qwen_tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            logits_scaling=scaling,
+        )
         torch.manual_seed(0)
         return GraniteForCausalLM(config).eval()
 
@@ -331,13 +364,24 @@ def test_cast_lm_head_to_fp32_runs_the_constrained_head_in_fp32_under_bf16_autoc
     ids = torch.tensor([[151644, 872, 198, THINK, 17, 151936 + 18, END_THINK, 19, IM_END]])
     labels = ids.clone()
     labels[:, :3] = -100
-    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "fused_lm_head": True}
-    inside = torch.tensor([False, False, False, True, True, True, False, False])  # the state before tokens 1..8
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "fused_lm_head": True,
+    }
+    inside = torch.tensor(
+        [False, False, False, True, True, True, False, False]
+    )  # the state before tokens 1..8
     errors = {}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden = model.base_model(input_ids=ids).last_hidden_state[0, :-1]  # the body in bf16, as training runs it
+        hidden = model.base_model(input_ids=ids).last_hidden_state[
+            0, :-1
+        ]  # the body in bf16, as training runs it
         logits = hidden.double() @ model.get_output_embeddings().weight.double().T
-        expected = torch.log_softmax(vocab.mask_logits(logits, inside), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        expected = (
+            torch.log_softmax(vocab.mask_logits(logits, inside), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        )
         for head_fp32 in (False, True):
             attach(model, vocab, head_fp32=head_fp32)
             errors[head_fp32] = (model(**kwargs).log_probs[0, 2:] - expected[2:]).abs().max().item()

@@ -106,7 +106,7 @@ class SlurmConfig:
             if _CREDENTIAL.search(name):
                 raise SlurmError(
                     f"backend config 'environment': {name} holds a credential, which would be written into "
-                    f'the job script; export it in your shell and list "{name}" under \'exports\' instead.'
+                    f"the job script; export it in your shell and list \"{name}\" under 'exports' instead."
                 )
         for name in values.get("exports", ()):
             if not _NAME.fullmatch(name):
