@@ -1,10 +1,11 @@
-"""Cost of the thought constraint in generation: constrained vs unconstrained vs a naive re-decoding constraint.
+"""Cost of the thought constraint in generation: constrained vs unconstrained vs a naive re-decoding
+constraint.
 
     python benchmarks/constrained_generation.py [--batch 8] [--new-tokens 256] [--repeats 3]
 
-tiny-qwen3 with N = 151646 reasoning rows, sampling on CPU. "unconstrained" is the same expanded model with the
-constraint detached from `generate`; "naive" decodes every sequence to text at every step and searches for the
-tags, the approach the incremental thought state replaces.
+tiny-qwen3 with N = 151646 reasoning rows, sampling on CPU. "unconstrained" is the same expanded model with
+the constraint detached from `generate`; "naive" decodes every sequence to text at every step and searches for
+the tags, the approach the incremental thought state replaces.
 """
 
 from __future__ import annotations

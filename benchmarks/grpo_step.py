@@ -1,9 +1,9 @@
 """Time and memory of one GRPO optimizer step: plain TRL vs train_baseline vs train_reasoning.
 
-    python benchmarks/grpo_step.py --variant plain
-    python benchmarks/grpo_step.py --variant baseline --fast-rollouts false
-    python benchmarks/grpo_step.py --variant reasoning --fast-rollouts true
-    python benchmarks/grpo_step.py --variant reasoning --completion-length 4096 --gradient-checkpointing --steps 1 --warmup 0
+    python benchmarks/grpo_step.py --variant plain python benchmarks/grpo_step.py --variant baseline
+    --fast-rollouts false python benchmarks/grpo_step.py --variant reasoning --fast-rollouts true python
+    benchmarks/grpo_step.py --variant reasoning --completion-length 4096 --gradient-checkpointing --steps 1
+    --warmup 0
 
 Variants: `plain` is TRL's GRPOTrainer on the bare preset model (no rlvr code); `baseline` and `reasoning`
 are the trainer `train_baseline`/`train_reasoning` build (N = 0 and N = 151646), with fast rollouts on or off.
@@ -107,8 +107,9 @@ def time_generate(model, meter: StepMeter) -> None:
 
 
 def random_reward():
-    """A reward that varies within every group (seeded, uniform in [0, 1)), so the loss, backward and optimizer do
-    the work a real run does; random weights would earn the task rewards 0 everywhere, and every gradient 0."""
+    """A reward that varies within every group (seeded, uniform in [0, 1)), so the loss, backward and
+    optimizer do the work a real run does; random weights would earn the task rewards 0 everywhere, and every
+    gradient 0."""
     generator = random.Random(0)
 
     def random_reward(completions, **kwargs) -> list[float]:

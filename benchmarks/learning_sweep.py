@@ -1,9 +1,10 @@
 """One point of a learning sweep: warm start (cached by its settings), optional GRPO, held-out evaluation.
 
-    python benchmarks/learning_sweep.py --name ref --train "{}"
-    python benchmarks/learning_sweep.py --name lr2e4 --train "{learning_rate: 2.0e-4}" --seed 1
-    python benchmarks/learning_sweep.py --name gpu --model small --source synthetic:count=20000,digits=2,max_ops=3 \
-        --warm "{max_steps: 2000, per_device_train_batch_size: 64}" --train "{num_generations: 8}" --eval_n 500
+    python benchmarks/learning_sweep.py --name ref --train "{}" python benchmarks/learning_sweep.py --name
+    lr2e4 --train "{learning_rate: 2.0e-4}" --seed 1 python benchmarks/learning_sweep.py --name gpu --model
+    small --source synthetic:count=20000,digits=2,max_ops=3 \
+        --warm "{max_steps: 2000, per_device_train_batch_size: 64}" --train "{num_generations: 8}" --eval_n
+        500
 
 `--warm` and `--train` are YAML mappings over the demo's warm-start and GRPO settings (`rlvr.pipeline`'s
 `demo` scale, or `--scale`); the same `--warm`, `--source` and `--seed` reuse one warm start under `--root`.

@@ -1,4 +1,5 @@
-"""Milliseconds per decode step of a rollout: the fast path (compiled static-cache step) against HF `generate`.
+"""Milliseconds per decode step of a rollout: the fast path (compiled static-cache step) against HF
+`generate`.
 
     python benchmarks/rollout_decode.py                       # qwen3-0.6b-shape, 64 x 512 new tokens, N = 0
     python benchmarks/rollout_decode.py --reasoning-vocab-size 151646 --new-tokens 4096
@@ -8,8 +9,8 @@
 Builds the preset with random weights in fp32 (as training holds it), attaches the reasoning vocabulary and
 turns fast rollouts on with a bf16 decoding copy, exactly as the GRPO trainer does. Random weights never emit
 EOS, so every rollout decodes all `--new-tokens`. Prints one JSON line: per-step milliseconds (median of
-`--repeats` rollouts after a warm-up one that compiles), tokens/s, peak GPU memory, and with `--hf` the same for
-`generate` under bf16 autocast.
+`--repeats` rollouts after a warm-up one that compiles), tokens/s, peak GPU memory, and with `--hf` the same
+for `generate` under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def main() -> None:
     mask[: args.batch // 2, : args.prompt_length // 4] = (
         0  # left padding in half the rows, as in a real batch
     )
-    # top_k=0 and top_p=1.0 as TRL passes them: left unset, `generate` would fill in its default top_k=50, and the
+    # top_k=0 and top_p=1.0 as TRL passes them: left unset, `generate` would fill in its default top_k=50, and
+    # the
     # request would go to HF `generate` instead of the fast path
     config = GenerationConfig(
         do_sample=True,

@@ -16,7 +16,8 @@ from rlvr.evaluation import EvalSettings, evaluate
 def main(**parameters) -> None:
     """Sample NUM_SAMPLES constrained completions per problem of each DATA set from MODEL, score them with
     math-verify, and log per-dataset accuracy (with a 95% interval), pass@k, format rate, thought and answer
-    lengths and the reasoning-token share to MLflow, with a samples table and an HTML page of the completions."""
+    lengths and the reasoning-token share to MLflow, with a samples table and an HTML page of the
+    completions."""
     results = evaluate(EvalSettings(**parameters))
     for key, metrics in results.items():
         passes = ", ".join(

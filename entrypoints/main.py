@@ -15,8 +15,8 @@ from rlvr.pipeline import PipelineSettings, comparison_table, run_pipeline
 @friendly_errors
 def main(**parameters) -> None:
     """preprocess (synthetic) -> warmstart (micro) -> train_baseline and train_reasoning -> evaluate all three
-    on held-out problems -> a comparison table; the better arm becomes REGISTERED_MODEL_NAME@champion. Finished
-    identical steps are reused."""
+    on held-out problems -> a comparison table; the better arm becomes REGISTERED_MODEL_NAME@champion.
+    Finished identical steps are reused."""
     outcome = run_pipeline(PipelineSettings(**parameters))
     click.echo(comparison_table(outcome))
     click.echo(f"champion: {outcome.results[outcome.champion]['model']}")

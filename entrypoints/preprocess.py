@@ -1,4 +1,5 @@
-"""`preprocess` entry point: turn a math dataset into the train/test parquet that training and evaluation read.
+"""`preprocess` entry point: turn a math dataset into the train/test parquet that training and evaluation
+read.
 
 mlflow run . -e preprocess -P source=agentica-org/DeepScaleR-Preview-Dataset -P output_dir=outputs/data
 python -m entrypoints.preprocess --source synthetic --output_dir outputs/data
@@ -103,17 +104,19 @@ def main(source: str, output_dir: str, **parameters) -> None:
     """Normalise a math dataset into train.parquet and test.parquet with columns id, source, prompt (chat
     messages), solution (the final answer the reward checks) and reference (a worked solution, or empty).
 
-    Columns are detected from common names (problem/question/prompt/messages; answer/final_answer/ground_truth;
-    or the last \\boxed{} of a worked solution); the *_field options override them. Rows without a problem or a
-    math-verify-parseable answer, and repeated problems, are dropped and counted. Everything is logged to an
-    MLflow run: parameters, row counts, the parquet files and each split as a dataset input.
+    Columns are detected from common names (problem/question/prompt/messages;
+    answer/final_answer/ground_truth; or the last \\boxed{} of a worked solution); the *_field options
+    override them. Rows without a problem or a math-verify-parseable answer, and repeated problems, are
+    dropped and counted. Everything is logged to an MLflow run: parameters, row counts, the parquet files and
+    each split as a dataset input.
     """
     with mlflow.start_run():
         result = preprocess(source, output_dir, Options(**parameters))
         data_uri = log_preprocess(result, {"source": source, "output_dir": output_dir, **parameters})
     report = result.report
     click.echo(
-        f"{report.read} rows read: {report.train} train, {report.test} test, {sum(report.dropped.values())} dropped"
+        f"{report.read} rows read: {report.train} train, {report.test} test, {sum(report.dropped.values())} "
+        "dropped"
     )
     for reason in DROP_REASONS:
         if report.dropped[reason]:
@@ -121,7 +124,8 @@ def main(source: str, output_dir: str, **parameters) -> None:
                 f"  dropped ({reason}): {report.dropped[reason]}, e.g. {report.examples[reason]!r:.80}"
             )
     click.echo(
-        f"wrote {', '.join(str(p) for p in result.paths.values())}; training accepts {output_dir} or {data_uri}"
+        f"wrote {', '.join(str(p) for p in result.paths.values())}; training accepts {output_dir} or "
+        f"{data_uri}"
     )
 
 

@@ -14,8 +14,8 @@ from rlvr.grpo import TrainSettings, train
 @options_from(TrainSettings, output_dir="outputs/train_baseline", exclude=("reasoning_vocab_size",))
 @friendly_errors
 def main(**parameters) -> None:
-    """Train MODEL on DATA with GRPO and no reasoning vocabulary (the same code path with N = 0); log everything
-    to MLflow and register the final model."""
+    """Train MODEL on DATA with GRPO and no reasoning vocabulary (the same code path with N = 0); log
+    everything to MLflow and register the final model."""
     model_uri = train(TrainSettings(reasoning_vocab_size=0, **parameters))
     if model_uri:
         click.echo(f"model: {model_uri}")

@@ -14,8 +14,8 @@ from rlvr.sft import WarmstartSettings, warmstart
 @options_from(WarmstartSettings)
 @friendly_errors
 def main(**parameters) -> None:
-    """Fine-tune MODEL on the reference (worked solution) column of DATA with TRL's SFTTrainer; log everything to
-    MLflow and register the result."""
+    """Fine-tune MODEL on the reference (worked solution) column of DATA with TRL's SFTTrainer; log everything
+    to MLflow and register the result."""
     model_uri = warmstart(WarmstartSettings(**parameters))
     if model_uri:
         click.echo(f"model: {model_uri}")

@@ -16,8 +16,8 @@ from rlvr.errors import InputError
 def friendly_errors(command: Callable) -> Callable:
     """Turn `InputError` into click's `Error: <message>` with exit code 1 instead of a traceback.
 
-    Put it outside the `mlflow.start_run()` block: the exception first leaves the run (MLflow marks it FAILED),
-    then reaches the user as one sentence.
+    Put it outside the `mlflow.start_run()` block: the exception first leaves the run (MLflow marks it
+    FAILED), then reaches the user as one sentence.
     """
 
     @functools.wraps(command)
@@ -34,10 +34,11 @@ def friendly_errors(command: Callable) -> Callable:
 
 
 def options_from(settings_class, exclude: tuple[str, ...] = (), **defaults) -> Callable:
-    """click options `--<field>` for every field of a settings dataclass, with its default (or the one given here).
+    """click options `--<field>` for every field of a settings dataclass, with its default (or the one given
+    here).
 
-    Option names keep the underscores of the MLproject parameters, so `-P max_steps=5` and `--max_steps 5` name the
-    same thing.
+    Option names keep the underscores of the MLproject parameters, so `-P max_steps=5` and `--max_steps 5`
+    name the same thing.
     """
 
     def decorate(command: Callable) -> Callable:

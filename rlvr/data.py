@@ -1,4 +1,5 @@
-"""Sources -> normalised parquet that training and evaluation read, and reading that parquet back with lineage.
+"""Sources -> normalised parquet that training and evaluation read, and reading that parquet back with
+lineage.
 
 A source is a hub dataset, a local `.jsonl`/`.json`/`.parquet`/`.csv` file, or `synthetic`. Each row becomes
 one problem, its ground-truth final answer (`solution`, the string the reward checks) and, where the source
@@ -105,7 +106,8 @@ class Options:
         size = self.test_size
         if not size >= 0 or (size >= 1 and not float(size).is_integer()):  # `not >= 0` refuses NaN too
             raise InputError(
-                f"test_size={self.test_size} is neither a fraction in [0, 1) nor a whole row count; pass e.g. 0.1 or 500."
+                f"test_size={self.test_size} is neither a fraction in [0, 1) nor a whole row count; pass "
+                "e.g. 0.1 or 500."
             )
         if self.max_samples < 0:
             raise InputError(
@@ -117,7 +119,7 @@ class Options:
             )
 
 
-# --- reading sources ------------------------------------------------------------------------------------------
+# --- reading sources ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Table:
     """A source's column names, and its rows restricted to the columns asked for (large sources stay lazy)."""
@@ -140,8 +142,8 @@ def read_source(source: str, options: Options = Options()) -> Table:
         )
     if path.suffix.lower() in FILE_FORMATS:
         raise InputError(
-            f"source file {source!r} does not exist; check the path (under `mlflow run`, relative paths start "
-            "at the project directory)."
+            f"source file {source!r} does not exist; check the path (under `mlflow run`, relative paths "
+            "start at the project directory)."
         )
     return _hub_table(source, options)
 
@@ -166,7 +168,8 @@ def _file_table(path: Path) -> Table:
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
         raise InputError(
-            f"source file {str(path)!r} has an unknown extension; convert it to one of {', '.join(FILE_FORMATS)}."
+            f"source file {str(path)!r} has an unknown extension; convert it to one of "
+            f"{', '.join(FILE_FORMATS)}."
         )
     if suffix == ".parquet":
         try:
@@ -220,7 +223,7 @@ def _read_json(path: Path) -> list[dict]:
         and all(isinstance(v, list) for v in data.values())
         and len({len(v) for v in data.values()}) <= 1
     ):
-        return [dict(zip(data, values)) for values in zip(*data.values())]
+        return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
     if isinstance(data, list) and all(isinstance(record, dict) for record in data):
         return data
     raise InputError(
@@ -245,20 +248,21 @@ def _hub_table(source: str, options: Options) -> Table:
         raise InputError(
             f"source {source!r} is not a local file and could not be loaded as a hub dataset "
             f"(config={options.config!r}, split={options.split!r}; {type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); check the id, config and split and that the hub is "
-            f"reachable, or download the data and pass a {'/'.join(FILE_FORMATS)} file."
+            f"{str(error).splitlines()[0] if str(error) else ''}); check the id, config and split and that "
+            f"the hub is reachable, or download the data and pass a {'/'.join(FILE_FORMATS)} file."
         ) from error
     return Table(
         source, list(dataset.column_names), lambda selected: dataset.select_columns(list(selected)).to_list()
     )
 
 
-# --- field mapping ----------------------------------------------------------------------------------------------
+# --- field mapping ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Fields:
     """Which columns hold the problem, the final answer, the worked solution and the id.
 
-    `answer=None`: the answer is the last `\\boxed{}` of `reference`. `reference`/`id` None: the source has none.
+    `answer=None`: the answer is the last `\\boxed{}` of `reference`. `reference`/`id` None: the source has
+    none.
     """
 
     problem: str
@@ -284,13 +288,14 @@ def detect_fields(table: Table, options: Options = Options()) -> Fields:
     for parameter, column in named.items():
         if column and column not in table.columns:
             raise InputError(
-                f"{parameter}={column!r} is not a column of {table.name!r} (columns: {table.columns}); name one of those."
+                f"{parameter}={column!r} is not a column of {table.name!r} (columns: {table.columns}); name "
+                "one of those."
             )
     problem = options.problem_field or _first(_PROBLEM_COLUMNS, table.columns)
     if problem is None:
         raise InputError(
-            f"{table.name!r} has no problem column (looked for {list(_PROBLEM_COLUMNS)}; columns: {table.columns}); "
-            "pass problem_field=<column>."
+            f"{table.name!r} has no problem column (looked for {list(_PROBLEM_COLUMNS)}; columns: "
+            f"{table.columns}); pass problem_field=<column>."
         )
     answer = options.answer_field or _first(_ANSWER_COLUMNS, table.columns)
     if answer is None and problem in _CHAT_COLUMNS and "solution" in table.columns:
@@ -299,8 +304,9 @@ def detect_fields(table: Table, options: Options = Options()) -> Fields:
     reference = options.reference_field or _first(candidates, table.columns)
     if answer is None and reference is None:
         raise InputError(
-            f"{table.name!r} has no answer column (looked for {list(_ANSWER_COLUMNS)}) and no worked solution to take "
-            f"the last \\boxed{{}} from (columns: {table.columns}); pass answer_field=<column>."
+            f"{table.name!r} has no answer column (looked for {list(_ANSWER_COLUMNS)}) and no worked "
+            f"solution to take the last \\boxed{{}} from (columns: {table.columns}); pass "
+            "answer_field=<column>."
         )
     return Fields(problem, answer, reference, options.id_field or _first(_ID_COLUMNS, table.columns))
 
@@ -309,10 +315,11 @@ def _first(names: Sequence[str], columns: Sequence[str]) -> str | None:
     return next((name for name in names if name in columns), None)
 
 
-# --- one row ---------------------------------------------------------------------------------------------------
+# --- one row ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Example:
-    """One usable row before the prompt is built: earlier chat turns, the problem, its answer and worked solution."""
+    """One usable row before the prompt is built: earlier chat turns, the problem, its answer and worked
+    solution."""
 
     id: str
     context: tuple[dict, ...]
@@ -407,7 +414,8 @@ def to_example(row: dict, fields: Fields) -> Example:
 def make_prompt(
     example: Example, system_prompt: str = "", instruction: str = DEFAULT_INSTRUCTION
 ) -> list[dict]:
-    """TRL's conversational prompt: optional system prompt, earlier turns, then the problem and the instruction."""
+    """TRL's conversational prompt: optional system prompt, earlier turns, then the problem and the
+    instruction."""
     messages = list(example.context)
     if system_prompt and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system_prompt})
@@ -417,10 +425,11 @@ def make_prompt(
     return messages + [{"role": "user", "content": content}]
 
 
-# --- the whole source --------------------------------------------------------------------------------------------
+# --- the whole source ---------------------------------------------------------------------------------------
 @dataclass
 class Report:
-    """Row counts of one preprocess, logged as metrics; `examples` keeps the first dropped value per reason."""
+    """Row counts of one preprocess, logged as metrics; `examples` keeps the first dropped value per
+    reason."""
 
     read: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -475,12 +484,14 @@ def _check_usable(name: str, examples: list[Example], report: Report, options: O
         raise _no_rows(name)
     if not examples:
         raise InputError(
-            f"no usable rows in {name!r} ({report.summary()}); fix the field mapping (problem_field, answer_field)."
+            f"no usable rows in {name!r} ({report.summary()}); fix the field mapping (problem_field, "
+            "answer_field)."
         )
     if report.invalid > options.max_invalid_fraction * report.read:
         raise InputError(
-            f"{report.invalid} of {report.read} rows of {name!r} are unusable, more than max_invalid_fraction="
-            f"{options.max_invalid_fraction} allows ({report.summary()}); fix the field mapping or raise max_invalid_fraction."
+            f"{report.invalid} of {report.read} rows of {name!r} are unusable, more than "
+            f"max_invalid_fraction={options.max_invalid_fraction} allows ({report.summary()}); fix the field "
+            "mapping or raise max_invalid_fraction."
         )
 
 
@@ -494,8 +505,8 @@ def split_examples(examples: list[Example], options: Options) -> dict[str, list[
     test = int(max(test, 1) if options.test_size > 0 else 0)
     if test >= len(rows):
         raise InputError(
-            f"test_size={options.test_size} asks for {test} test rows out of {len(rows)} usable ones, leaving none "
-            "for training; lower test_size or raise max_samples."
+            f"test_size={options.test_size} asks for {test} test rows out of {len(rows)} usable ones, "
+            "leaving none for training; lower test_size or raise max_samples."
         )
     return {"train": rows[test:], "test": rows[:test]}
 
@@ -541,7 +552,8 @@ class PreprocessResult:
 
 
 def preprocess(source: str, output_dir: str | os.PathLike, options: Options = Options()) -> PreprocessResult:
-    """Write `train.parquet` and `test.parquet` for `source` into `output_dir`, only once all checks passed."""
+    """Write `train.parquet` and `test.parquet` for `source` into `output_dir`, only once all checks
+    passed."""
     table = read_source(source, options)
     if not table.columns:
         raise _no_rows(table.name)
@@ -556,7 +568,7 @@ def preprocess(source: str, output_dir: str | os.PathLike, options: Options = Op
     return PreprocessResult(Path(output_dir), paths, report)
 
 
-# --- reading an output back, with lineage ------------------------------------------------------------------------
+# --- reading an output back, with lineage -------------------------------------------------------------------
 class RunArtifactDatasetSource(DatasetSource):
     """A dataset stored as an artifact of an MLflow run (`runs:/<run_id>/<path>`), as preprocess logs it."""
 
@@ -608,7 +620,8 @@ class Split:
         """This split, refused (naming `data`, the input it came from) when it holds no rows."""
         if self.frame.empty:
             raise InputError(
-                f"data {data!r} has no rows in its {self.split!r} split; pass another split or data with rows."
+                f"data {data!r} has no rows in its {self.split!r} split; pass another split or data with "
+                "rows."
             )
         return self
 
@@ -624,7 +637,8 @@ class Split:
 
 
 def load_split(data: str, split: str) -> Split:
-    """The `split` of a preprocess output named by its `output_dir` or a `runs:/<run_id>/<artifact_path>` URI."""
+    """The `split` of a preprocess output named by its `output_dir` or a `runs:/<run_id>/<artifact_path>`
+    URI."""
     path, source_uri = _locate(str(data), split)
     try:
         table = pq.read_table(path)
@@ -634,8 +648,8 @@ def load_split(data: str, split: str) -> Split:
         ) from error
     if not table.schema.equals(SCHEMA):
         raise InputError(
-            f"{source_uri!r} has columns {table.schema.names} ({table.schema.types}), not the preprocess schema "
-            f"{SCHEMA.names}; run the preprocess entry point on that data and pass its output_dir."
+            f"{source_uri!r} has columns {table.schema.names} ({table.schema.types}), not the preprocess "
+            f"schema {SCHEMA.names}; run the preprocess entry point on that data and pass its output_dir."
         )
     metadata = json.loads((table.schema.metadata or {}).get(_METADATA_KEY, b"{}"))
     frame = table.to_pandas()
@@ -656,8 +670,9 @@ def _locate(data: str, split: str) -> tuple[Path, str]:
         except Exception as error:  # MLflow raises several types for a missing run or artifact
             refuse_deleted_run("data", data)
             raise InputError(
-                f"data {data!r} has no {split}.parquet that MLflow can fetch ({type(error).__name__}: {error}); pass "
-                "the runs:/<run_id>/data URI of a finished preprocess run and check MLFLOW_TRACKING_URI."
+                f"data {data!r} has no {split}.parquet that MLflow can fetch ({type(error).__name__}: "
+                f"{error}); pass the runs:/<run_id>/data URI of a finished preprocess run and check "
+                "MLFLOW_TRACKING_URI."
             ) from error
     path = Path(data).expanduser() / f"{split}.parquet"
     if not path.is_file():

@@ -1,11 +1,13 @@
-"""The one exception type for bad input: its message names the input and the fix, and entry points print it."""
+"""The one exception type for bad input: its message names the input and the fix, and entry points print
+it."""
 
 import dataclasses
 import math
 
 
 class InputError(ValueError):
-    """Input that cannot be used as given (a parameter, file, model name, URI); the message says how to fix it."""
+    """Input that cannot be used as given (a parameter, file, model name, URI); the message says how to fix
+    it."""
 
 
 _SWITCH = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "auto": None}
@@ -60,6 +62,6 @@ def check_sampling(temperature: float, num_samples: int) -> None:
         )
     if temperature == 0 and num_samples > 1:
         raise InputError(
-            f"temperature=0 decodes greedily, so the num_samples={num_samples} samples would be identical; pass "
-            "num_samples=1 or a positive temperature."
+            f"temperature=0 decodes greedily, so the num_samples={num_samples} samples would be identical; "
+            "pass num_samples=1 or a positive temperature."
         )

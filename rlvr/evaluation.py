@@ -1,8 +1,9 @@
-"""Evaluation: k constrained samples per held-out problem, scored by math-verify, logged to MLflow per dataset.
+"""Evaluation: k constrained samples per held-out problem, scored by math-verify, logged to MLflow per
+dataset.
 
-`evaluate(settings)` is the whole job behind the `evaluate` entry point and what the `main` pipeline calls. Each
-dataset (a preprocess output, or a raw source normalised on the fly exactly as preprocess would) gets these
-metrics, logged as `eval/<label>/<metric>` and returned by `evaluate` under the data item as given:
+`evaluate(settings)` is the whole job behind the `evaluate` entry point and what the `main` pipeline calls.
+Each dataset (a preprocess output, or a raw source normalised on the fly exactly as preprocess would) gets
+these metrics, logged as `eval/<label>/<metric>` and returned by `evaluate` under the data item as given:
 
 - `accuracy`: the share of correct samples (pass@1 averaged over problems);
 - `accuracy_ci_low`, `accuracy_ci_high`: its 95% Wilson score interval over problems (see `wilson_interval`);
@@ -13,8 +14,9 @@ metrics, logged as `eval/<label>/<metric>` and returned by `evaluate` under the 
 - `problems`: how many problems were evaluated.
 
 The run points at the model it evaluated: tags name the source (and, for registry URIs, the version and the
-training run), the metrics are linked to the MLflow LoggedModel so its page lists them, and a registered version
-gets a tag naming this run. A samples table and an HTML page with reasoning tokens coloured are its artifacts.
+training run), the metrics are linked to the MLflow LoggedModel so its page lists them, and a registered
+version gets a tag naming this run. A samples table and an HTML page with reasoning tokens coloured are its
+artifacts.
 """
 
 from __future__ import annotations
@@ -119,15 +121,15 @@ class Scored:
 
 @dataclass(frozen=True)
 class ModelLink:
-    """How the evaluation run points at its model: run tags, the LoggedModel its metrics attach to (if any), and
-    the registered version that records the evaluation (if any)."""
+    """How the evaluation run points at its model: run tags, the LoggedModel its metrics attach to (if any),
+    and the registered version that records the evaluation (if any)."""
 
     tags: dict[str, str]
     model_id: str | None
     version: ModelVersion | None
 
 
-# --- settings and data ----------------------------------------------------------------------------------------
+# --- settings and data --------------------------------------------------------------------------------------
 def validate(settings: EvalSettings) -> None:
     """Checks that need no model or data, so a bad request fails in seconds."""
     if settings.num_samples < 1:
@@ -155,7 +157,8 @@ def data_items(data: str) -> list[str]:
             items.append(piece)
     if not items:
         raise InputError(
-            "data is empty; pass a preprocess output_dir, its runs:/ URI or a source, comma-separated for several."
+            "data is empty; pass a preprocess output_dir, its runs:/ URI or a source, comma-separated for "
+            "several."
         )
     repeated = [item for item, count in Counter(items).items() if count > 1]
     if repeated:
@@ -211,14 +214,16 @@ def _load_item(item: str, settings: EvalSettings, scratch: Path) -> Split:
         preprocess(item, scratch, options)
     except InputError as error:
         raise InputError(
-            f"data {item!r} is no preprocess output (a directory or runs:/ URI), and as a source it failed: {error}"
+            f"data {item!r} is no preprocess output (a directory or runs:/ URI), and as a source it failed: "
+            f"{error}"
         ) from error
     split = load_split(str(scratch), "train")  # test_size 0: every usable row is in `train`
     return dataclasses.replace(split, name=split.name.removesuffix("/train"))  # not a split of anything
 
 
 def _keep_in_run(split: Split, label: str) -> Split:
-    """Store a normalised raw source in the run, so its dataset input points at the rows that were evaluated."""
+    """Store a normalised raw source in the run, so its dataset input points at the rows that were
+    evaluated."""
     path = split.path.rename(split.path.with_name(f"{label}.parquet"))
     mlflow.log_artifact(str(path), DATA_ARTIFACT_PATH)
     run_id = mlflow.active_run().info.run_id
@@ -241,7 +246,7 @@ def load_eval_sets(items: Sequence[str], settings: EvalSettings, scratch: Path) 
     return sets
 
 
-# --- scoring --------------------------------------------------------------------------------------------------
+# --- scoring ------------------------------------------------------------------------------------------------
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimate of the chance that at least one of k samples is correct, from c correct among n >= k.
 
@@ -309,7 +314,7 @@ def dataset_metrics(scored: Sequence[Sequence[Scored]]) -> dict[str, float]:
     }
 
 
-# --- the model and its link -----------------------------------------------------------------------------------
+# --- the model and its link ---------------------------------------------------------------------------------
 def load_for_evaluation(settings: EvalSettings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     dtype = torch.bfloat16 if bf16_enabled(settings.bf16) else torch.float32
     device = "cuda" if torch.cuda.is_available() else None
@@ -367,7 +372,8 @@ def logged_model_id(source: str) -> str | None:
 
 
 def link_model(source: str) -> ModelLink:
-    """Everything MLflow knows about `source` that lets a reader go from the evaluation to the model and back."""
+    """Everything MLflow knows about `source` that lets a reader go from the evaluation to the model and
+    back."""
     version = registered_version(source)
     tags = {"rlvr.model": source}
     if version is not None:
@@ -387,7 +393,7 @@ def record_on_version(version: ModelVersion, run_id: str, results: dict[str, dic
     )
 
 
-# --- artifacts ------------------------------------------------------------------------------------------------
+# --- artifacts ----------------------------------------------------------------------------------------------
 def _problem_text(messages) -> str:
     return next(m["content"] for m in reversed(list(messages)) if m["role"] == "user")
 
@@ -436,7 +442,7 @@ def samples_page(model: str, evaluated: Sequence[tuple[EvalSet, list[list[Scored
     return completions_page(f"Evaluation of {model}", entries)
 
 
-# --- the job --------------------------------------------------------------------------------------------------
+# --- the job ------------------------------------------------------------------------------------------------
 def evaluate(settings: EvalSettings) -> dict[str, dict[str, float]]:
     """Evaluate `settings.model` on every dataset of `settings.data` in one MLflow run.
 

@@ -111,8 +111,8 @@ def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
             raise InputError(
-                f"grpo_config {path} is not a readable YAML file ({error}); pass the path of a YAML mapping of "
-                "GRPOConfig fields."
+                f"grpo_config {path} is not a readable YAML file ({error}); pass the path of a YAML mapping "
+                "of GRPOConfig fields."
             ) from error
         if not isinstance(loaded, dict):
             raise InputError(
@@ -129,30 +129,33 @@ def extra_grpo_fields(settings: TrainSettings) -> dict[str, Any]:
             extra[key] = yaml.safe_load(value)
         except yaml.YAMLError as error:
             raise InputError(
-                f"grpo_args entry {item!r} has a value YAML cannot read ({str(error).splitlines()[0]}); entries are "
-                "split at spaces and commas, so put mappings and lists in a grpo_config YAML file."
+                f"grpo_args entry {item!r} has a value YAML cannot read ({str(error).splitlines()[0]}); "
+                "entries are split at spaces and commas, so put mappings and lists in a grpo_config YAML "
+                "file."
             ) from error
     known = {f.name for f in dataclasses.fields(GRPOConfig)}
     own = {f.name for f in TrainSettings.fields()}
     for key, value in extra.items():
         if key in own:
             raise InputError(
-                f"{key} is a parameter of its own; pass it as -P {key}=... instead of in grpo_config/grpo_args."
+                f"{key} is a parameter of its own; pass it as -P {key}=... instead of in "
+                "grpo_config/grpo_args."
             )
         if key not in known:
             raise InputError(f"{key} is not a GRPOConfig field; check its spelling against TRL's GRPOConfig.")
         if key in UNCONSTRAINED_ROLLOUTS and value:
             raise InputError(
-                f"{key}=true is refused: {UNCONSTRAINED_ROLLOUTS[key]}, so the model would train unconstrained. "
-                "Use the default transformers generation."
+                f"{key}=true is refused: {UNCONSTRAINED_ROLLOUTS[key]}, so the model would train "
+                "unconstrained. Use the default transformers generation."
             )
     _refuse_sampling_options(extra)
     return extra
 
 
 def _refuse_sampling_options(extra: dict[str, Any]) -> None:
-    """Sampling options that reshape the distribution (top-p, top-k, penalties, ...) are refused: the loss scores
-    the plain masked softmax at `temperature`, so it would score another distribution than the sampled one."""
+    """Sampling options that reshape the distribution (top-p, top-k, penalties, ...) are refused: the loss
+    scores the plain masked softmax at `temperature`, so it would score another distribution than the sampled
+    one."""
     options = {k: v for k, v in extra.items() if k in SAMPLING_NEUTRAL}
     generation_kwargs = extra.get("generation_kwargs") or {}
     if not isinstance(generation_kwargs, dict):
@@ -174,8 +177,9 @@ def _refuse_sampling_options(extra: dict[str, Any]) -> None:
         ) from error
     if changes:
         raise InputError(
-            f"sampling option {changes[0]} is refused: GRPO's loss scores the masked softmax at `temperature`, so "
-            "sampling from another distribution would train on the wrong log-probs; remove it."
+            f"sampling option {changes[0]} is refused: GRPO's loss scores the masked softmax at "
+            "`temperature`, so sampling from another distribution would train on the wrong log-probs; "
+            "remove it."
         )
 
 
@@ -219,9 +223,10 @@ def validate(settings: TrainSettings, world_size: int) -> None:
     batch = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * world_size
     if batch % settings.num_generations:
         raise InputError(
-            f"num_generations={settings.num_generations} does not divide the generation batch of {batch} completions "
-            f"(per_device_train_batch_size {settings.per_device_train_batch_size} x gradient_accumulation_steps "
-            f"{settings.gradient_accumulation_steps} x {world_size} processes); pick sizes so that it does."
+            f"num_generations={settings.num_generations} does not divide the generation batch of {batch} "
+            f"completions (per_device_train_batch_size {settings.per_device_train_batch_size} x "
+            f"gradient_accumulation_steps {settings.gradient_accumulation_steps} x {world_size} processes); "
+            "pick sizes so that it does."
         )
     if settings.temperature <= 0:
         raise InputError(f"temperature={settings.temperature} must be positive for GRPO sampling.")
@@ -243,8 +248,9 @@ def chosen_rewards(settings: TrainSettings) -> list[tuple[str, float]]:
         defaults.format_weight,
     ):
         raise InputError(
-            f"rewards={settings.rewards!r} and accuracy_weight/format_weight both set the reward weights; pass "
-            f"only rewards (e.g. rewards=accuracy:{settings.accuracy_weight},format:{settings.format_weight})."
+            f"rewards={settings.rewards!r} and accuracy_weight/format_weight both set the reward weights; "
+            "pass only rewards (e.g. "
+            f"rewards=accuracy:{settings.accuracy_weight},format:{settings.format_weight})."
         )
     return rewards.parse_rewards(settings.rewards)
 
@@ -293,16 +299,17 @@ def fast_rollouts_enabled(value: str) -> bool:
 
 
 class ReasoningGRPOTrainer(GRPOTrainer):
-    """`GRPOTrainer` whose policy and reference score log-probs under the thought mask, plus vocabulary metrics.
+    """`GRPOTrainer` whose policy and reference score log-probs under the thought mask, plus vocabulary
+    metrics.
 
     TRL installs its own fused log-prob head on both models during `__init__`; attaching the vocabulary
     afterwards puts the constrained head back, at the trainer's temperature. Sampling is constrained by the
-    model's own `generate`, which TRL calls unchanged; with `fast_rollouts` that `generate` takes the static-cache
-    compiled path of `rlvr.rollout` for TRL's plain sampling requests.
+    model's own `generate`, which TRL calls unchanged; with `fast_rollouts` that `generate` takes the
+    static-cache compiled path of `rlvr.rollout` for TRL's plain sampling requests.
 
-    Where sampling and scoring differ numerically (fast rollouts, bf16), the sampled tokens' log-probs are kept
-    and TRL's importance-sampling correction, which it gates on `use_vllm`, corrects the loss: the flag is set
-    for that alone, since generation here is rlvr's own (`_generate_single_turn` never reaches vLLM).
+    Where sampling and scoring differ numerically (fast rollouts, bf16), the sampled tokens' log-probs are
+    kept and TRL's importance-sampling correction, which it gates on `use_vllm`, corrects the loss: the flag
+    is set for that alone, since generation here is rlvr's own (`_generate_single_turn` never reaches vLLM).
     """
 
     def __init__(self, *args, completions_every: int = 0, fast_rollouts: bool = False, **kwargs):
@@ -330,17 +337,17 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         self._prompt_ids: list[list[int]] = []
 
     def _check_sampling(self) -> None:
-        """The sampling request as `generate` resolves it (the model's generation_config fills unset fields) must
-        be the masked softmax at the trainer's temperature, which is what the loss scores."""
+        """The sampling request as `generate` resolves it (the model's generation_config fills unset fields)
+        must be the masked softmax at the trainer's temperature, which is what the loss scores."""
         resolved = resolve_generation_config(self.model, self.generation_config)
         changes = distribution_changes(resolved)
         if resolved.temperature != self.temperature:
             changes.append(f"temperature={resolved.temperature}")
         if changes:
             raise InputError(
-                f"sampling would use {', '.join(changes)} (from the model's generation_config or the GRPO settings), "
-                "but the loss scores the masked softmax at temperature; give them neutral values in a grpo_config "
-                "file, e.g. 'generation_kwargs: {top_k: 0, top_p: 1.0}'."
+                f"sampling would use {', '.join(changes)} (from the model's generation_config or the GRPO "
+                "settings), but the loss scores the masked softmax at temperature; give them neutral values "
+                "in a grpo_config file, e.g. 'generation_kwargs: {top_k: 0, top_p: 1.0}'."
             )
 
     def _generate_single_turn(
@@ -389,16 +396,18 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         return output
 
     def _require_allowed_samples(self, output, before: torch.Tensor) -> None:
-        """No sampled token may be one the mask forbids where it stands (`before`: the state before each token): the
-        loss would score it at the masked value, and one such token sends a step's log-probs out of range."""
+        """No sampled token may be one the mask forbids where it stands (`before`: the state before each
+        token): the loss would score it at the masked value, and one such token sends a step's log-probs out
+        of range."""
         forbidden = self.vocab.forbidden_table(before.device)[before.long(), output["completion_ids"]]
         forbidden &= output["completion_mask"].bool()
         if forbidden.any():
             row, column = (int(i) for i in forbidden.nonzero()[0])
             token = int(output["completion_ids"][row, column])
             raise RuntimeError(
-                f"the sampler drew id {token}, which the thought mask forbids at completion position {column} "
-                f"(inside a thought: {bool(before[row, column])}); this is a bug in the sampling path, not the data."
+                f"the sampler drew id {token}, which the thought mask forbids at completion position "
+                f"{column} (inside a thought: {bool(before[row, column])}); this is a bug in the sampling "
+                "path, not the data."
             )
 
     def _maybe_log_samples(self, inputs, output, starts: list[bool]) -> None:

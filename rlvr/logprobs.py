@@ -1,4 +1,5 @@
-"""Log-probabilities under the constrained distribution, computed in chunks so 300k-wide logits stay affordable.
+"""Log-probabilities under the constrained distribution, computed in chunks so 300k-wide logits stay
+affordable.
 
 TRL's GRPO trainer asks the model for per-token log-probs and entropies with
 `model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)` and reads `log_probs` and
@@ -39,7 +40,8 @@ def _chunk_logprobs(hidden, weight, bias, labels, forbidden, inv_temperature: fl
 
 
 def _chunked_logprobs(hidden, weight, bias, labels, forbidden, temperature: float, with_entropy: bool):
-    """Log-probs and entropies of `labels` over `weight`'s rows, `forbidden` (V,) masked, one chunk at a time."""
+    """Log-probs and entropies of `labels` over `weight`'s rows, `forbidden` (V,) masked, one chunk at a
+    time."""
     chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     log_probs, entropies = [], []
@@ -75,9 +77,9 @@ def constrained_token_logprobs(
 
     `hidden` (T, H) are final hidden states and `inside` (T,) the thought state before each label. Outside a
     thought the allowed ids are exactly the tokenizer's, the first rows of the unembedding, so those positions
-    are scored against that slice alone, by TRL's fused kernel: no mask, and a reasoning vocabulary costs nothing
-    there. Inside, all rows are scored with the inside mask, in chunks recomputed in the backward pass rather
-    than stored, so peak memory is one chunk of logits.
+    are scored against that slice alone, by TRL's fused kernel: no mask, and a reasoning vocabulary costs
+    nothing there. Inside, all rows are scored with the inside mask, in chunks recomputed in the backward pass
+    rather than stored, so peak memory is one chunk of logits.
     """
     log_probs = hidden.new_zeros(labels.shape, dtype=torch.float32)
     entropies = hidden.new_zeros(labels.shape, dtype=torch.float32) if with_entropy else None
@@ -133,19 +135,21 @@ def check_plain_head(model) -> None:
     finally:
         model.train(was_training)
     if not (torch.isfinite(logits).all() and torch.isfinite(ours).all()):
-        return  # a model that overflows cannot be judged here; the non-finite guards refuse it where it matters
+        # a model that overflows cannot be judged here; the non-finite guards refuse it where it matters
+        return
     tolerance = 1e-3 if head.weight.dtype == torch.float32 else 2e-2
     if not torch.allclose(logits, ours, rtol=tolerance, atol=tolerance * (1 + ours.abs().max().item())):
         raise ReasoningVocabError(
-            f"{type(model).__name__} transforms its logits beyond its output embedding (e.g. softcapping or a "
-            "logit multiplier); the constrained log-prob head supports models whose logits are a plain linear "
-            "unembedding of the final hidden states."
+            f"{type(model).__name__} transforms its logits beyond its output embedding (e.g. softcapping or "
+            "a logit multiplier); the constrained log-prob head supports models whose logits are a plain "
+            "linear unembedding of the final hidden states."
         )
     model._rlvr_plain_head = True
 
 
 def _completion_start(labels: torch.Tensor) -> int:
-    """TRL labels only completion columns (`labels[:, :-logits_to_keep] = -100`): the first labelled column."""
+    """TRL labels only completion columns (`labels[:, :-logits_to_keep] = -100`): the first labelled
+    column."""
     labelled = (labels != -100).any(0).nonzero()
     return int(labelled[0]) if labelled.numel() else labels.shape[1]
 

@@ -27,7 +27,8 @@ class ModelSourceError(InputError):
 
 
 def resolve_model_dir(source: str) -> Path | None:
-    """The local Hugging Face directory behind `source` (downloading MLflow artifacts), or None for presets/hub ids."""
+    """The local Hugging Face directory behind `source` (downloading MLflow artifacts), or None for
+    presets/hub ids."""
     if is_mlflow_uri(source):
         import mlflow
 
@@ -36,8 +37,8 @@ def resolve_model_dir(source: str) -> Path | None:
         except Exception as error:  # MLflow raises several types for a missing run, model or alias
             refuse_deleted_run("model", source)
             raise ModelSourceError(
-                f"model {source!r} could not be fetched from MLflow ({type(error).__name__}: {error}); check the "
-                "URI and that MLFLOW_TRACKING_URI points at the server that holds it."
+                f"model {source!r} could not be fetched from MLflow ({type(error).__name__}: {error}); check "
+                "the URI and that MLFLOW_TRACKING_URI points at the server that holds it."
             ) from error
         return _find_hf_dir(local, source)
     path = Path(source).expanduser()
@@ -54,8 +55,8 @@ def _find_hf_dir(root: Path, source: str) -> Path:
     )
     if not found:
         raise ModelSourceError(
-            f"model {source!r} holds no Hugging Face model directory (config.json with a tokenizer); point at a "
-            "directory written by save_pretrained or an rlvr checkpoint."
+            f"model {source!r} holds no Hugging Face model directory (config.json with a tokenizer); point "
+            "at a directory written by save_pretrained or an rlvr checkpoint."
         )
     return found[0]
 
@@ -76,9 +77,9 @@ def _load_base(source: str, directory: Path | None, dtype: torch.dtype, device, 
                 "incomplete or corrupt: copy or save it again, or pass an intact checkpoint."
             ) from error
         raise ModelSourceError(
-            f"model {source!r} is not a preset ({', '.join(sorted(PRESETS))}), a local model directory, an MLflow "
-            f"model URI or a reachable hub id ({reason}). Fix the name, "
-            "or download the model where the hub is reachable and pass its directory."
+            f"model {source!r} is not a preset ({', '.join(sorted(PRESETS))}), a local model directory, an "
+            f"MLflow model URI or a reachable hub id ({reason}). Fix the name, or download the model where "
+            "the hub is reachable and pass its directory."
         ) from error
     return model.to(device) if device is not None else model, tokenizer
 

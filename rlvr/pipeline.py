@@ -2,9 +2,9 @@
 
 preprocess (synthetic) -> warmstart (micro) -> train_baseline and train_reasoning from the warm start ->
 evaluate the warm start and both arms on the held-out split -> a comparison table -> the better arm gets the
-registry alias `champion`. Steps pass each other MLflow URIs (`runs:/<id>/data`, `models:/<name>/<version>`), so
-the lineage is in the tracking server, not on one disk. A step whose identical run (same entry point, parameters
-and code) already finished is reused, not rerun.
+registry alias `champion`. Steps pass each other MLflow URIs (`runs:/<id>/data`, `models:/<name>/<version>`),
+so the lineage is in the tracking server, not on one disk. A step whose identical run (same entry point,
+parameters and code) already finished is reused, not rerun.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
 EXPERIMENT = "rlvr-demo"  # where `main` runs unless the user names an experiment
 
-# Per scale: the parameters of every step. `demo` is the experiment (10 minutes on 2 CPU cores); `gpu` a larger
+# Per scale: the parameters of every step. `demo` is the experiment (10 minutes on 2 CPU cores); `gpu` a
+# larger
 # one (about 10 minutes on one H200); `ci` the same pipeline shrunk to a smoke run.
 SCALES: dict[str, dict[str, dict[str, object]]] = {
-    # The warm start imitates a noisy teacher (30% of its worked solutions have one wrong step, `errors=0.3`), as
+    # The warm start imitates a noisy teacher (30% of its worked solutions have one wrong step, `errors=0.3`),
+    # as
     # distilled traces do; GRPO's verifiable reward then has something to correct. Clean data left GRPO +2-4
     # points in the budget; lr 2e-4 degrades; an 800-step warm start left one seed in four unable to learn
     # (BENCHMARKS.md records each try).
@@ -195,8 +197,8 @@ class Pipeline:
     def step(
         self, entry_point: str, parameters: dict[str, object], writes_files: bool = True, name: str = ""
     ) -> str:
-        """Run `entry_point` (or reuse its finished twin) as a child run named `name` (default: the entry point);
-        returns the child run's id.
+        """Run `entry_point` (or reuse its finished twin) as a child run named `name` (default: the entry
+        point); returns the child run's id.
 
         A step that writes files gets an `output_dir` of its own under the pipeline's, named by its key, so
         steps with other parameters never meet a finished training in their directory.
@@ -227,8 +229,10 @@ class Pipeline:
             },  # until the step's own process takes it over
         )
         log.info("%s: starting run %s", entry_point, child.info.run_id)
-        # `mlflow run` as a plain child, in main's process group (mlflow.projects.run would start it in a session
-        # of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main. The experiment
+        # `mlflow run` as a plain child, in main's process group (mlflow.projects.run would start it in a
+        # session
+        # of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main. The
+        # experiment
         # is passed as an id only: with MLFLOW_EXPERIMENT_NAME also set, `mlflow run` would refuse the pair.
         command = [
             sys.executable,
@@ -302,7 +306,8 @@ COMPARISONS = (
 
 
 def run_pipeline(settings: PipelineSettings) -> Outcome:
-    """Run every step at `settings.scale` for each seed; returns held-out metrics, paired comparisons, champion."""
+    """Run every step at `settings.scale` for each seed; returns held-out metrics, paired comparisons,
+    champion."""
     if settings.scale not in SCALES:
         raise InputError(f"scale={settings.scale!r} is not one of {', '.join(SCALES)}.")
     from rlvr.presets import PRESETS
@@ -335,7 +340,8 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
         )
         pipeline = Pipeline(settings)
         # one data set for every seed, so that seeds vary training and sampling, and pair on the same problems
-        data = f"runs:/{pipeline.step('preprocess', {**plan['preprocess'], 'seed': seeds[0]})}/{DATA_ARTIFACT_PATH}"
+        preprocessed = pipeline.step("preprocess", {**plan["preprocess"], "seed": seeds[0]})
+        data = f"runs:/{preprocessed}/{DATA_ARTIFACT_PATH}"
         per_seed, problems, models = {}, {}, {}
         for seed in seeds:
             suffix = f" seed {seed}" if len(seeds) > 1 else ""
@@ -366,7 +372,8 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
 def _train_arms(
     pipeline: Pipeline, plan: dict, data: str, seed: int, name: str, size: int, suffix: str
 ) -> dict[str, str]:
-    """The warm start and both GRPO arms of one seed, as registered model URIs (child runs named with `suffix`)."""
+    """The warm start and both GRPO arms of one seed, as registered model URIs (child runs named with
+    `suffix`)."""
     warm_run = pipeline.step(
         "warmstart",
         {**plan["warmstart"], "data": data, "seed": seed, "registered_model_name": f"{name}-warmstart"},
@@ -396,7 +403,8 @@ def _held_out_metrics(logged: dict[str, float]) -> dict[str, float]:
 
 
 def _outcome(per_seed: dict[int, dict[str, dict]], problems: dict, seeds: list[int]) -> Outcome:
-    """Accuracy pooled over seeds, and paired comparisons of the models on the same problems (`rlvr.statistics`)."""
+    """Accuracy pooled over seeds, and paired comparisons of the models on the same problems
+    (`rlvr.statistics`)."""
 
     def pooled(label: str) -> pd.Series:
         return pd.concat({seed: problems[seed, label] for seed in seeds}, names=["seed"])
@@ -443,7 +451,8 @@ def _log_outcome(outcome: Outcome, seeds: list[int]) -> None:
 
 
 def comparison_table(outcome: Outcome) -> str:
-    """Markdown: each model's held-out metrics (pooled over seeds), per-seed accuracy, and the paired comparisons."""
+    """Markdown: each model's held-out metrics (pooled over seeds), per-seed accuracy, and the paired
+    comparisons."""
     lines = ["| model | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
     for label, values in outcome.results.items():
         mark = f"{label} ({CHAMPION})" if label == outcome.champion else label

@@ -57,7 +57,8 @@ _MICRO_PAD_ROWS_TO = 64  # embedding rows past the tokenizer, as Qwen3 has: ids 
 
 
 def _micro_corpus() -> list[str]:
-    """Chats of the synthetic task with the default instruction: the words whose merges the tokenizer learns."""
+    """Chats of the synthetic task with the default instruction: the words whose merges the tokenizer
+    learns."""
     from rlvr.rewards import DEFAULT_INSTRUCTION
     from rlvr.synthetic import generate
 

@@ -52,7 +52,8 @@ def segments(text: str, spans: Sequence[TokenSpan]) -> list[Segment]:
 
 
 def marked_text(text: str, spans: Sequence[TokenSpan]) -> str:
-    """Plain text with each reasoning run wrapped as ⟦...⟧, its multiplicity as a superscript past 1: ⟦ x⟧²."""
+    """Plain text with each reasoning run wrapped as ⟦...⟧, its multiplicity as a superscript past 1: ⟦
+    x⟧²."""
     parts = []
     for segment in segments(text, spans):
         if not segment.multiplicity:
@@ -63,7 +64,7 @@ def marked_text(text: str, spans: Sequence[TokenSpan]) -> str:
     return "".join(parts)
 
 
-# --- HTML pages -----------------------------------------------------------------------------------------------
+# --- HTML pages ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PageEntry:
     """One completion on an HTML page, with what a reader needs to judge it."""
@@ -90,7 +91,8 @@ pre.completion { white-space: pre-wrap; word-break: break-word; background: #f7f
 
 
 def html_completion(text: str, spans: Sequence[TokenSpan]) -> str:
-    """`text` escaped for HTML, each reasoning run in a `<span class="reasoning">` coloured by its multiplicity."""
+    """`text` escaped for HTML, each reasoning run in a `<span class="reasoning">` coloured by its
+    multiplicity."""
     from html import escape
 
     parts = []
@@ -118,8 +120,9 @@ def _legend(entries: Sequence[PageEntry]) -> str:
 
 
 def completions_page(title: str, entries: Sequence[PageEntry]) -> str:
-    """One self-contained HTML page (inline CSS, no scripts, no external files) showing each completion with its
-    prompt, solution and verdict, reasoning tokens coloured one colour per multiplicity as in every renderer."""
+    """One self-contained HTML page (inline CSS, no scripts, no external files) showing each completion with
+    its prompt, solution and verdict, reasoning tokens coloured one colour per multiplicity as in every
+    renderer."""
     from html import escape
 
     sections = [
@@ -138,7 +141,7 @@ def completions_page(title: str, entries: Sequence[PageEntry]) -> str:
     )
 
 
-# --- Markdown and LaTeX ---------------------------------------------------------------------------------------
+# --- Markdown and LaTeX -------------------------------------------------------------------------------------
 def _present(runs: Sequence[Segment]) -> list[int]:
     return sorted({run.multiplicity for run in runs if run.multiplicity})
 
@@ -146,8 +149,8 @@ def _present(runs: Sequence[Segment]) -> list[int]:
 def markdown_completion(text: str, spans: Sequence[TokenSpan]) -> str:
     """Markdown showing `text` verbatim, reasoning runs on their multiplicity's colour, under a legend.
 
-    The body is an HTML `<pre>` block, which Markdown passes through untouched: the completion's spaces and line
-    breaks survive and its `*`, `_` and `#` are not read as Markdown.
+    The body is an HTML `<pre>` block, which Markdown passes through untouched: the completion's spaces and
+    line breaks survive and its `*`, `_` and `#` are not read as Markdown.
     """
     from html import escape
 
@@ -188,11 +191,11 @@ _LATEX_ESCAPES = str.maketrans(
 
 def latex_completion(text: str, spans: Sequence[TokenSpan]) -> str:
     """A standalone LaTeX document (pdflatex, xcolor) showing `text` in typewriter type, reasoning runs in
-    `\\colorbox`es of their multiplicity's colour; the body between `\\begin{document}` and `\\end{document}` can
-    be pasted into a paper that loads xcolor and defines the same `rlvrcopyN` colours.
+    `\\colorbox`es of their multiplicity's colour; the body between `\\begin{document}` and `\\end{document}`
+    can be pasted into a paper that loads xcolor and defines the same `rlvrcopyN` colours.
 
-    Spaces become control spaces and line breaks `\\\\`, so the completion's layout survives; a box never spans
-    a line break.
+    Spaces become control spaces and line breaks `\\\\`, so the completion's layout survives; a box never
+    spans a line break.
     """
     runs = segments(text, spans)
     lines: list[str] = [""]
@@ -213,6 +216,6 @@ def latex_completion(text: str, spans: Sequence[TokenSpan]) -> str:
     return (
         "\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage[utf8]{inputenc}\n"
         "\\usepackage[margin=2cm]{geometry}\n\\usepackage{xcolor}\n"
-        f"{colours}\\setlength{{\\fboxsep}}{{0.5pt}}\n\\begin{{document}}\n\\noindent {legend}\\par\\medskip\n"
-        f"{{\\ttfamily\\noindent\n{body}\\par}}\n\\end{{document}}\n"
+        f"{colours}\\setlength{{\\fboxsep}}{{0.5pt}}\n\\begin{{document}}\n"
+        f"\\noindent {legend}\\par\\medskip\n{{\\ttfamily\\noindent\n{body}\\par}}\n\\end{{document}}\n"
     )

@@ -37,7 +37,8 @@ MAX_ANSWER_CHARS = 1000  # longer final answers are not parsed: they score 0 rat
 MAX_BRACE_DEPTH = 12  # nesting deeper than this is not a final answer a problem here asks for
 MAX_TOWER = 2  # nor a power of a power (`9^{9^{9}}` has 370 million digits), nor a 5-digit exponent
 _HUGE_EXPONENT = re.compile(r"\^\s*\{?\s*\d{5,}")
-# math-verify times out with SIGALRM, which only the main thread may use; elsewhere the caps above bound the cost
+# math-verify times out with SIGALRM, which only the main thread may use; elsewhere the caps above bound the
+# cost
 PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S = 1, 1
 
 
@@ -113,7 +114,8 @@ def answer_text(
 def well_formed(
     structure: thoughts.Structure, ids: Sequence[int], tokenizer: PreTrainedTokenizerBase
 ) -> bool:
-    """One thought, first in the completion (only whitespace before it) and closed, then exactly one boxed answer."""
+    """One thought, first in the completion (only whitespace before it) and closed, then exactly one boxed
+    answer."""
     if structure.thoughts != 1 or not structure.closed:
         return False
     if tokenizer.decode(list(ids)[structure.prefix], skip_special_tokens=True).strip():
@@ -123,8 +125,8 @@ def well_formed(
 
 @dataclass(frozen=True)
 class Completion:
-    """One completion as a reward sees it: its ids up to the stop token, their thought structure, the tokenizer
-    that decodes them, and the dataset columns of its prompt (`solution`, ...)."""
+    """One completion as a reward sees it: its ids up to the stop token, their thought structure, the
+    tokenizer that decodes them, and the dataset columns of its prompt (`solution`, ...)."""
 
     ids: list[int]
     structure: thoughts.Structure
@@ -153,7 +155,8 @@ REWARDS: dict[str, Callable[[Completion], float]] = {
 
 
 def parse_rewards(spec: str) -> list[tuple[str, float]]:
-    """`name:weight` entries, separated by commas (`accuracy:1,format:0.5`; a bare name weighs 1), in order."""
+    """`name:weight` entries, separated by commas (`accuracy:1,format:0.5`; a bare name weighs 1), in
+    order."""
     chosen: dict[str, float] = {}
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
@@ -182,7 +185,8 @@ def parse_rewards(spec: str) -> list[tuple[str, float]]:
 def _completion_ids(completion_ids) -> list[list[int]]:
     if completion_ids is None:
         raise TypeError(
-            "rlvr's rewards read the thought from token ids: call them with completion_ids=... (TRL passes it)."
+            "rlvr's rewards read the thought from token ids: call them with completion_ids=... (TRL passes "
+            "it)."
         )
     return [[int(i) for i in ids] for ids in completion_ids]
 

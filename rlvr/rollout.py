@@ -1,4 +1,5 @@
-"""Fast constrained rollouts: a static KV cache and one compiled decode step that samples under the thought mask.
+"""Fast constrained rollouts: a static KV cache and one compiled decode step that samples under the thought
+mask.
 
 Hugging Face `generate` spends most of a decode step in Python and small kernel launches, far from the time
 it takes to read the weights. Here the whole step (forward through a preallocated cache, the thought mask,
@@ -52,10 +53,10 @@ def _attend(query, key, value, mask, scale):
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """SDPA, except that a single new token's query heads are packed onto the key/value head they share.
 
-    Under grouped-query attention SDPA with a mask needs the key/value heads repeated to the query heads, which
-    copies the whole cache at every decode step (for a 0.6B model at batch 64 that is most of the step's memory
-    traffic). One query token per head instead becomes `groups` query rows of its key/value head, so the cache
-    is read once and never copied. Prefill and training shapes go to SDPA unchanged.
+    Under grouped-query attention SDPA with a mask needs the key/value heads repeated to the query heads,
+    which copies the whole cache at every decode step (for a 0.6B model at batch 64 that is most of the step's
+    memory traffic). One query token per head instead becomes `groups` query rows of its key/value head, so
+    the cache is read once and never copied. Prefill and training shapes go to SDPA unchanged.
     """
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1:
@@ -184,9 +185,9 @@ def _unneutral(config: GenerationConfig, neutral: dict) -> list[str]:
 
 
 def distribution_changes(config: GenerationConfig) -> list[str]:
-    """`name=value` for each field of a resolved generation config that changes the sampled distribution away from
-    the masked softmax at `temperature`, which is what the GRPO loss scores. An allowlist: a field that is neither
-    harmless nor known with its neutral values counts as a change whenever it is set."""
+    """`name=value` for each field of a resolved generation config that changes the sampled distribution away
+    from the masked softmax at `temperature`, which is what the GRPO loss scores. An allowlist: a field that
+    is neither harmless nor known with its neutral values counts as a change whenever it is set."""
     known = HARMLESS_FIELDS | SAMPLING_NEUTRAL.keys() | _OUTPUT_NEUTRAL.keys()
     unknown = [f"{k}={v!r}" for k, v in config.to_dict().items() if k not in known and v is not None]
     return _unneutral(config, SAMPLING_NEUTRAL) + sorted(unknown)
@@ -278,7 +279,8 @@ class FastRollout:
             cache = StaticCache(config=self.model.config, max_cache_len=length + 1)
             step = self._decode_step
             if self.compile:
-                # static shapes, except the length of the visible cache (marked dynamic): one compilation, and one
+                # static shapes, except the length of the visible cache (marked dynamic): one compilation, and
+                # one
                 # CUDA graph recorded per KV_BUCKET
                 step = torch.compile(step, mode="reduce-overhead", dynamic=None, fullgraph=False)
             self._compiled[key] = _Compiled(cache, step)
@@ -321,8 +323,8 @@ class FastRollout:
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: GenerationConfig
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`input_ids` followed by up to `max_new_tokens` sampled ids (padding after EOS), as `generate` returns,
-        and each sampled token's log-prob (fp32) under the distribution it was drawn from."""
+        """`input_ids` followed by up to `max_new_tokens` sampled ids (padding after EOS), as `generate`
+        returns, and each sampled token's log-prob (fp32) under the distribution it was drawn from."""
         if self.compile is None:
             self.compile = input_ids.device.type == "cuda"
         runner = self._runner(input_ids.device)
@@ -379,7 +381,8 @@ class FastRollout:
         cache_position = torch.tensor([bucket], device=device)
         for t in range(1, max_new):
             attention[:, bucket + t - 1] = 1
-            # a fresh contiguous mask: a view of `attention` would turn contiguous at the last bucket, a new guard
+            # a fresh contiguous mask: a view of `attention` would turn contiguous at the last bucket, a new
+            # guard
             visible = attention[
                 :, None, None, : min(length, -(-(bucket + t) // KV_BUCKET) * KV_BUCKET)
             ].bool()
@@ -438,8 +441,8 @@ def rollout_weights(accelerator, ds3_gather_for_generation: bool) -> RolloutWeig
             obstacle=None
             if ds3_gather_for_generation
             else (
-                "DeepSpeed ZeRO-3 with ds3_gather_for_generation=false leaves each process only its partition of "
-                "the weights while it samples"
+                "DeepSpeed ZeRO-3 with ds3_gather_for_generation=false leaves each process only its "
+                "partition of the weights while it samples"
             ),
         )
     elif kind == DistributedType.FSDP:
@@ -465,8 +468,9 @@ def _whole(parameter: torch.Tensor) -> torch.Tensor:
 
 
 def _require_same_parameters(model: PreTrainedModel, shadow: PreTrainedModel) -> None:
-    """The low-precision copy must hold every parameter of the model, in the same shapes, or it decodes another
-    model (e.g. one whose `lm_head.bias` was added after construction, which `type(model)(config)` lacks)."""
+    """The low-precision copy must hold every parameter of the model, in the same shapes, or it decodes
+    another model (e.g. one whose `lm_head.bias` was added after construction, which `type(model)(config)`
+    lacks)."""
     own = {name: p.shape for name, p in model.named_parameters()}
     copied = {name: p.shape for name, p in shadow.named_parameters()}
     if own != copied:
@@ -475,8 +479,9 @@ def _require_same_parameters(model: PreTrainedModel, shadow: PreTrainedModel) ->
         )
         extra = sorted(set(copied) - set(own))
         raise InputError(
-            f"fast rollouts cannot copy {type(model).__name__} to a low-precision twin built from its config: "
-            f"parameters missing or reshaped {missing[:5]}, extra {extra[:5]}; run with fast_rollouts=false."
+            f"fast rollouts cannot copy {type(model).__name__} to a low-precision twin built from its "
+            f"config: parameters missing or reshaped {missing[:5]}, extra {extra[:5]}; run with "
+            "fast_rollouts=false."
         )
 
 
@@ -492,7 +497,8 @@ def _attention(config, implementation: str):
 
 
 def _pin_cache(cache: StaticCache) -> None:
-    """Declare the cache tensors (allocated by the prefill) as fixed addresses, so the graph may update them."""
+    """Declare the cache tensors (allocated by the prefill) as fixed addresses, so the graph may update
+    them."""
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):

@@ -30,7 +30,8 @@ def _prompts(model_input: Any) -> list:
 
 
 def _check_options(options: dict) -> None:
-    """A request's sampling options, refused with a message (the scoring server answers 400) when out of range."""
+    """A request's sampling options, refused with a message (the scoring server answers 400) when out of
+    range."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 

@@ -3,9 +3,9 @@ a bootstrap 95% interval over problems, and a sign-flip permutation p-value.
 
 Problems are the independent units (samples of one problem are correlated), so each problem contributes one
 difference: its share of correct samples under model B minus that under model A. With several seeds (an index
-level named `seed`), each seed's models are paired on the same problems and a problem's differences are averaged
-over the seeds before resampling: the seeds share the problems, so treating (seed, problem) pairs as independent
-would understate the spread.
+level named `seed`), each seed's models are paired on the same problems and a problem's differences are
+averaged over the seeds before resampling: the seeds share the problems, so treating (seed, problem) pairs as
+independent would understate the spread.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ _CHUNK = 2_000_000  # bootstrap indices drawn per chunk, to bound memory for man
 
 @dataclass(frozen=True)
 class Paired:
-    """B minus A: the mean per-unit difference with its 95% interval and the two-sided p-value of no difference."""
+    """B minus A: the mean per-unit difference with its 95% interval and the two-sided p-value of no
+    difference."""
 
     diff: float
     ci_low: float
@@ -68,7 +69,8 @@ def paired(a: pd.Series, b: pd.Series, seed: int = 0, resamples: int = RESAMPLES
 
 
 def mean_interval(values: pd.Series, seed: int = 0, resamples: int = RESAMPLES) -> tuple[float, float]:
-    """A bootstrap 95% interval of the mean per-problem value, averaging over a `seed` level first (see above)."""
+    """A bootstrap 95% interval of the mean per-problem value, averaging over a `seed` level first (see
+    above)."""
     if "seed" in (values.index.names or ()):
         values = values.groupby(level=[n for n in values.index.names if n != "seed"]).mean()
     low, high = np.percentile(
@@ -89,9 +91,9 @@ def bootstrap_means(values: np.ndarray, rng: np.random.Generator, resamples: int
 
 
 def sign_flip_p_value(differences: np.ndarray, rng: np.random.Generator, resamples: int) -> float:
-    """Two-sided p-value of a zero mean difference: under the null each pair's difference is as likely with either
-    sign. Exact (all 2^n sign patterns of the nonzero differences) up to 16 of them, else Monte Carlo with the
-    +1 correction, which keeps the test valid."""
+    """Two-sided p-value of a zero mean difference: under the null each pair's difference is as likely with
+    either sign. Exact (all 2^n sign patterns of the nonzero differences) up to 16 of them, else Monte Carlo
+    with the +1 correction, which keeps the test valid."""
     nonzero = differences[differences != 0]
     observed = abs(differences.sum())
     if nonzero.size == 0:

@@ -8,7 +8,8 @@ Attributes set on a model (`attach`, `enable_fast_rollouts`):
 - `reasoning_temperature`: the temperature the log-prob head scores at (the trainer's sampling temperature).
 - `reasoning_head_fp32`: whether the log-prob head runs its projection in fp32 outside autocast.
 - `record_sampling_logprobs`: when true, `generate` keeps the log-prob of each sampled token under the
-  distribution it was drawn from, in `sampling_logprobs` (B, new tokens), for the importance-sampling correction.
+  distribution it was drawn from, in `sampling_logprobs` (B, new tokens), for the importance-sampling
+  correction.
 - `_get_logits_processor`: `generate`'s processor list, with `ThoughtConstraint` first and, when recording,
   `SampledLogprobs` last (after temperature, so it sees the distribution actually sampled).
 - `forward`: `rlvr.logprobs.constrained_forward` behind the class's own signature (which `generate` inspects).
@@ -46,9 +47,9 @@ from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError
 class ThoughtConstraint(LogitsProcessor):
     """Masks each generation step's scores by the thought state, which it carries from step to step.
 
-    One instance serves one `generate` call. The first call reads the prompt (the state starts at the assistant
-    turn); each later call reads only the newest token. Beam search reorders sequences between steps, so with
-    beams every step rescans the completion.
+    One instance serves one `generate` call. The first call reads the prompt (the state starts at the
+    assistant turn); each later call reads only the newest token. Beam search reorders sequences between
+    steps, so with beams every step rescans the completion.
     """
 
     def __init__(self, vocab: ReasoningVocab, rescan_every_step: bool = False):
@@ -120,7 +121,8 @@ def _save_with_token_map(self, save_directory, *args, **kwargs):
 
 
 def resolve_generation_config(model: PreTrainedModel, config: GenerationConfig | None) -> GenerationConfig:
-    """The configuration `generate` would run `config` with: unset fields from the model's, then global defaults."""
+    """The configuration `generate` would run `config` with: unset fields from the model's, then global
+    defaults."""
     return model._prepare_generation_config(config)[0]
 
 
@@ -184,7 +186,8 @@ def attach(
     if rows != vocab.total_size:
         raise ReasoningVocabError(
             f"the model has {rows} output rows but the token map describes {vocab.total_size} "
-            f"({vocab.base_vocab_size} + {vocab.size}); the model and {TOKEN_MAP_FILE} do not belong together."
+            f"({vocab.base_vocab_size} + {vocab.size}); the model and {TOKEN_MAP_FILE} do not belong "
+            "together."
         )
     check_plain_head(model)
     model.reasoning_vocab = vocab

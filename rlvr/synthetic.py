@@ -25,8 +25,8 @@ _PRECEDENCE = {"+": 1, "-": 1, "*": 2}
 
 @dataclass(frozen=True)
 class Difficulty:
-    """Knobs of the generator: operand digits, chain length, operations, multiplier size, negative results, and
-    `errors`, the fraction of worked solutions with one wrong step (the answer column stays right)."""
+    """Knobs of the generator: operand digits, chain length, operations, multiplier size, negative results,
+    and `errors`, the fraction of worked solutions with one wrong step (the answer column stays right)."""
 
     digits: int = 2
     min_ops: int = 1
@@ -61,7 +61,7 @@ class Difficulty:
         except ValueError as error:
             raise InputError(
                 f"synthetic options {options} are malformed ({error}); use e.g. digits=3,negative=true."
-            )
+            ) from error
         return cls(**values)
 
 
@@ -101,8 +101,8 @@ def make_problem(rng: random.Random, difficulty: Difficulty) -> Problem:
     """Draw one problem; operations apply left to right, with parentheses where precedence would reorder them.
 
     With `difficulty.errors`, that fraction of worked solutions gets one step whose result is off by 1-9 (as a
-    noisy teacher writes them); the following steps go on from the wrong value, so the reference's boxed answer
-    is wrong too, while `solution`, which rewards and evaluation check against, is the true value.
+    noisy teacher writes them); the following steps go on from the wrong value, so the reference's boxed
+    answer is wrong too, while `solution`, which rewards and evaluation check against, is the true value.
     """
     value = truth = _operand(rng, difficulty.digits)
     expression, top_precedence = str(value), 3

@@ -40,7 +40,8 @@ def inside_after(
     """`(B, L)` bool: whether each row is inside a thought after each position, by one vectorised scan.
 
     Positions before `completion_start` (an int, or `(B,)` per row; default: the whole row) are prompt, where
-    turn-boundary tokens end a thought as `</think>` does. `state[:, -1]` of a prompt is where sampling starts.
+    turn-boundary tokens end a thought as `</think>` does. `state[:, -1]` of a prompt is where sampling
+    starts.
     """
     length = ids.shape[-1]
     positions = torch.arange(length, device=ids.device).expand_as(ids)
@@ -63,7 +64,8 @@ def prompt_state(tags: ThoughtTags, prompt_ids: torch.Tensor) -> torch.Tensor:
 
 
 def advance(tags: ThoughtTags, inside: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
-    """The state after appending `new_ids` (B,) to completions whose state was `inside` (B,): O(1) per token."""
+    """The state after appending `new_ids` (B,) to completions whose state was `inside` (B,): O(1) per
+    token."""
     inside = torch.where(new_ids == tags.think_start_id, True, inside)
     return torch.where(new_ids == tags.think_end_id, False, inside)
 
@@ -73,7 +75,8 @@ def completion_states(
 ) -> torch.Tensor:
     """`(B, L)` bool: the state before each completion token, given the state at the end of each prompt."""
     opener = torch.full_like(completion_ids[:, :1], tags.think_start_id)
-    # a prompt that leaves the thought open is, for the scan, one `<think>`; one that does not is one `</think>`
+    # a prompt that leaves the thought open is, for the scan, one `<think>`; one that does not is one
+    # `</think>`
     opener = opener.masked_fill(~starts_inside.reshape(-1, 1).bool(), tags.think_end_id)
     after = inside_after(tags, torch.cat([opener, completion_ids], 1), completion_start=1)
     return after[:, :-1]
@@ -136,8 +139,9 @@ def structure(tags: ThoughtTags, completion_ids: Sequence[int], starts_inside: b
 def batch_counts(
     tags: ThoughtTags, before: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Counts over a padded batch, for training metrics: [completions, tokens, thought tokens, reasoning tokens,
-    completions that closed their thought and ended outside it]. `before`: `completion_states` of the batch."""
+    """Counts over a padded batch, for training metrics: [completions, tokens, thought tokens, reasoning
+    tokens, completions that closed their thought and ended outside it]. `before`: `completion_states` of the
+    batch."""
     mask = completion_mask.bool()
     in_thought = (before | (completion_ids == tags.think_start_id)) & mask
     reasoning = (completion_ids >= tags.base_vocab_size) & mask

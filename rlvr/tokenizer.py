@@ -93,7 +93,8 @@ def _build_qwen3_tokenizer(tiktoken_file: Path) -> PreTrainedTokenizerBase:
         vocab=vocab,
         merges=merges,
         unk_token=None,
-        eos_token="<|endoftext|>",  # the first added token, so it lands on 151643; EOS becomes <|im_end|> below
+        # the first added token, so it lands on 151643; EOS becomes <|im_end|> below
+        eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         model_max_length=40960,
         clean_up_tokenization_spaces=False,
@@ -132,7 +133,8 @@ def qwen3_tokenizer() -> PreTrainedTokenizerBase:
 
 @dataclass(frozen=True)
 class TokenSpan:
-    """Characters `[start, end)` of decoded text that came from one token; multiplicity 0 is a standard token."""
+    """Characters `[start, end)` of decoded text that came from one token; multiplicity 0 is a standard
+    token."""
 
     start: int
     end: int
@@ -142,9 +144,9 @@ class TokenSpan:
 class FaithfulDecodeMixin:
     """Decodes reasoning ids as their standard twins' text.
 
-    Mixed into the class of an existing tokenizer instance (see `rlvr.surgery.make_faithful`), so the object stays the
-    same `PreTrainedTokenizerBase` that TRL and MLflow accept, while `decode`/`batch_decode` stop dropping the
-    ids that the tokenizer does not know.
+    Mixed into the class of an existing tokenizer instance (see `rlvr.surgery.make_faithful`), so the object
+    stays the same `PreTrainedTokenizerBase` that TRL and MLflow accept, while `decode`/`batch_decode` stop
+    dropping the ids that the tokenizer does not know.
     """
 
     reasoning_vocab: ReasoningVocab
@@ -164,7 +166,8 @@ class FaithfulDecodeMixin:
     def decode_with_spans(
         self, token_ids: Sequence[int], skip_special_tokens: bool = False
     ) -> tuple[str, list[TokenSpan]]:
-        """Text plus, per token, the characters it produced and its multiplicity (0 standard, 1 first copy, ...).
+        """Text plus, per token, the characters it produced and its multiplicity (0 standard, 1 first copy,
+        ...).
 
         Streams the ids through the backend's incremental decoder, so the cost is linear in the length and a
         character split over several byte tokens is credited to the token that completes it.

@@ -1,4 +1,5 @@
-"""MLflow plumbing shared by the entry points: one run per invocation, params, metrics, model logging and registry.
+"""MLflow plumbing shared by the entry points: one run per invocation, params, metrics, model logging and
+registry.
 
 `mlflow run` creates the run and passes its id in `MLFLOW_RUN_ID`; `mlflow.start_run()` adopts it, and a run
 started by `python -m entrypoints...` is created here instead. Training keeps the run id beside its
@@ -316,10 +317,10 @@ def entrypoint_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """The run of this invocation: the one `mlflow run` created, else a new one. FAILED if the body raises.
 
-    A run that `mlflow run` created with a random name is renamed `run_name`; one that `main` created for a step
-    (tagged `rlvr.step_key`) keeps the name `main` gave it. With `default_experiment`, an invocation for which
-    the user named no experiment runs in that one: a run `mlflow run` created in `Default` stays as a pointer,
-    named `<run_name> (in experiment <name>)` and tagged `rlvr.moved_to`.
+    A run that `mlflow run` created with a random name is renamed `run_name`; one that `main` created for a
+    step (tagged `rlvr.step_key`) keeps the name `main` gave it. With `default_experiment`, an invocation for
+    which the user named no experiment runs in that one: a run `mlflow run` created in `Default` stays as a
+    pointer, named `<run_name> (in experiment <name>)` and tagged `rlvr.moved_to`.
     """
     check_tracking_server()
     launched = os.environ.get("MLFLOW_RUN_ID")
@@ -365,8 +366,8 @@ def _alive(pid: int) -> bool:
 def close_orphans(experiment_id: str) -> None:
     """Mark KILLED the RUNNING runs of this host whose process is gone (a SIGKILL, an OOM kill, a lost node).
 
-    A killed training is still resumed into its run later (resuming sets it RUNNING again); runs of other hosts
-    are left alone, since their processes cannot be checked from here.
+    A killed training is still resumed into its run later (resuming sets it RUNNING again); runs of other
+    hosts are left alone, since their processes cannot be checked from here.
     """
     host = socket.gethostname()
     client = MlflowClient()
@@ -392,8 +393,9 @@ def resumable_run(
     """`entrypoint_run`, except that resuming a training reopens the run recorded in `output_dir`.
 
     A restart launched by `mlflow run` arrives with a fresh run of its own, which `mlflow run` closes when the
-    command ends; it is left as a pointer, tagged `rlvr.resumed_into` and named for the run it was folded into, and
-    loses its `rlvr.step_key` so `main` never reuses it. The training's metrics stay in the first run.
+    command ends; it is left as a pointer, tagged `rlvr.resumed_into` and named for the run it was folded
+    into, and loses its `rlvr.step_key` so `main` never reuses it. The training's metrics stay in the first
+    run.
     """
     record = output_dir / RUN_FILE
     saved = json.loads(record.read_text())["run_id"] if resuming and record.exists() else None
@@ -439,7 +441,8 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 
 class MlflowMetrics(TrainerCallback):
-    """Every Trainer log (TRL's rewards, KL, lengths, ours) as MLflow metrics at the global step, from rank 0 only.
+    """Every Trainer log (TRL's rewards, KL, lengths, ours) as MLflow metrics at the global step, from rank 0
+    only.
 
     Each metric appears once per step: a resumed training repeats the steps between its checkpoint and the
     kill, which are already in the run, so they are not logged again; and the Trainer's closing summary
@@ -549,7 +552,8 @@ def _requirements() -> list[str]:
 
 
 def log_model(hf_dir: Path, registered_model_name: str | None, tags: Mapping[str, str]) -> str:
-    """Log `hf_dir` as the run's pyfunc model and, if named, register a version with `tags`. Returns its URI."""
+    """Log `hf_dir` as the run's pyfunc model and, if named, register a version with `tags`. Returns its
+    URI."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 

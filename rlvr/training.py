@@ -77,7 +77,8 @@ def check_schedule(settings: Any) -> None:
 def checkpointing_option(config_class: type, value: str) -> dict[str, bool]:
     """The `config_class(**...)` keyword for activation checkpointing, named as this transformers names it.
 
-    transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing`; TRL's configs default it on.
+    transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing`; TRL's configs default it
+    on.
     """
     names = {f.name for f in fields(config_class)}
     name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
@@ -146,8 +147,8 @@ class Job:
         self.main = self.state.is_main_process
         if (self.output_dir / FINAL_DIR / TOKEN_MAP_FILE).exists():
             raise InputError(
-                f"output_dir {self.output_dir} already holds a finished training ({FINAL_DIR}/); choose a new "
-                "output_dir, or delete it to train again."
+                f"output_dir {self.output_dir} already holds a finished training ({FINAL_DIR}/); choose a "
+                "new output_dir, or delete it to train again."
             )
         self.resume_from = self._resumable_checkpoint()
         if self.main:

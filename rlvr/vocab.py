@@ -31,10 +31,12 @@ class ReasoningVocabError(InputError):
 
 @dataclass(frozen=True)
 class ReasoningVocab:
-    """The token map of a model with `N = len(standard_token_ids)` reasoning rows appended after `base_vocab_size`.
+    """The token map of a model with `N = len(standard_token_ids)` reasoning rows appended after
+    `base_vocab_size`.
 
-    `tokenizer_size` is the number of real token ids; rows `tokenizer_size .. base_vocab_size - 1` are padding.
-    `control_token_ids` are the tokenizer's added/special ids, whose reasoning copies are never sampled.
+    `tokenizer_size` is the number of real token ids; rows `tokenizer_size .. base_vocab_size - 1` are
+    padding. `control_token_ids` are the tokenizer's added/special ids, whose reasoning copies are never
+    sampled.
     """
 
     base_vocab_size: int
@@ -53,7 +55,8 @@ class ReasoningVocab:
         size: int,
         standard_token_ids: Sequence[int] | None = None,
     ) -> ReasoningVocab:
-        """Validate a request for `size` reasoning rows copied from `standard_token_ids` (default: 0..size-1)."""
+        """Validate a request for `size` reasoning rows copied from `standard_token_ids` (default:
+        0..size-1)."""
         tokenizer_size = len(tokenizer)
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ReasoningVocabError(
@@ -61,27 +64,29 @@ class ReasoningVocab:
             )
         if tokenizer_size > base_vocab_size:
             raise ReasoningVocabError(
-                f"the tokenizer has {tokenizer_size} ids but the model only {base_vocab_size} embedding rows; "
-                "load a tokenizer that matches the model."
+                f"the tokenizer has {tokenizer_size} ids but the model only {base_vocab_size} embedding "
+                "rows; load a tokenizer that matches the model."
             )
         if standard_token_ids is None:
             if size > tokenizer_size:
                 raise ReasoningVocabError(
-                    f"reasoning_vocab_size={size} exceeds the {tokenizer_size} standard token ids; use at most "
-                    f"{tokenizer_size}, or pass standard_token_ids that repeat ids to get copies of multiplicity > 1."
+                    f"reasoning_vocab_size={size} exceeds the {tokenizer_size} standard token ids; use at "
+                    f"most {tokenizer_size}, or pass standard_token_ids that repeat ids to get copies of "
+                    "multiplicity > 1."
                 )
             standard_token_ids = range(size)
         standard_token_ids = tuple(int(i) for i in standard_token_ids)
         if len(standard_token_ids) != size:
             raise ReasoningVocabError(
-                f"standard_token_ids has {len(standard_token_ids)} entries but reasoning_vocab_size is {size}; "
-                "give one standard id per reasoning row."
+                f"standard_token_ids has {len(standard_token_ids)} entries but reasoning_vocab_size is "
+                f"{size}; give one standard id per reasoning row."
             )
         bad = [i for i in standard_token_ids if not 0 <= i < tokenizer_size]
         if bad:
             raise ReasoningVocabError(
-                f"standard_token_ids {bad[:5]} are not token ids of the tokenizer (valid: 0..{tokenizer_size - 1}; "
-                f"rows {tokenizer_size}..{base_vocab_size - 1} are padding); choose ids of real tokens."
+                f"standard_token_ids {bad[:5]} are not token ids of the tokenizer (valid: "
+                f"0..{tokenizer_size - 1}; rows {tokenizer_size}..{base_vocab_size - 1} are padding); choose "
+                "ids of real tokens."
             )
         think_ids = tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
         unk = tokenizer.unk_token_id

@@ -58,16 +58,29 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (sqlite store, served artifacts in a temp dir) for the whole session."""
+    """A real `mlflow server` on 127.0.0.1 (sqlite store, served artifacts in a temp dir) for the whole
+    session."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     log = (root / "server.log").open("w")
     command = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--serve-artifacts",
+    ]
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(uri, server, root / "server.log")
@@ -112,7 +125,8 @@ THINK, END_THINK = 151667, 151668
 
 
 def bias_towards_forbidden(model, vocab: ReasoningVocab) -> None:
-    """Make padding rows and control copies the likeliest tokens, reasoning ids next, and the think tags likely."""
+    """Make padding rows and control copies the likeliest tokens, reasoning ids next, and the think tags
+    likely."""
     head = model.get_output_embeddings()
     bias = torch.zeros(head.weight.shape[0])
     bias[vocab.base_vocab_size :] = 10.0

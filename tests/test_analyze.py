@@ -227,7 +227,8 @@ def test_entropy_matches_masked_logits_computed_by_hand(analysis):
             ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False) + completion])
             with torch.no_grad():
                 logits = model(input_ids=ids).logits[0, :-1]
-            # by hand: the reference's tokens from its <think> up to (not including) its </think> predict inside
+            # by hand: the reference's tokens from its <think> up to (not including) its </think> predict
+            # inside
             prompt_length = len(ids[0]) - len(completion)
             opened = prompt_length + completion.index(vocab.think_start_id)
             closed = (

@@ -1,4 +1,5 @@
-"""Sources -> normalised parquet: every source type, the named datasets' layouts, validation, splits, read-back."""
+"""Sources -> normalised parquet: every source type, the named datasets' layouts, validation, splits,
+read-back."""
 
 import csv
 import json
@@ -49,7 +50,7 @@ def _users(rows):
     return [row["prompt"][-1]["content"] for row in rows]
 
 
-# --- source types ---------------------------------------------------------------------------------------------
+# --- source types -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
 def test_every_file_format(tmp_path, suffix):
     rows = [{"problem": f"What is {i}+1?", "answer": str(i + 1)} for i in range(5)]
@@ -98,7 +99,7 @@ def test_output_schema_is_the_contract(tmp_path):
     ]  # nothing staged is left
 
 
-# --- the named datasets' layouts (rows shaped like the real ones) -----------------------------------------------
+# --- the named datasets' layouts (rows shaped like the real ones) -------------------------------------------
 def test_deepscaler(tmp_path):
     rows = [{"problem": "Find $x$ if $2x=6$.", "answer": "3", "solution": "Divide by two: $x=\\boxed{3}$."}]
     (row,), _ = _run(tmp_path, "deepscaler.jsonl", rows)
@@ -135,7 +136,8 @@ def test_rlvr_gsm_conversational(tmp_path):
 
 def test_gsm8k_answer_after_hashes(tmp_path):
     rows = [{"question": "Natalia sold 48 clips in April and half as many in May. Total?",
-             "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nTotal 48+24 = <<48+24=72>>72.\n#### 72"}]  # fmt: skip
+             "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\n"
+                       "Total 48+24 = <<48+24=72>>72.\n#### 72"}]  # fmt: skip
     (row,), _ = _run(tmp_path, "gsm8k.jsonl", rows)
     assert row["solution"] == "72"
     assert row["reference"] == "In May she sold 48/2 = 24 clips.\nTotal 48+24 = 72."
@@ -202,7 +204,7 @@ def test_own_output_reads_back_as_a_source(tmp_path):
     ]
 
 
-# --- validation ---------------------------------------------------------------------------------------------------
+# --- validation ---------------------------------------------------------------------------------------------
 def test_unusable_rows_are_dropped_and_counted(tmp_path):
     rows = [
         {"problem": "ok 1", "answer": "1"},
@@ -239,7 +241,7 @@ def test_answers_are_checked_with_math_verify():
     assert last_boxed("\\boxed{unclosed") is None and last_boxed("none") is None
 
 
-# --- sizes, determinism -----------------------------------------------------------------------------------------
+# --- sizes, determinism -------------------------------------------------------------------------------------
 def test_max_samples_and_test_size(tmp_path):
     fraction = preprocess(
         "synthetic:count=200", tmp_path / "f", Options(max_samples=100, test_size=0.25)
@@ -273,7 +275,7 @@ def test_same_seed_same_bytes(tmp_path):
             assert first[split].read_bytes() != other[split].read_bytes()
 
 
-# --- reading back -------------------------------------------------------------------------------------------------
+# --- reading back -------------------------------------------------------------------------------------------
 def test_load_split_from_output_dir(tmp_path):
     result = preprocess("synthetic:count=50", tmp_path, Options(test_size=10))
     split = load_split(str(tmp_path), "test")

@@ -39,7 +39,7 @@ from rlvr.tokenizer import TokenSpan
 FAST = {"num_samples": 2, "temperature": 1.0, "max_new_tokens": 16, "batch_size": 8}
 
 
-# --- pass@k and the interval --------------------------------------------------------------------------------------
+# --- pass@k and the interval --------------------------------------------------------------------------------
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
     """The share of k-subsets of n samples (the first c correct) that hold a correct sample."""
     subsets = list(itertools.combinations(range(n), k))
@@ -117,9 +117,10 @@ def test_data_items_keep_synthetic_options_together_and_refuse_repeats():
         data_items(" , ")
 
 
-# --- the HTML page ------------------------------------------------------------------------------------------------
+# --- the HTML page ------------------------------------------------------------------------------------------
 class Marks(HTMLParser):
-    """The completion's text as a browser shows it, and the text inside each reasoning span with its colour."""
+    """The completion's text as a browser shows it, and the text inside each reasoning span with its
+    colour."""
 
     def __init__(self):
         super().__init__()
@@ -154,8 +155,8 @@ class Marks(HTMLParser):
 
 def test_html_page_marks_exactly_the_reasoning_runs_and_escapes_the_rest():
     text = "<think>a<b & c</think>\\boxed{7}"
-    spans = [TokenSpan(0, 7, 0), TokenSpan(7, 8, 1), TokenSpan(8, 10, 1), TokenSpan(10, 12, 2), TokenSpan(12, 14, 0),
-             TokenSpan(14, 22, 0), TokenSpan(22, 31, 0)]  # fmt: skip
+    spans = [TokenSpan(0, 7, 0), TokenSpan(7, 8, 1), TokenSpan(8, 10, 1), TokenSpan(10, 12, 2),
+             TokenSpan(12, 14, 0), TokenSpan(14, 22, 0), TokenSpan(22, 31, 0)]  # fmt: skip
     page = completions_page("Eval <x>", [PageEntry("set · 1 · sample 0", "2 < 3?", "7", True, text, spans)])
     parsed = Marks()
     parsed.feed(page)
@@ -184,7 +185,7 @@ def test_html_page_without_reasoning_tokens_has_no_marks():
     assert parsed.marked == [] and parsed.legend == [] and "No reasoning tokens" in page
 
 
-# --- real evaluations ---------------------------------------------------------------------------------------------
+# --- real evaluations ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def answer_7_model(tmp_path_factory) -> Path:
     """A real Qwen3 on the micro tokenizer that answers every chat prompt with `<think>7</think>\\boxed{7}`.
@@ -192,15 +193,25 @@ def answer_7_model(tmp_path_factory) -> Path:
     Its layers add nothing to the residual stream (zero output projections), so each next token depends on the
     last token alone; one-hot embeddings and an lm_head that maps each chain token to the next make a bigram
     chain from the generation prompt's final newline through that answer to <|im_end|>. The thought's "7" is a
-    reasoning copy (one row appended), so the chain's ids are all distinct and the thought holds a reasoning token.
+    reasoning copy (one row appended), so the chain's ids are all distinct and the thought holds a reasoning
+    token.
     """
     tokenizer = micro_tokenizer()
     chain_length = 10
     config = Qwen3Config(
-        vocab_size=384, hidden_size=chain_length, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False,
-        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=384,
+        hidden_size=chain_length,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     root = tmp_path_factory.mktemp("answer-7")
     save_model(Qwen3ForCausalLM(config), tokenizer, root / "base")
     seven = tokenizer.convert_tokens_to_ids("7")
@@ -329,7 +340,7 @@ def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_ur
     assert link.version is None
 
 
-# --- the command line ---------------------------------------------------------------------------------------------
+# --- the command line ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "args, message",
     [

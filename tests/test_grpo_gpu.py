@@ -1,6 +1,6 @@
-"""GRPO that actually learns on a GPU (warm start, real reward, non-zero advantages) under bf16 with fast rollouts
-stays finite: the setting in which the demo once diverged. Random weights cannot show it: every reward is 0,
-every advantage 0, every gradient 0."""
+"""GRPO that actually learns on a GPU (warm start, real reward, non-zero advantages) under bf16 with fast
+rollouts stays finite: the setting in which the demo once diverged. Random weights cannot show it: every
+reward is 0, every advantage 0, every gradient 0."""
 
 import json
 
@@ -23,16 +23,40 @@ def test_bf16_grpo_with_fast_rollouts_from_a_warm_start_stays_finite(tmp_path, m
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     data = tmp_path / "data"
     preprocess("synthetic:count=3000,digits=1", data, Options(test_size=16, instruction=""))
-    warmstart(WarmstartSettings(model="micro", data=str(data), max_steps=600, learning_rate=1.2e-3,
-                                per_device_train_batch_size=16, save_steps=10_000, output_dir=str(tmp_path / "warm"),
-                                registered_model_name=""))  # fmt: skip
+    warmstart(
+        WarmstartSettings(
+            model="micro",
+            data=str(data),
+            max_steps=600,
+            learning_rate=1.2e-3,
+            per_device_train_batch_size=16,
+            save_steps=10_000,
+            output_dir=str(tmp_path / "warm"),
+            registered_model_name="",
+        )
+    )
     output = tmp_path / "grpo"
-    train(TrainSettings(model=str(tmp_path / "warm" / "final"), data=str(data), reasoning_vocab_size=0,
-                        max_steps=STEPS, learning_rate=1e-4, per_device_train_batch_size=16,
-                        gradient_accumulation_steps=4, num_generations=4, max_completion_length=48, format_weight=0.5,
-                        bf16="true", fast_rollouts="true", sampling_correction=correction, save_steps=10_000,
-                        log_completions_steps=0,
-                        output_dir=str(output), registered_model_name=""))  # fmt: skip
+    train(
+        TrainSettings(
+            model=str(tmp_path / "warm" / "final"),
+            data=str(data),
+            reasoning_vocab_size=0,
+            max_steps=STEPS,
+            learning_rate=1e-4,
+            per_device_train_batch_size=16,
+            gradient_accumulation_steps=4,
+            num_generations=4,
+            max_completion_length=48,
+            format_weight=0.5,
+            bf16="true",
+            fast_rollouts="true",
+            sampling_correction=correction,
+            save_steps=10_000,
+            log_completions_steps=0,
+            output_dir=str(output),
+            registered_model_name="",
+        )
+    )
 
     run_id = json.loads((output / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient()

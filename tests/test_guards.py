@@ -1,5 +1,5 @@
-"""No silent divergence: a non-finite step stops training in one line, keeps the last finite checkpoint, registers
-nothing; a non-finite model is refused by evaluate."""
+"""No silent divergence: a non-finite step stops training in one line, keeps the last finite checkpoint,
+registers nothing; a non-finite model is refused by evaluate."""
 
 import json
 import re

@@ -1,9 +1,8 @@
 """Learning check: GRPO on a barely warm-started `micro` model raises its training reward.
 
-The warm start is kept short, so the completion format is still often wrong (its first 8 GRPO steps score 0.54-0.75
-over seeds 0-4); GRPO with
-the format reward alone must then raise the mean reward of its last steps clearly above that of its first.
-The rewards are read back from the MLflow run, as a user would read them.
+The warm start is kept short, so the completion format is still often wrong (its first 8 GRPO steps score
+0.54-0.75 over seeds 0-4); GRPO with the format reward alone must then raise the mean reward of its last steps
+clearly above that of its first. The rewards are read back from the MLflow run, as a user would read them.
 """
 
 import json
@@ -28,9 +27,19 @@ def test_grpo_raises_the_training_reward(tracking_uri, monkeypatch, tmp_path):
     data = tmp_path / "data"
     preprocess("synthetic:count=400,digits=1", data, Options(test_size=16, instruction="", seed=seed))
     warm = tmp_path / "warm"
-    warmstart(WarmstartSettings(model="micro", data=str(data), max_steps=50, learning_rate=3e-3,
-                                per_device_train_batch_size=16, save_steps=1000, seed=seed, output_dir=str(warm),
-                                registered_model_name=""))  # fmt: skip
+    warmstart(
+        WarmstartSettings(
+            model="micro",
+            data=str(data),
+            max_steps=50,
+            learning_rate=3e-3,
+            per_device_train_batch_size=16,
+            save_steps=1000,
+            seed=seed,
+            output_dir=str(warm),
+            registered_model_name="",
+        )
+    )
     output = tmp_path / "grpo"
     train(TrainSettings(model=str(warm / "final"), data=str(data), reasoning_vocab_size=0, max_steps=STEPS,
                         learning_rate=5e-4, per_device_train_batch_size=16, gradient_accumulation_steps=2,

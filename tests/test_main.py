@@ -1,6 +1,6 @@
 """The `main` pipeline at CI scale through `mlflow run`, against a real tracking server: killed at every stage
-(the whole process group, SIGKILL), rerun with the same command until it finishes, then rerun to reuse everything.
-No experiment is named until the last rerun, so `main` runs in its own (`rlvr-demo`)."""
+(the whole process group, SIGKILL), rerun with the same command until it finishes, then rerun to reuse
+everything. No experiment is named until the last rerun, so `main` runs in its own (`rlvr-demo`)."""
 
 import os
 import signal
@@ -179,7 +179,8 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
         metrics["reasoning/accuracy"] - metrics["baseline/accuracy"]
     )
     assert "paired comparison (B - A)" in first.stdout and "| 1 |" in first.stdout  # the per-seed table
-    # a copy starts exactly as likely as its twin, so the reasoning arm's thoughts use reasoning ids; the baseline has none
+    # a copy starts exactly as likely as its twin, so the reasoning arm's thoughts use reasoning ids; the
+    # baseline has none
     assert (
         parent.data.metrics["reasoning/reasoning_share"] > 0.1
         and parent.data.metrics["baseline/reasoning_share"] == 0

@@ -1,4 +1,5 @@
-"""MLproject and the click commands agree: same parameters in the same order, same defaults, every one passed."""
+"""MLproject and the click commands agree: same parameters in the same order, same defaults, every one
+passed."""
 
 import importlib
 import shlex

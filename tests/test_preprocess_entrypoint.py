@@ -1,4 +1,5 @@
-"""The `preprocess` entry point: MLproject and click agree, bad input fails cleanly, lineage reaches MLflow."""
+"""The `preprocess` entry point: MLproject and click agree, bad input fails cleanly, lineage reaches
+MLflow."""
 
 import json
 import os
@@ -24,7 +25,7 @@ def _project_entry():
     return load_project(str(ROOT)).get_entry_point("preprocess")
 
 
-# --- MLproject <-> click ------------------------------------------------------------------------------------------
+# --- MLproject <-> click ------------------------------------------------------------------------------------
 def test_mlproject_command_passes_every_parameter_intact(tmp_path):
     tricky = {
         "instruction": 'Say "it\'s" in \\boxed{}; $x$ & {braces}',
@@ -57,7 +58,7 @@ def test_help_is_readable():
         assert words in result.output
 
 
-# --- bad input --------------------------------------------------------------------------------------------------
+# --- bad input ----------------------------------------------------------------------------------------------
 def _jsonl(rows):
     return "".join(json.dumps(row) + "\n" for row in rows)
 
@@ -146,15 +147,19 @@ def test_mixed_latex_and_unicode_survive_verbatim(tracking_uri, tmp_path):
         {"problem": "Résoudre x² = 2 (x > 0).", "answer": "\\sqrt{2}"},
         {"problem": "Same, answered in unicode.", "answer": "√2"},
     ]
-    result, out = _invoke(tmp_path, "mixed.jsonl", _jsonl(rows), ["--test_size", "0", "--instruction", "",
-                                                                   "--max_invalid_fraction", "0.25"])  # fmt: skip
+    result, out = _invoke(
+        tmp_path,
+        "mixed.jsonl",
+        _jsonl(rows),
+        ["--test_size", "0", "--instruction", "", "--max_invalid_fraction", "0.25"],
+    )
     assert result.exit_code == 0 and "dropped (unparseable_answer): 1, e.g. '√2'" in result.output
     frame = pd.read_parquet(out / "train.parquet")
-    kept = {p[-1]["content"]: s for p, s in zip(frame["prompt"], frame["solution"])}
+    kept = {p[-1]["content"]: s for p, s in zip(frame["prompt"], frame["solution"], strict=True)}
     assert kept == {row["problem"]: row["answer"] for row in rows[:3]}
 
 
-# --- end to end through `mlflow run` ---------------------------------------------------------------------------------
+# --- end to end through `mlflow run` ------------------------------------------------------------------------
 def _mlflow_run(tracking_uri, experiment, *params):
     argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", "preprocess",
             "--experiment-name", experiment]  # fmt: skip
@@ -166,8 +171,15 @@ def _mlflow_run(tracking_uri, experiment, *params):
 
 def test_mlflow_run_end_to_end_with_lineage(tracking_uri, tmp_path):
     output_dir = tmp_path / "data"
-    done = _mlflow_run(tracking_uri, "preprocess-e2e", "source=synthetic:count=300", f"output_dir={output_dir}",
-                       "test_size=50", "seed=4", "instruction=Answer in \\boxed{}.")  # fmt: skip
+    done = _mlflow_run(
+        tracking_uri,
+        "preprocess-e2e",
+        "source=synthetic:count=300",
+        f"output_dir={output_dir}",
+        "test_size=50",
+        "seed=4",
+        "instruction=Answer in \\boxed{}.",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("preprocess-e2e").experiment_id])

@@ -1,4 +1,5 @@
-"""Offline presets: `micro`'s tokenizer and model, determinism, and loading a saved preset from a directory."""
+"""Offline presets: `micro`'s tokenizer and model, determinism, and loading a saved preset from a
+directory."""
 
 import hashlib
 import json

@@ -157,7 +157,8 @@ def test_rewards_refuse_to_guess_the_structure_from_text(tokenizer):
     ],
 )
 def test_a_pathological_answer_scores_zero_without_reaching_the_parser(tokenizer, answer, monkeypatch):
-    """Such answers cost sympy seconds each (a group of them stalls a step); they are refused before parsing."""
+    """Such answers cost sympy seconds each (a group of them stalls a step); they are refused before
+    parsing."""
     ids = encode(tokenizer, "<think>a</think> " + answer)
     monkeypatch.setattr("rlvr.rewards.parse", lambda *a, **k: pytest.fail("a pathological answer was parsed"))
     assert score(tokenizer, [ids], ["1"])[0] == [0.0]

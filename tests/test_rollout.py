@@ -156,7 +156,8 @@ def test_rollouts_decode_under_packed_attention_and_restore_the_models_own(fast_
     ],
 )
 def test_the_fast_path_serves_only_what_its_allowlist_names(fast_model, options):
-    """Any generation option that reshapes the distribution goes to `generate`, listed or not in a denylist."""
+    """Any generation option that reshapes the distribution goes to `generate`, listed or not in a
+    denylist."""
     model, tokenizer = fast_model
     served = model.fast_rollout.calls
     config = GenerationConfig(max_new_tokens=2, do_sample=True, **{"top_k": 0, **STOP, **options})

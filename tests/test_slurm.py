@@ -155,10 +155,15 @@ def _failing_preprocess(
     experiment = _experiment()
     try:
         mlflow.projects.run(
-            str(ROOT), "preprocess", parameters={"source": "synthetic", "test_size": -1, "output_dir": str(output_dir)},
-            backend="slurm", backend_config={"partition": partition}, env_manager="local",
-            experiment_name=experiment, synchronous=True,
-        )  # fmt: skip
+            str(ROOT),
+            "preprocess",
+            parameters={"source": "synthetic", "test_size": -1, "output_dir": str(output_dir)},
+            backend="slurm",
+            backend_config={"partition": partition},
+            env_manager="local",
+            experiment_name=experiment,
+            synchronous=True,
+        )
     except ExecutionException as error:
         return experiment, error
     return experiment, None
@@ -188,9 +193,15 @@ def _experiment() -> str:
 def _submit(project: Path, params: dict, config: dict, entry_point: str = "main") -> SlurmSubmittedRun:
     """What `mlflow run --backend slurm` calls, in this process: it returns at submission."""
     return mlflow.projects.run(
-        str(project), entry_point, parameters=params, backend="slurm", backend_config=config, env_manager="local",
-        experiment_name=_experiment(), synchronous=False,
-    )  # fmt: skip
+        str(project),
+        entry_point,
+        parameters=params,
+        backend="slurm",
+        backend_config=config,
+        env_manager="local",
+        experiment_name=_experiment(),
+        synchronous=False,
+    )
 
 
 def _mlflow_run_cli(
@@ -427,13 +438,27 @@ def _assert_no_run(tracking: str, experiment: str) -> None:
 def test_config_keys_become_sbatch_directives_and_setup_lines():
     config = SlurmConfig.from_backend_config(
         {
-            "partition": "gpu", "account": "proj42", "gres": "gpu:a100:4", "gpus_per_node": "4", "mem": "64G",
-            "time": "02:00:00", "nodes": 2, "ntasks": 1, "exclusive": True, "modules": ["cuda/12.4"],
-            "environment": ["OMP_NUM_THREADS=8"], "exports": ["HF_TOKEN"], "sbatch-script-file": "train.sbatch",
-            "ENV_MANAGER": "local", "SYNCHRONOUS": False, "DOCKER_ARGS": {}, "STORAGE_DIR": None,
-            "build_image": False, "docker_auth": None,
+            "partition": "gpu",
+            "account": "proj42",
+            "gres": "gpu:a100:4",
+            "gpus_per_node": "4",
+            "mem": "64G",
+            "time": "02:00:00",
+            "nodes": 2,
+            "ntasks": 1,
+            "exclusive": True,
+            "modules": ["cuda/12.4"],
+            "environment": ["OMP_NUM_THREADS=8"],
+            "exports": ["HF_TOKEN"],
+            "sbatch-script-file": "train.sbatch",
+            "ENV_MANAGER": "local",
+            "SYNCHRONOUS": False,
+            "DOCKER_ARGS": {},
+            "STORAGE_DIR": None,
+            "build_image": False,
+            "docker_auth": None,
         }
-    )  # fmt: skip
+    )
     assert config.directives() == [
         "#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --gres=gpu:a100:4",
         "#SBATCH --gpus-per-node=4", "#SBATCH --mem=64G", "#SBATCH --time=02:00:00", "#SBATCH --nodes=2",

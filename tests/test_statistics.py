@@ -1,4 +1,5 @@
-"""Paired comparisons: the interval covers the truth at its nominal rate and the p-value is exact where it can be."""
+"""Paired comparisons: the interval covers the truth at its nominal rate and the p-value is exact where it can
+be."""
 
 import itertools
 
@@ -76,5 +77,6 @@ def test_seeds_are_paired_within_and_averaged_per_problem_before_resampling():
     result = paired(a, b)
     assert result.units == 3  # problems, not seed x problem pairs
     assert result.diff == pytest.approx((1 + 0 + 0 + 0 + 1 + 1) / 6)
-    # per problem, averaged over seeds: p1 0.5, p2 0.5, p3 0.5; every sign pattern but the all-equal ones is smaller
+    # per problem, averaged over seeds: p1 0.5, p2 0.5, p3 0.5; every sign pattern but the all-equal ones is
+    # smaller
     assert result.p_value == 0.25

@@ -1,4 +1,5 @@
-"""The synthetic task: seeded, arithmetically right, in the target format, distinct problems, disjoint splits."""
+"""The synthetic task: seeded, arithmetically right, in the target format, distinct problems, disjoint
+splits."""
 
 import re
 from itertools import pairwise
@@ -41,7 +42,7 @@ def test_default_problems_are_right_and_modest():
     for problem in problems:
         steps = _check(problem)
         counts.add(len(steps))
-        for a, op, b, c in steps:
+        for _, op, b, c in steps:
             assert c >= 0 and b < 100
             if op == "*":
                 assert 2 <= b <= 9
@@ -80,7 +81,7 @@ def test_teacher_errors_corrupt_one_step_of_that_share_of_solutions_and_never_th
             for a, op, b, c in steps
         ]
         assert sum(1 for d in off if d) <= 1 and all(
-            abs(d) <= 9 and int(c) >= 0 for d, (*_, c) in zip(off, steps)
+            abs(d) <= 9 and int(c) >= 0 for d, (*_, c) in zip(off, steps, strict=True)
         )
         for (*_, result), (a, *_) in pairwise(steps):
             assert a == result  # the chain goes on from the wrong value

@@ -98,7 +98,9 @@ def test_batch_counts_agree_with_each_completions_structure(vocab):
         40,
         lengths.sum().item(),
         sum(s.thought_tokens for s in structures),
-        sum(int((row[:n] >= vocab.base_vocab_size).sum()) for row, n in zip(completions, lengths)),
+        sum(
+            int((row[:n] >= vocab.base_vocab_size).sum()) for row, n in zip(completions, lengths, strict=True)
+        ),
         sum(s.closed for s in structures),
     ]
 

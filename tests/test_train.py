@@ -1,4 +1,5 @@
-"""Training entry points end to end against a real MLflow server: runs, params, metrics, registry, resume, errors."""
+"""Training entry points end to end against a real MLflow server: runs, params, metrics, registry, resume,
+errors."""
 
 import json
 import os
@@ -263,8 +264,8 @@ def test_resume_after_sigkill_continues_the_same_run(tracking_uri, data_dir, tmp
 def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(
     tracking_uri, data_dir, tmp_path, rerun_with
 ):
-    """SIGKILL of the whole `mlflow run` process group after a checkpoint, then the same command again (or with
-    MLflow's own `--run-id` of the killed run)."""
+    """SIGKILL of the whole `mlflow run` process group after a checkpoint, then the same command again (or
+    with MLflow's own `--run-id` of the killed run)."""
     output = tmp_path / "resume"
     experiment = f"mlflow-run-resume-{rerun_with.strip('-').replace(' ', '-')}"
     command = [
@@ -407,7 +408,8 @@ def test_max_prompt_length_counts_tokens_and_leaves_out_longer_prompts(qwen_tok)
     from rlvr.grpo import _prompt_dataset
 
     frame = pd.DataFrame({
-        "prompt": [[{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content": "2 + " * 1000 + "2?"}]],
+        "prompt": [[{"role": "user", "content": "What is 2+2?"}],
+                   [{"role": "user", "content": "2 + " * 1000 + "2?"}]],
         "solution": ["4", "2002"], "id": ["short", "long"],
     })  # fmt: skip
     short = len(
@@ -421,8 +423,8 @@ def test_max_prompt_length_counts_tokens_and_leaves_out_longer_prompts(qwen_tok)
 
 
 def test_fast_rollouts_log_the_sampling_mismatch_and_correct_it(tracking_uri, data_dir, tmp_path):
-    """Fast rollouts keep each sampled token's log-prob; TRL's truncated importance sampling then corrects the loss,
-    logging how far sampler and trainer disagree (in fp32 on a CPU: rounding only)."""
+    """Fast rollouts keep each sampled token's log-prob; TRL's truncated importance sampling then corrects the
+    loss, logging how far sampler and trainer disagree (in fp32 on a CPU: rounding only)."""
     client = MlflowClient()
     for correction in ("true", "false"):
         experiment = f"sampling-correction-{correction}"
@@ -486,16 +488,25 @@ def test_a_model_whose_generation_config_reshapes_sampling_is_refused(
 
 
 def test_the_same_seed_on_the_same_machine_logs_the_same_metrics(tracking_uri, tmp_path, monkeypatch):
-    """Reproducibility: two trainings with one seed log identical metrics at every step, to the last bit, from a
-    warm start that gets some completions' format right, so advantages and gradients are not zero."""
+    """Reproducibility: two trainings with one seed log identical metrics at every step, to the last bit, from
+    a warm start that gets some completions' format right, so advantages and gradients are not zero."""
     from rlvr.sft import WarmstartSettings, warmstart
 
     data = tmp_path / "data"
     preprocess("synthetic:count=200,digits=1", data, Options(test_size=8, instruction=""))
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "reproducible-warm")
-    warmstart(WarmstartSettings(model="micro", data=str(data), max_steps=50, learning_rate=3e-3,
-                                per_device_train_batch_size=16, save_steps=1000, output_dir=str(tmp_path / "warm"),
-                                registered_model_name=""))  # fmt: skip
+    warmstart(
+        WarmstartSettings(
+            model="micro",
+            data=str(data),
+            max_steps=50,
+            learning_rate=3e-3,
+            per_device_train_batch_size=16,
+            save_steps=1000,
+            output_dir=str(tmp_path / "warm"),
+            registered_model_name="",
+        )
+    )
     client = MlflowClient()
     histories = []
     for attempt in ("first", "second"):

@@ -47,7 +47,7 @@ def test_the_screenshot_shows_the_compared_runs(chromium, tracking_uri, tmp_path
     client = MlflowClient()
     experiment_name = f"ui-{uuid.uuid4().hex[:8]}"
     experiment = client.create_experiment(experiment_name)
-    for accuracy, name in zip((0.4, 0.55, 0.6), EVALUATIONS):
+    for accuracy, name in zip((0.4, 0.55, 0.6), EVALUATIONS, strict=True):
         run = client.create_run(experiment, run_name=name)
         client.log_param(run.info.run_id, "model", f"models:/demo/{name.split()[-1]}")
         client.log_metric(run.info.run_id, "eval/data/accuracy", accuracy)

@@ -90,14 +90,14 @@ def test_expanding_an_expanded_model_is_refused(tiny_reasoning, qwen_tok):
         expand_model(model, vocab)
 
 
-# --- thought state and mask (invariants 2, 3, 5) --------------------------------------------------------------
+# --- thought state and mask (invariants 2, 3, 5) ------------------------------------------------------------
 def test_vectorised_state_matches_the_obvious_scan(tiny_reasoning):
     vocab = tiny_reasoning[0].reasoning_vocab
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 6, (32, 50), generator=generator)
     ids = torch.where(ids == 0, THINK, torch.where(ids == 1, END_THINK, ids + 100))
     states = thoughts.inside_after(vocab, ids, completion_start=0)
-    for row, state in zip(ids.tolist(), states.tolist()):
+    for row, state in zip(ids.tolist(), states.tolist(), strict=True):
         assert state == reference_states(row)
     # the O(1) update reproduces the scan one token at a time
     inside = torch.zeros(32, dtype=torch.bool)
@@ -180,7 +180,7 @@ def test_constraint_costs_one_scan_then_one_token_per_step(tiny_reasoning, monke
     assert len(advances) == 11 and all(shape == (4,) for shape in advances)
 
 
-# --- one distribution (invariant 4) ---------------------------------------------------------------------------
+# --- one distribution (invariant 4) -------------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_generate_time_logprobs_equal_training_time_logprobs(temperature):
     model, tokenizer = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
@@ -228,13 +228,14 @@ def test_training_logprobs_have_finite_gradients():
     assert grad[151669:151936].abs().max() == 0  # padding rows: probability exactly 0, no gradient
 
 
-# --- same path for both arms (invariant 1) --------------------------------------------------------------------
+# --- same path for both arms (invariant 1) ------------------------------------------------------------------
 def test_baseline_takes_the_same_path_and_equals_a_plain_model(qwen_tok, tiny_llama_factory):
     plain = tiny_llama_factory(seed=3)
     constrained = tiny_llama_factory(seed=3)
     vocab = ReasoningVocab.for_tokenizer(qwen_tok, len(qwen_tok), 0)
     expand_model(constrained, vocab)
-    # the constrained path is active: generate builds its processors through the instance hook, with the mask first
+    # the constrained path is active: generate builds its processors through the instance hook, with the mask
+    # first
     processors = constrained._get_logits_processor(constrained.generation_config, 0)
     assert "_get_logits_processor" in vars(constrained) and isinstance(processors[0], ThoughtConstraint)
     batch = prompts(qwen_tok, 3)
@@ -257,7 +258,7 @@ def test_baseline_takes_the_same_path_and_equals_a_plain_model(qwen_tok, tiny_ll
     torch.testing.assert_close(got.log_probs[valid], expected[valid], atol=1e-5, rtol=1e-5)
 
 
-# --- faithful decoding (invariant 6) --------------------------------------------------------------------------
+# --- faithful decoding (invariant 6) ------------------------------------------------------------------------
 def test_batch_decode_renders_reasoning_ids_as_their_twins(qwen_tok):
     vocab = ReasoningVocab.for_tokenizer(qwen_tok, 151936, QWEN3_N)
     tokenizer = make_faithful(qwen_tok.__class__.from_pretrained(qwen_tok.name_or_path), vocab)
@@ -336,7 +337,8 @@ def test_thought_constraint_rescans_under_beam_search(tiny_reasoning):
 
 
 def test_a_model_that_transforms_its_logits_is_refused_by_one_forward(qwen_tok):
-    """No list of config names: a Granite-style logit divisor is caught because the logits differ from the head's."""
+    """No list of config names: a Granite-style logit divisor is caught because the logits differ from the
+    head's."""
     from transformers import GraniteConfig, GraniteForCausalLM
 
     def granite(scaling: float):

@@ -1,4 +1,5 @@
-"""The `slurm` MLflow project backend: `mlflow run . --backend slurm --backend-config slurm.json -e ... -P ...`.
+"""The `slurm` MLflow project backend: `mlflow run . --backend slurm --backend-config slurm.json -e ... -P
+...`.
 
 `mlflow run` creates the run and calls `SlurmBackend.run`, which checks the config against the cluster, writes
 the job's spec and sbatch script, queues it and returns; the job (`rlvr.slurm.job`) runs the entry point in
@@ -40,7 +41,8 @@ _REQUIRED = ("directives", "job_dir")  # without these a template's job could ne
 
 
 class SlurmBackend(AbstractBackend):
-    """Queues each `mlflow run` as one sbatch job and returns at once, as MLflow expects of plugin backends."""
+    """Queues each `mlflow run` as one sbatch job and returns at once, as MLflow expects of plugin
+    backends."""
 
     def run(
         self,
@@ -87,8 +89,8 @@ class SlurmBackend(AbstractBackend):
             raise
         client.set_tag(run_id, JOB_ID_TAG, job_id)
         print(
-            f"=== Submitted SLURM job {job_id} for run {run_id}; the run follows the job (`squeue -j {job_id}`), "
-            f"its log is {files.log} ===",
+            f"=== Submitted SLURM job {job_id} for run {run_id}; the run follows the job (`squeue -j "
+            f"{job_id}`), its log is {files.log} ===",
             file=sys.stderr,
         )
         return SlurmSubmittedRun(run_id, job_id, files)
@@ -128,8 +130,8 @@ class SlurmSubmittedRun(SubmittedRun):
 
 def _project_dir_for_job(project_uri: str, work_dir: str, files: JobFiles) -> str:
     """A local project runs where it is (on a filesystem the nodes share, like the job's working directory); a
-    fetched one (Git, zip) is copied beside the job's files, since MLflow fetched it into a temporary directory
-    that only this machine sees."""
+    fetched one (Git, zip) is copied beside the job's files, since MLflow fetched it into a temporary
+    directory that only this machine sees."""
     local = Path(project_uri.removeprefix("file://").split("#")[0]).expanduser()
     if local.is_dir() and Path(work_dir).resolve().is_relative_to(local.resolve()):
         return work_dir

@@ -1,4 +1,5 @@
-"""Talking to SLURM through its commands (sbatch, squeue, sacct, scontrol, scancel), and the files a job leaves.
+"""Talking to SLURM through its commands (sbatch, squeue, sacct, scontrol, scancel), and the files a job
+leaves.
 
 A job's state comes from `squeue` while the controller remembers the job (`MinJobAge` after it ends), then
 from `sacct` where accounting runs, and else from the state the job itself recorded on exit: so a run is
@@ -30,7 +31,8 @@ class SlurmError(ExecutionException, InputError):
 
 
 def run_status(job_state: str) -> str:
-    """The MLflow run status that mirrors a SLURM job state; any ending but success or cancellation is a failure."""
+    """The MLflow run status that mirrors a SLURM job state; any ending but success or cancellation is a
+    failure."""
     if job_state in _QUEUED:
         return RunStatus.to_string(RunStatus.SCHEDULED)
     if job_state in _ACTIVE:
@@ -76,7 +78,8 @@ class JobFiles:
         return json.loads(self.spec.read_text())
 
     def record_outcome(self, job_state: str) -> None:
-        """Written by the job as it exits: the only trace of its end once it has left a queue without accounting."""
+        """Written by the job as it exits: the only trace of its end once it has left a queue without
+        accounting."""
         partial = self.outcome.with_suffix(".partial")
         partial.write_text(json.dumps({"state": job_state}))
         partial.replace(self.outcome)
@@ -101,7 +104,8 @@ def partitions() -> dict[str, bool]:
     shown = slurm(["scontrol", "show", "partition", "--oneliner"])
     if shown.returncode != 0:
         raise SlurmError(
-            f"the SLURM controller did not answer ({shown.stderr.strip()}); check `sinfo` works on this machine."
+            f"the SLURM controller did not answer ({shown.stderr.strip()}); check `sinfo` works on this "
+            "machine."
         )
     found = {}
     for line in shown.stdout.splitlines():
@@ -147,8 +151,9 @@ def job_state(job_id: str, files: JobFiles) -> str:
 
 
 def ending_state(job_id: str) -> str:
-    """Why a job's processes were sent SIGTERM: SLURM is ending the job (TIMEOUT, CANCELLED) or, while SLURM still
-    counts it RUNNING, a process inside the job gave up on the others (a failed rank's launcher): FAILED."""
+    """Why a job's processes were sent SIGTERM: SLURM is ending the job (TIMEOUT, CANCELLED) or, while SLURM
+    still counts it RUNNING, a process inside the job gave up on the others (a failed rank's launcher):
+    FAILED."""
     shown = slurm(["scontrol", "show", "job", "--oneliner", job_id])
     fields = _fields(shown.stdout) if shown.returncode == 0 else {}
     if fields.get("JobState") == "RUNNING":

@@ -1,4 +1,5 @@
-"""The backend config (`--backend-config slurm.json`): the keys mlflow-slurm users already write, checked at once.
+"""The backend config (`--backend-config slurm.json`): the keys mlflow-slurm users already write, checked at
+once.
 
 Every mistake found here stops `mlflow run` before a run is created or a job queued, with one sentence naming
 the key and the fix; the rest (gres that the partition lacks, an account you may not use) is SLURM's to judge
@@ -80,7 +81,8 @@ class SlurmConfig:
             close = difflib.get_close_matches(key, KEYS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise SlurmError(
-                f"backend config: unknown key {key!r}; {hint}the SLURM backend takes {', '.join(sorted(KEYS))}."
+                f"backend config: unknown key {key!r}; {hint}the SLURM backend takes "
+                f"{', '.join(sorted(KEYS))}."
             )
         if backend_config.get(PROJECT_DOCKER_ARGS):
             raise SlurmError(
@@ -111,7 +113,8 @@ class SlurmConfig:
         for name in values.get("exports", ()):
             if not _NAME.fullmatch(name):
                 raise SlurmError(
-                    f"backend config 'exports': {name!r} is not a variable name; list names like \"HF_TOKEN\"."
+                    f"backend config 'exports': {name!r} is not a variable name; list names like "
+                    '"HF_TOKEN".'
                 )
         if backend_config.get("exclusive") is not None:
             if not isinstance(backend_config["exclusive"], bool):
@@ -124,7 +127,8 @@ class SlurmConfig:
         return cls(**values)
 
     def check_environment(self, environ: Mapping[str, str], partitions: Mapping[str, bool]) -> None:
-        """Fail now for what would only fail in the queue: a partition the cluster lacks or needs, a missing export.
+        """Fail now for what would only fail in the queue: a partition the cluster lacks or needs, a missing
+        export.
 
         `partitions` maps each partition of the cluster to whether it is the default one.
         """
@@ -206,6 +210,6 @@ def _template(value: Any) -> str:
     if isinstance(value, str) and Path(value).is_file():
         return str(Path(value).resolve())
     raise SlurmError(
-        f"backend config 'sbatch-template': {value!r} is neither a built-in template ({', '.join(TEMPLATES)}) nor "
-        "a file; name one of those or the path of your own template."
+        f"backend config 'sbatch-template': {value!r} is neither a built-in template "
+        f"({', '.join(TEMPLATES)}) nor a file; name one of those or the path of your own template."
     )

@@ -37,7 +37,8 @@ LOG_ARTIFACT_DIR = "slurm"
 
 
 class _Signalled(Exception):
-    """SIGTERM reached this process: SLURM is ending the job (scancel, time limit), or a launcher its processes."""
+    """SIGTERM reached this process: SLURM is ending the job (scancel, time limit), or a launcher its
+    processes."""
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -96,7 +97,8 @@ def run_job(files: JobFiles) -> int:
 
 
 def _wait_for_other_ranks(files: JobFiles, timeout: float = 120.0) -> None:
-    """Until every other process has ended its entry point (or `timeout`), so the attached log has their output."""
+    """Until every other process has ended its entry point (or `timeout`), so the attached log has their
+    output."""
     others = int(os.environ.get("WORLD_SIZE", "1")) - 1
     deadline = time.monotonic() + timeout
     while len(list(files.root.glob("rank-*.done"))) < others and time.monotonic() < deadline:
