@@ -192,29 +192,21 @@ def main() -> None:
     if args.variant == "plain":
         model, tokenizer = build_preset(args.preset, device=device)
         vocab = ReasoningVocab.for_tokenizer(tokenizer, model.get_input_embeddings().weight.shape[0], 0)
-        reward_funcs = (
-            rewards.reward_functions(tokenizer, vocab) if args.reward == "task" else [random_reward()]
-        )
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[meter],
-        )
+        trainer_class, extra = GRPOTrainer, {}
     else:
         model, tokenizer = load_model(args.preset, settings.reasoning_vocab_size, device=device)
-        reward_funcs = rewards.reward_functions(tokenizer) if args.reward == "task" else [random_reward()]
-        trainer = ReasoningGRPOTrainer(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[meter],
-            fast_rollouts=args.fast_rollouts == "true",
-        )
+        vocab = None
+        trainer_class, extra = ReasoningGRPOTrainer, {"fast_rollouts": args.fast_rollouts == "true"}
+    reward_funcs = rewards.reward_functions(tokenizer, vocab) if args.reward == "task" else [random_reward()]
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[meter],
+        **extra,
+    )
     time_generate(trainer.model, meter)
     trainer.train()
 
