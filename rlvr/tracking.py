@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 import socket
 import urllib.error
@@ -478,7 +479,7 @@ class MlflowMetrics(TrainerCallback):
             if record["step"] > resumed_step:
                 continue  # after the checkpoint: trained again now, and logged then
             if "table" in record:
-                mlflow.log_table(data=pd.DataFrame(record["rows"]), artifact_file=record["table"])
+                replace_table(pd.DataFrame(record["rows"]), record["table"])
             elif record["step"] > self.logged_until:
                 mlflow.log_metrics(record["metrics"], step=record["step"])
         self.logged_until = max(self.logged_until, resumed_step)
@@ -507,7 +508,7 @@ class MlflowMetrics(TrainerCallback):
         """`mlflow.log_table`, kept for the rerun during an outage; `step` is the optimizer step under way."""
         self._send(
             {"step": step, "table": artifact_file, "rows": frame.to_dict(orient="records")},
-            lambda: mlflow.log_table(data=frame, artifact_file=artifact_file),
+            lambda: replace_table(frame, artifact_file),
         )
 
     def _send(self, record: dict[str, Any], call: Callable[[], Any]) -> None:
@@ -539,6 +540,20 @@ class MlflowMetrics(TrainerCallback):
                 "which keeps what could not be logged: start the server again and rerun the same command to "
                 "resume."
             )
+
+
+def replace_table(frame: pd.DataFrame, artifact_file: str) -> None:
+    """`mlflow.log_table`, except that a table already in the run is replaced, not appended to.
+
+    A training killed after logging a step's samples regenerates that step when it resumes; the regenerated
+    samples are the ones its metrics describe, so they replace the killed process's table.
+    """
+    run_id = mlflow.active_run().info.run_id
+    folder = posixpath.dirname(artifact_file) or None
+    if artifact_file in {f.path for f in MlflowClient().list_artifacts(run_id, folder)}:
+        mlflow.log_text(frame.to_json(orient="split", index=False, date_format="iso"), artifact_file)
+    else:
+        mlflow.log_table(data=frame, artifact_file=artifact_file)
 
 
 def _requirements() -> list[str]:
