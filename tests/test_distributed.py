@@ -189,6 +189,8 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
             inside = thoughts.completion_states(vocab, torch.tensor([False]), ids)
             assert not (vocab.is_reasoning(ids) & ~inside).any(), f"reasoning id outside a thought ({step})"
             sampled += ids.numel()
+        if step == 1:  # sampled around the kill: its table and its metrics may come from different launches
+            continue
         # the logged metrics are the whole batch's, not rank 0's alone
         logged = {
             name: next(m.value for m in client.get_metric_history(run_id, name) if m.step == step + 1)
