@@ -159,7 +159,8 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
     assert not alive, "processes outlived their launcher"
     assert not (output / "final").exists()
     run_id = json.loads((output / "mlflow_run.json").read_text())["run_id"]
-    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # killed: nobody closed it
+    # killed: nobody finished it; RUNNING, or FAILED when rank 0 saw its peer's collective break first
+    assert MlflowClient().get_run(run_id).info.status in ("RUNNING", "FAILED")
 
     rerun = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
