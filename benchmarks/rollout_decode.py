@@ -4,7 +4,7 @@
     python benchmarks/rollout_decode.py                       # qwen3-0.6b-shape, 64 x 512 new tokens, N = 0
     python benchmarks/rollout_decode.py --reasoning-vocab-size 151646 --new-tokens 4096
     python benchmarks/rollout_decode.py --attention sdpa      # decode under the model's own SDPA attention
-    python benchmarks/rollout_decode.py --profile             # plus the top GPU kernels of one rollout
+    python benchmarks/rollout_decode.py --profile             # plus kernels of one rollout and the floor
 
 Builds the preset with random weights in fp32 (as training holds it), attaches the reasoning vocabulary and
 turns fast rollouts on with a bf16 decoding copy, exactly as the GRPO trainer does. Random weights never emit
@@ -20,6 +20,7 @@ import json
 import statistics
 import time
 
+import profiling
 import torch
 from transformers import GenerationConfig
 
@@ -64,7 +65,12 @@ def main() -> None:
         help="cache positions a decode step reads, rounded up to this; 0 reads the whole cache",
     )
     parser.add_argument("--hf", action="store_true", help="also time HF generate (slow)")
-    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one rollout")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one more rollout: GPU kernel time against wall time, the top kernels, and the floor "
+        "set by the bytes a step must move",
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU run only checks that the script works
     if args.attention == "sdpa":
@@ -78,12 +84,9 @@ def main() -> None:
         0, len(tokenizer) - 1000, (args.batch, args.prompt_length), generator=generator
     ).to(device)
     mask = torch.ones_like(prompt)
-    mask[: args.batch // 2, : args.prompt_length // 4] = (
-        0  # left padding in half the rows, as in a real batch
-    )
-    # top_k=0 and top_p=1.0 as TRL passes them: left unset, `generate` would fill in its default top_k=50, and
-    # the
-    # request would go to HF `generate` instead of the fast path
+    mask[: args.batch // 2, : args.prompt_length // 4] = 0  # left padding in half the rows, as in a batch
+    # top_k=0 and top_p=1.0 as TRL passes them: left unset, `generate` would fill in its default top_k=50,
+    # and the request would go to HF `generate` instead of the fast path
     config = GenerationConfig(
         do_sample=True,
         temperature=1.0,
@@ -133,16 +136,39 @@ def main() -> None:
     print(json.dumps(result), flush=True)
 
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profiling.window() as profile:
             fast()
-            _sync()
-        print(
-            prof.key_averages().table(
-                sort_by="self_device_time_total", row_limit=25, max_name_column_width=70
-            )
-        )
+        floor = decode_floor(model, args)
+        if profile:  # empty on a CPU
+            profile["ms_per_step"] = round(1000 * profile["wall_s"] / args.new_tokens, 3)
+            profile["kernel_ms_per_step"] = round(1000 * profile["kernel_s"] / args.new_tokens, 3)
+        print(json.dumps({"profile": profile, "floor": floor}), flush=True)
+
+
+def decode_floor(model, args) -> dict:
+    """The bytes one decode step must move at the least, averaged over the rollout, and the time that takes
+    at the measured copy bandwidth: the decoding copy's weights (the tied head read whole once), the cache
+    positions in use (rounded up to the KV bucket, as the step reads them), and one write and one read of the
+    fp32 logits."""
+    config = model.config
+    runner = model.fast_rollout._shadow or model
+    weights = sum(p.numel() * p.element_size() for p in runner.parameters())
+    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    per_position = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2  # K and V, bf16
+    bucket = -(-args.prompt_length // rollout.PROMPT_BUCKET) * rollout.PROMPT_BUCKET
+    kv_bucket = args.kv_bucket or 1 << 30
+    length = bucket + args.new_tokens
+    visible = [min(length, -(-(bucket + t) // kv_bucket) * kv_bucket) for t in range(1, args.new_tokens)]
+    kv = args.batch * per_position * sum(visible) / len(visible)
+    logits = 2 * args.batch * model.get_output_embeddings().weight.shape[0] * 4
+    total = weights + kv + logits
+    return {
+        "weights_gb": round(weights / 1e9, 3),
+        "kv_gb": round(kv / 1e9, 3),
+        "logits_gb": round(logits / 1e9, 3),
+        "floor_ms_per_step": round(1000 * total / profiling.COPY_BYTES_PER_S, 3),
+        "floor_tokens_per_s": round(args.batch * profiling.COPY_BYTES_PER_S / total),
+    }
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Where rlvr keeps what it builds once and reuses: rebuilt tokenizers, SLURM job directories.
+"""Where rlvr keeps what it builds once and reuses: rebuilt tokenizers, compiled decode steps, SLURM job
+directories.
 
 Kept free of heavy imports, so the SLURM backend can ask for it without loading torch or transformers.
 """

@@ -42,6 +42,7 @@ REASONING_VOCAB_SIZE = (
     151646  # train_reasoning's default: one copy of every Qwen3 token id below <|object_ref_start|>
 )
 # GRPOConfig fields whose value a rollout path needs that cannot apply the constraint
+NO_GRAD_TOKENS = 32768  # tokens per forward in log-prob passes without gradients (activations only)
 UNCONSTRAINED_ROLLOUTS = {
     "use_vllm": "vLLM samples outside this process, where the thought mask cannot be applied",
     "use_transformers_continuous_batching": "paged generation (generate_batch) bypasses the thought mask",
@@ -349,6 +350,19 @@ class ReasoningGRPOTrainer(GRPOTrainer):
                 "settings), but the loss scores the masked softmax at temperature; give them neutral values "
                 "in a grpo_config file, e.g. 'generation_kwargs: {top_k: 0, top_p: 1.0}'."
             )
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, *args, **kwargs
+    ):
+        """Passes without gradients (old-policy and reference log-probs over the whole generation batch)
+        take as many sequences at once as fit NO_GRAD_TOKENS, not the training micro-batch: they keep no
+        activations for a backward pass, and at micro-batch 8 most of their time went to per-forward overhead
+        (BENCHMARKS.md). A sequence's log-probs do not depend on the batch scoring them (up to rounding)."""
+        if batch_size and not torch.is_grad_enabled():
+            batch_size = max(batch_size, NO_GRAD_TOKENS // max(1, input_ids.shape[1]))
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size, *args, **kwargs
+        )
 
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rlvr import thoughts
+from rlvr.cache import cache_dir
 from rlvr.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -279,9 +281,9 @@ class FastRollout:
             cache = StaticCache(config=self.model.config, max_cache_len=length + 1)
             step = self._decode_step
             if self.compile:
-                # static shapes, except the length of the visible cache (marked dynamic): one compilation, and
-                # one
-                # CUDA graph recorded per KV_BUCKET
+                keep_compiled_kernels()
+                # static shapes, except the length of the visible cache (marked dynamic): one compilation,
+                # and one CUDA graph recorded per KV_BUCKET
                 step = torch.compile(step, mode="reduce-overhead", dynamic=None, fullgraph=False)
             self._compiled[key] = _Compiled(cache, step)
             log.info("fast rollouts: new decode step for batch %d, cache length %d", batch, length)
@@ -381,8 +383,8 @@ class FastRollout:
         cache_position = torch.tensor([bucket], device=device)
         for t in range(1, max_new):
             attention[:, bucket + t - 1] = 1
-            # a fresh contiguous mask: a view of `attention` would turn contiguous at the last bucket, a new
-            # guard
+            # a fresh contiguous mask: a view of `attention` would turn contiguous at the last bucket, a
+            # new guard
             visible = attention[
                 :, None, None, : min(length, -(-(bucket + t) // KV_BUCKET) * KV_BUCKET)
             ].bool()
@@ -494,6 +496,14 @@ def _attention(config, implementation: str):
         yield
     finally:
         config._attn_implementation = own
+
+
+def keep_compiled_kernels() -> None:
+    """Keep the compiler's on-disk caches (compiled graphs, Triton kernels, autotuning) in rlvr's cache
+    directory rather than the per-machine `/tmp` default, unless the user chose a place
+    (`TORCHINDUCTOR_CACHE_DIR`): a later run, on any node that shares the directory, then reuses the decode
+    step instead of compiling it again (BENCHMARKS.md has the first-run and later-run costs)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
 
 
 def _pin_cache(cache: StaticCache) -> None:

@@ -15,9 +15,11 @@ import torch
 from click.testing import CliRunner
 from conftest import QWEN3_N, ROOT
 from mlflow.tracking import MlflowClient
+from trl import GRPOTrainer
 
 from rlvr import load_model, thoughts
 from rlvr.data import Options, load_split, preprocess
+from rlvr.grpo import NO_GRAD_TOKENS, ReasoningGRPOTrainer
 
 SMALL = [  # a GRPO step in seconds on CPU: 2 prompts x 4 completions of 12 tokens
     "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
@@ -556,3 +558,21 @@ def test_the_same_seed_on_the_same_machine_logs_the_same_metrics(tracking_uri, t
         )  # everything but wall-clock measurements
     assert histories[0] == histories[1]
     assert len(histories[0]["reward"]) == 3 and histories[0]["grad_norm"][0][1] > 0  # it trained
+
+
+def test_log_prob_passes_without_gradients_score_more_sequences_at_once(monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        GRPOTrainer,
+        "_get_per_token_logps_and_entropies",
+        lambda self, model, ids, mask, keep, batch_size=None, *a, **k: seen.append(batch_size),
+    )
+    trainer = object.__new__(ReasoningGRPOTrainer)  # only the override is under test
+    ids = torch.zeros(64, 600, dtype=torch.long)
+    with torch.no_grad():
+        trainer._get_per_token_logps_and_entropies(None, ids, None, 500, batch_size=8)
+    trainer._get_per_token_logps_and_entropies(None, ids, None, 500, batch_size=8)  # the training pass
+    long_ids = torch.zeros(64, NO_GRAD_TOKENS, dtype=torch.long)
+    with torch.no_grad():
+        trainer._get_per_token_logps_and_entropies(None, long_ids, None, 500, batch_size=8)
+    assert seen == [NO_GRAD_TOKENS // 600, 8, 8]
