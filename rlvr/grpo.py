@@ -29,11 +29,12 @@ from rlvr.data import load_split
 from rlvr.errors import InputError, flag, require_at_least_one, require_finite
 from rlvr.generation import describe
 from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
+from rlvr.job import Job, process_state
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
 from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes, rollout_weights
+from rlvr.settings import bf16_enabled, check_schedule, checkpointing_option, param
 from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
-from rlvr.training import Job, bf16_enabled, check_schedule, checkpointing_option, param, process_state
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)

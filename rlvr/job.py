@@ -1,4 +1,5 @@
-"""What GRPO and SFT jobs share: parameter declarations, checkpoints, the MLflow run, and the final model.
+"""A training job, as GRPO and SFT run it: its output directory and checkpoints, the MLflow run, and the final
+model.
 
 A job owns one `output_dir`: `checkpoint-0` (the starting model, token map included), the Trainer's
 `checkpoint-N`, the id of its MLflow run, and `final/` once done. Only rank 0 talks to MLflow.
@@ -14,9 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import field, fields
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import torch
@@ -24,7 +23,7 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from rlvr import tracking
-from rlvr.errors import InputError, flag, require_finite
+from rlvr.errors import InputError
 from rlvr.guards import TrainingDiverged
 from rlvr.models import load_model, save_model
 from rlvr.vocab import TOKEN_MAP_FILE
@@ -32,11 +31,6 @@ from rlvr.vocab import TOKEN_MAP_FILE
 FINAL_DIR = "final"
 _WATCHER = "rlvr-launcher-watch"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def param(default: Any, help: str) -> Any:
-    """A settings field with the help text its click option and MLproject parameter show."""
-    return field(default=default, metadata={"help": help})
 
 
 def checkpoints(output_dir: Path, *needed: str) -> list[tuple[int, Path]]:
@@ -51,38 +45,6 @@ def checkpoints(output_dir: Path, *needed: str) -> list[tuple[int, Path]]:
         if match and all((path / name).exists() for name in (TOKEN_MAP_FILE, *needed)):
             found.append((int(match.group(1)), path))
     return sorted(found)
-
-
-def check_schedule(settings: Any) -> None:
-    """The schedule both trainers take: a finite, non-negative learning rate and at least one step.
-
-    Without this, `nan` fails deep inside the optimizer, `inf` epochs overflow, and `max_steps=0` (or -2)
-    trains for no step and still registers a model.
-    """
-    require_finite(settings, "learning_rate", "num_train_epochs")
-    if settings.learning_rate < 0:
-        raise InputError(f"learning_rate={settings.learning_rate} is negative; pass a positive one.")
-    if settings.max_steps != -1 and settings.max_steps < 1:
-        raise InputError(
-            f"max_steps={settings.max_steps} is neither a positive step count nor -1; pass e.g. "
-            "max_steps=100, or -1 to train for num_train_epochs."
-        )
-    if settings.max_steps == -1 and settings.num_train_epochs <= 0:
-        raise InputError(
-            f"num_train_epochs={settings.num_train_epochs} with max_steps=-1 trains for no step; pass a "
-            "positive num_train_epochs or a positive max_steps."
-        )
-
-
-def checkpointing_option(config_class: type, value: str) -> dict[str, bool]:
-    """The `config_class(**...)` keyword for activation checkpointing, named as this transformers names it.
-
-    transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing`; TRL's configs default it
-    on.
-    """
-    names = {f.name for f in fields(config_class)}
-    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return {name: bool(flag("gradient_checkpointing", value))}
 
 
 def process_state() -> PartialState:
@@ -117,22 +79,6 @@ def end_with_launcher(poll_s: float = 0.5) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name=_WATCHER, daemon=True).start()
-
-
-def bf16_enabled(value: str) -> bool:
-    """Whether training runs under bf16 autocast. The `bf16` parameter decides, not the launcher: rlvr sets
-    the sampling precision and the sampling correction from it, so a launcher asking for another precision
-    (an accelerate config's `mixed_precision`) is refused rather than left to change the numerics unseen."""
-    chosen = flag("bf16", value)
-    enabled = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if chosen is None else chosen
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher not in ("no", "bf16" if enabled else "no"):
-        raise InputError(
-            f"the launcher asks for mixed_precision={launcher}, but training runs "
-            f"{'with' if enabled else 'without'} bf16 (bf16={value}); launch with mixed_precision no (as "
-            "configs/*.yaml do) and choose with -P bf16=..."
-        )
-    return enabled
 
 
 class Job:
