@@ -1,12 +1,12 @@
 """Helpers for the settings dataclasses behind the entry points: how a parameter is declared, and the checks
 and values that more than one entry point derives from its settings (the schedule, activation
-checkpointing, bf16)."""
+checkpointing, bf16, the Trainer arguments both trainers take)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -18,7 +18,29 @@ def param(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-def check_schedule(settings: Any) -> None:
+class TrainerSettings(Protocol):
+    """The parameters the warm start and GRPO both take, as the code they share reads them.
+
+    Each entry point declares them in its own settings dataclass, in its MLproject order, with its own
+    defaults and help (a fine-tuning step and a GRPO step differ in most of them).
+    """
+
+    model: str
+    data: str
+    learning_rate: float
+    num_train_epochs: float
+    max_steps: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    seed: int
+    bf16: str
+    gradient_checkpointing: str
+    save_steps: int
+    output_dir: str
+    registered_model_name: str
+
+
+def check_schedule(settings: TrainerSettings) -> None:
     """The schedule both trainers take: a finite, non-negative learning rate and at least one step.
 
     Without this, `nan` fails deep inside the optimizer, `inf` epochs overflow, and `max_steps=0` (or -2)
@@ -64,3 +86,22 @@ def bf16_enabled(value: str) -> bool:
             "configs/*.yaml do) and choose with -P bf16=..."
         )
     return enabled
+
+
+def trainer_arguments(settings: TrainerSettings, config_class: type) -> dict[str, Any]:
+    """The `config_class(**...)` keywords that both trainers' TRL configs take from their settings: where to
+    save and how often, the schedule, the batch, the seed, the precision and the device."""
+    return dict(
+        output_dir=settings.output_dir,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        seed=settings.seed,
+        bf16=bf16_enabled(settings.bf16),
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        **checkpointing_option(config_class, settings.gradient_checkpointing),
+    )
