@@ -48,10 +48,11 @@ from rlvr import plots, thoughts, tracking
 from rlvr.data import Split, load_split
 from rlvr.errors import InputError, check_sampling, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
+from rlvr.job import checkpoints
 from rlvr.models import load_model
 from rlvr.rendering import latex_completion, markdown_completion
+from rlvr.settings import param
 from rlvr.surgery import make_faithful
-from rlvr.training import checkpoints, param
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr import thoughts
+from rlvr.decoding import TokenSpan
 from rlvr.rewards import answer_text, until_stop, well_formed
-from rlvr.tokenizer import TokenSpan
 
 Messages = list[dict[str, str]]
 

@@ -9,6 +9,7 @@ same MLflow run, and logs and registers the final model as an MLflow pyfunc.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -25,15 +26,13 @@ from transformers import GenerationConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from rlvr import rewards, thoughts, tracking
-from rlvr.data import load_split
 from rlvr.errors import InputError, flag, require_at_least_one, require_finite
 from rlvr.generation import describe
-from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
-from rlvr.models import load_model
+from rlvr.job import TrainerSetup, process_state, run_job
 from rlvr.rendering import marked_text
 from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes, rollout_weights
+from rlvr.settings import check_schedule, param, trainer_arguments
 from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
-from rlvr.training import Job, bf16_enabled, check_schedule, checkpointing_option, param, process_state
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,8 @@ UNCONSTRAINED_ROLLOUTS = {
 
 @dataclass
 class TrainSettings:
-    """Every parameter of the training entry points, with its one default."""
+    """Every parameter of the training entry points, with its one default. The code both trainers share reads
+    the ones `rlvr.settings.TrainerSettings` names."""
 
     model: str = param(
         "Qwen/Qwen3-0.6B", "hub id, local directory, preset (tiny-qwen3, micro, ...) or MLflow model URI"
@@ -257,35 +257,23 @@ def chosen_rewards(settings: TrainSettings) -> list[tuple[str, float]]:
 
 
 def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
-    cuda = torch.cuda.is_available()
     report_to = [
         r for r in extra.pop("report_to", []) or [] if r != "mlflow"
     ]  # MLflow is logged by rlvr itself
     kwargs = dict(
-        output_dir=settings.output_dir,
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        **trainer_arguments(settings, GRPOConfig),
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
         temperature=settings.temperature,
         beta=settings.beta,
         loss_type=settings.loss_type,
-        seed=settings.seed,
-        bf16=bf16_enabled(settings.bf16),
-        save_strategy="steps",
-        save_steps=settings.save_steps,
         logging_steps=1,
         reward_weights=[weight for _, weight in chosen_rewards(settings)],
         report_to=report_to,
-        use_cpu=not cuda,
         save_only_model=False,
         vllm_importance_sampling_correction=flag("sampling_correction", settings.sampling_correction)
         is not False,
         vllm_importance_sampling_mode="token_truncate",
-        **checkpointing_option(GRPOConfig, settings.gradient_checkpointing),
     )
     kwargs.update(extra)
     try:
@@ -486,59 +474,34 @@ def train(settings: TrainSettings) -> str | None:
     """Run GRPO as `settings` say; returns the logged model's URI (None on ranks other than 0)."""
     world = process_state().num_processes
     validate(settings, world)
-    avoid_cudnn_attention_backward()
     extra = extra_grpo_fields(settings)
     arm = "reasoning" if settings.reasoning_vocab_size else "baseline"
-    job = Job(
-        settings.output_dir, run_name=f"train_{arm}", tags={"rlvr.step": f"train_{arm}", "rlvr.arm": arm}
-    )
-    split = load_split(settings.data, "train").require_rows(settings.data)
-    # everything that can refuse the request comes before the run starts and before anything is written
-    model, tokenizer = job.starting_model(
-        lambda: load_model(settings.model, settings.reasoning_vocab_size, seed=settings.seed)
-    )
-    if model.reasoning_vocab.size != settings.reasoning_vocab_size:
-        raise InputError(
-            f"output_dir {job.output_dir} holds a run with reasoning_vocab_size="
-            f"{model.reasoning_vocab.size}, not {settings.reasoning_vocab_size}; resume with the same size "
-            "or choose another output_dir."
-        )
-    dataset, too_long = _prompt_dataset(split.frame, tokenizer, settings.max_prompt_length)
-    config = grpo_config(settings, extra)
-    with job.run():
-        if job.main:
-            mlflow.log_input(split.mlflow_dataset(), context="train")
-        job.save_start(model, tokenizer)
-        if job.main:
-            own = dataclasses.asdict(settings)
-            tracking.log_params(
-                {
-                    **own,
-                    "arm": arm,
-                    "base_vocab_size": model.reasoning_vocab.base_vocab_size,
-                    "data_digest": split.digest,
-                    "grpo": {k: v for k, v in config.to_dict().items() if k not in own},
-                }
-            )
-            if job.resume_from is None:  # a resumed run has them: every metric step once
-                mlflow.log_metrics({"data/train_prompts": len(dataset), "data/prompts_too_long": too_long})
-        trainer = ReasoningGRPOTrainer(
-            model=model,
+
+    def prepare(frame: pd.DataFrame, model, tokenizer) -> TrainerSetup:
+        dataset, too_long = _prompt_dataset(frame, tokenizer, settings.max_prompt_length)
+        config = grpo_config(settings, extra)
+        trainer = functools.partial(
+            ReasoningGRPOTrainer,
             reward_funcs=rewards.reward_functions(
                 tokenizer, names=[name for name, _ in chosen_rewards(settings)]
             ),
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[tracking.MlflowMetrics(), StopOnNonFinite()],
             completions_every=settings.log_completions_steps,
             fast_rollouts=fast_rollouts_enabled(settings.fast_rollouts),
         )
-        trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
-        tags = {
-            "base_model": settings.model,
-            "reasoning_vocab_size": str(settings.reasoning_vocab_size),
-            "data_digest": split.digest,
-            "arm": arm,
-        }
-        return job.finish(trainer, tokenizer, settings.registered_model_name, tags)
+        return TrainerSetup(
+            config=config,
+            dataset=dataset,
+            trainer=trainer,
+            params={"arm": arm, "base_vocab_size": model.reasoning_vocab.base_vocab_size},
+            config_key="grpo",
+            data_metrics={"data/train_prompts": len(dataset), "data/prompts_too_long": too_long},
+        )
+
+    return run_job(
+        settings,
+        step=f"train_{arm}",
+        arm=arm,
+        model_arm=arm,
+        reasoning_vocab_size=settings.reasoning_vocab_size,
+        prepare=prepare,
+    )

@@ -20,8 +20,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from rlvr.decoding import TokenSpan
 from rlvr.rendering import colour_for, segments
-from rlvr.tokenizer import TokenSpan
 
 ROLE_COLOURS = {"training": "#D55E00", "baseline": "#0072B2"}
 ROLE_STYLES = {"training": "-", "baseline": "--"}

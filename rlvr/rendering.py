@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rlvr.tokenizer import TokenSpan
+from rlvr.decoding import TokenSpan
 
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 # Background colours for multiplicity 1, 2, 3, ...; colour-blind-safe (Okabe-Ito), cycling past 8.

@@ -8,25 +8,21 @@ from. The warm start is a baseline model (N = 0); `train_reasoning` grows its re
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-import mlflow
-import torch
+import pandas as pd
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from rlvr import tracking
-from rlvr.data import load_split
-from rlvr.errors import InputError, require_at_least_one
-from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
-from rlvr.models import load_model
-from rlvr.training import Job, bf16_enabled, check_schedule, checkpointing_option, param
+from rlvr.errors import InputError, flag, require_at_least_one
+from rlvr.job import TrainerSetup, run_job
+from rlvr.settings import check_schedule, param, trainer_arguments
 
 
 @dataclass
 class WarmstartSettings:
-    """Every parameter of the warmstart entry point, with its one default."""
+    """Every parameter of the warmstart entry point, with its one default. The code both trainers share reads
+    the ones `rlvr.settings.TrainerSettings` names."""
 
     model: str = param("micro", "hub id, local directory, preset or MLflow model URI to fine-tune")
     data: str = param("outputs/data", "preprocess output with a reference column: output_dir or runs:/ URI")
@@ -75,61 +71,32 @@ def warmstart(settings: WarmstartSettings) -> str | None:
         settings, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "save_steps"
     )
     check_schedule(settings)
-    checkpointing = checkpointing_option(SFTConfig, settings.gradient_checkpointing)  # a bad value fails here
-    avoid_cudnn_attention_backward()
-    job = Job(
-        settings.output_dir, run_name="warmstart", tags={"rlvr.step": "warmstart", "rlvr.arm": "baseline"}
-    )
-    split = load_split(settings.data, "train").require_rows(settings.data)
-    dataset = _sft_dataset(split.frame, settings.data)
-    # the model is loaded before the run starts, so one that cannot be loaded leaves nothing behind
-    model, tokenizer = job.starting_model(lambda: load_model(settings.model, 0, seed=settings.seed))
-    with job.run():
-        if job.main:
-            mlflow.log_input(split.mlflow_dataset(), context="train")
-        job.save_start(model, tokenizer)
+    flag("gradient_checkpointing", settings.gradient_checkpointing)  # a bad value fails here
+
+    def prepare(frame: pd.DataFrame, model, tokenizer) -> TrainerSetup:
+        dataset = _sft_dataset(frame, settings.data)
         config = SFTConfig(
-            output_dir=settings.output_dir,
-            learning_rate=settings.learning_rate,
-            num_train_epochs=settings.num_train_epochs,
-            max_steps=settings.max_steps,
-            per_device_train_batch_size=settings.per_device_train_batch_size,
-            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            **trainer_arguments(settings, SFTConfig),
             max_length=settings.max_length,
-            seed=settings.seed,
-            bf16=bf16_enabled(settings.bf16),
-            use_cpu=not torch.cuda.is_available(),
-            **checkpointing,  # TRL turns it on by default; a small model only pays for it
             lr_scheduler_type="cosine",
             warmup_steps=10,
-            save_strategy="steps",
-            save_steps=settings.save_steps,
             logging_steps=5,
             report_to=[],
         )
-        if job.main:
-            own = dataclasses.asdict(settings)
-            tracking.log_params(
-                {
-                    **own,
-                    "data_digest": split.digest,
-                    "sft": {k: v for k, v in config.to_dict().items() if k not in own},
-                }
-            )
-            if job.resume_from is None:  # a resumed run has it: every metric step once
-                mlflow.log_metric("data/train_examples", len(dataset))
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[tracking.MlflowMetrics(), StopOnNonFinite()],
+        return TrainerSetup(
+            config=config,
+            dataset=dataset,
+            trainer=SFTTrainer,
+            params={},
+            config_key="sft",
+            data_metrics={"data/train_examples": len(dataset)},
         )
-        trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
-        tags = {
-            "base_model": settings.model,
-            "reasoning_vocab_size": "0",
-            "data_digest": split.digest,
-            "arm": "warmstart",
-        }
-        return job.finish(trainer, tokenizer, settings.registered_model_name, tags)
+
+    return run_job(
+        settings,
+        step="warmstart",
+        arm="baseline",
+        model_arm="warmstart",
+        reasoning_vocab_size=0,
+        prepare=prepare,
+    )

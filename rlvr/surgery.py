@@ -16,7 +16,7 @@ Attributes set on a model (`attach`, `enable_fast_rollouts`):
 - `generate`: routes plain sampling requests to `fast_rollout` when one is enabled, records log-probs.
 - `save_pretrained`: also writes `reasoning_token_map.json`, so every checkpoint carries the map.
 - `fast_rollout`: the `rlvr.rollout.FastRollout` serving plain sampling requests.
-On a tokenizer (`make_faithful`): its class becomes a subclass with `rlvr.tokenizer.FaithfulDecodeMixin`, and
+On a tokenizer (`make_faithful`): its class becomes a subclass with `rlvr.decoding.FaithfulDecodeMixin`, and
 `reasoning_vocab` is set.
 
 Private names of the libraries relied on (pinned by `pyproject.toml`; tests exercise each):
@@ -41,6 +41,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr import thoughts
+from rlvr.decoding import faithful_class
 from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError
 
 
@@ -223,8 +224,6 @@ def make_faithful(tokenizer: PreTrainedTokenizerBase, vocab: ReasoningVocab) -> 
     The new class keeps the original class's name, so `save_pretrained` writes a config that plain
     `AutoTokenizer` loads, and pickles by reference to its base (see `FaithfulDecodeMixin.__reduce__`).
     """
-    from rlvr.tokenizer import faithful_class
-
     tokenizer.__class__ = faithful_class(type(tokenizer))
     tokenizer.reasoning_vocab = vocab
     return tokenizer

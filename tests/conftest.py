@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlvr.tokenizer import qwen3_tokenizer
+from rlvr.presets.qwen3 import qwen3_tokenizer
 from rlvr.vocab import ReasoningVocab
 
 QWEN3_N = 151646  # the reasoning_vocab_size users pass for Qwen3

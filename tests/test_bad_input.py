@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from rlvr.data import SCHEMA, Options, preprocess
 from rlvr.models import load_model, save_model
-from rlvr.tokenizer import CHATML_TEMPLATE
+from rlvr.presets.qwen3 import CHATML_TEMPLATE
 
 EXPERIMENT = "bad-input"
 PROCESS = "process"  # run this case as `python -m entrypoints.<entry point>`

@@ -35,8 +35,8 @@ from rlvr.data import Options, preprocess
 from rlvr.errors import InputError
 from rlvr.grpo import TrainSettings, train
 from rlvr.rollout import FastRollout, rollout_weights
+from rlvr.settings import bf16_enabled
 from rlvr.surgery import enable_fast_rollouts
-from rlvr.training import bf16_enabled
 from rlvr.vocab import ReasoningVocab
 
 METRICS = (

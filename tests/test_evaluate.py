@@ -21,6 +21,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from entrypoints.evaluate import main
 from rlvr import load_model, save_model, tracking
 from rlvr.data import Options, load_split, preprocess
+from rlvr.decoding import TokenSpan
 from rlvr.evaluation import (
     EvalSettings,
     Scored,
@@ -32,9 +33,8 @@ from rlvr.evaluation import (
     wilson_interval,
 )
 from rlvr.generation import Generated
-from rlvr.presets import micro_tokenizer
+from rlvr.presets.task import micro_tokenizer
 from rlvr.rendering import PageEntry, colour_for, completions_page, segments
-from rlvr.tokenizer import TokenSpan
 
 FAST = {"num_samples": 2, "temperature": 1.0, "max_new_tokens": 16, "batch_size": 8}
 

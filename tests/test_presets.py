@@ -11,10 +11,11 @@ import torch
 from transformers import AutoTokenizer
 
 import rlvr
-from rlvr.presets import PRESETS, build_preset, micro_tokenizer
+from rlvr.presets import PRESETS, build_preset
+from rlvr.presets.qwen3 import CHATML_TEMPLATE
+from rlvr.presets.task import micro_tokenizer
 from rlvr.rewards import DEFAULT_INSTRUCTION
 from rlvr.synthetic import Difficulty, generate
-from rlvr.tokenizer import CHATML_TEMPLATE
 
 FINGERPRINT = """
 import hashlib, json, torch

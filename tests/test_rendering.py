@@ -1,5 +1,5 @@
+from rlvr.decoding import TokenSpan
 from rlvr.rendering import colour_for, marked_text, segments
-from rlvr.tokenizer import TokenSpan
 
 
 def test_segments_merge_runs_of_one_multiplicity_and_skip_empty_pieces():

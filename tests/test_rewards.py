@@ -6,9 +6,9 @@ import pytest
 
 from rlvr.errors import InputError
 from rlvr.grpo import TrainSettings, chosen_rewards, grpo_config
+from rlvr.presets.qwen3 import qwen3_tokenizer
 from rlvr.rewards import answer_is_correct, parse_rewards, reward_functions
 from rlvr.surgery import make_faithful
-from rlvr.tokenizer import qwen3_tokenizer
 from rlvr.vocab import ReasoningVocab
 
 N = 151646  # reasoning row E + i is a copy of standard id i

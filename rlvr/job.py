@@ -1,11 +1,15 @@
-"""What GRPO and SFT jobs share: parameter declarations, checkpoints, the MLflow run, and the final model.
+"""A training job, as GRPO and SFT run it: its output directory and checkpoints, the MLflow run, and the final
+model.
 
 A job owns one `output_dir`: `checkpoint-0` (the starting model, token map included), the Trainer's
-`checkpoint-N`, the id of its MLflow run, and `final/` once done. Only rank 0 talks to MLflow.
+`checkpoint-N`, the id of its MLflow run, and `final/` once done. Only rank 0 talks to MLflow. `run_job` is
+the job's course, the same for both trainers: data, starting model, the trainer's own setup, the run,
+training (resumed where a killed job stopped), the final model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -14,29 +18,28 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import torch
 from accelerate import PartialState
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from rlvr import tracking
-from rlvr.errors import InputError, flag, require_finite
-from rlvr.guards import TrainingDiverged
+from rlvr.data import load_split
+from rlvr.errors import InputError
+from rlvr.guards import StopOnNonFinite, TrainingDiverged, avoid_cudnn_attention_backward
 from rlvr.models import load_model, save_model
+from rlvr.settings import TrainerSettings
 from rlvr.vocab import TOKEN_MAP_FILE
 
 FINAL_DIR = "final"
 _WATCHER = "rlvr-launcher-watch"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def param(default: Any, help: str) -> Any:
-    """A settings field with the help text its click option and MLproject parameter show."""
-    return field(default=default, metadata={"help": help})
 
 
 def checkpoints(output_dir: Path, *needed: str) -> list[tuple[int, Path]]:
@@ -51,38 +54,6 @@ def checkpoints(output_dir: Path, *needed: str) -> list[tuple[int, Path]]:
         if match and all((path / name).exists() for name in (TOKEN_MAP_FILE, *needed)):
             found.append((int(match.group(1)), path))
     return sorted(found)
-
-
-def check_schedule(settings: Any) -> None:
-    """The schedule both trainers take: a finite, non-negative learning rate and at least one step.
-
-    Without this, `nan` fails deep inside the optimizer, `inf` epochs overflow, and `max_steps=0` (or -2)
-    trains for no step and still registers a model.
-    """
-    require_finite(settings, "learning_rate", "num_train_epochs")
-    if settings.learning_rate < 0:
-        raise InputError(f"learning_rate={settings.learning_rate} is negative; pass a positive one.")
-    if settings.max_steps != -1 and settings.max_steps < 1:
-        raise InputError(
-            f"max_steps={settings.max_steps} is neither a positive step count nor -1; pass e.g. "
-            "max_steps=100, or -1 to train for num_train_epochs."
-        )
-    if settings.max_steps == -1 and settings.num_train_epochs <= 0:
-        raise InputError(
-            f"num_train_epochs={settings.num_train_epochs} with max_steps=-1 trains for no step; pass a "
-            "positive num_train_epochs or a positive max_steps."
-        )
-
-
-def checkpointing_option(config_class: type, value: str) -> dict[str, bool]:
-    """The `config_class(**...)` keyword for activation checkpointing, named as this transformers names it.
-
-    transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing`; TRL's configs default it
-    on.
-    """
-    names = {f.name for f in fields(config_class)}
-    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return {name: bool(flag("gradient_checkpointing", value))}
 
 
 def process_state() -> PartialState:
@@ -117,22 +88,6 @@ def end_with_launcher(poll_s: float = 0.5) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name=_WATCHER, daemon=True).start()
-
-
-def bf16_enabled(value: str) -> bool:
-    """Whether training runs under bf16 autocast. The `bf16` parameter decides, not the launcher: rlvr sets
-    the sampling precision and the sampling correction from it, so a launcher asking for another precision
-    (an accelerate config's `mixed_precision`) is refused rather than left to change the numerics unseen."""
-    chosen = flag("bf16", value)
-    enabled = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if chosen is None else chosen
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher not in ("no", "bf16" if enabled else "no"):
-        raise InputError(
-            f"the launcher asks for mixed_precision={launcher}, but training runs "
-            f"{'with' if enabled else 'without'} bf16 (bf16={value}); launch with mixed_precision no (as "
-            "configs/*.yaml do) and choose with -P bf16=..."
-        )
-    return enabled
 
 
 class Job:
@@ -225,3 +180,79 @@ class Job:
         except BaseException:
             shutil.rmtree(final)  # unfinished until logged: a rerun resumes from the last checkpoint, retries
             raise
+
+
+@dataclass
+class TrainerSetup:
+    """What one trainer brings to a job once the starting model is loaded."""
+
+    config: TrainingArguments
+    dataset: Dataset
+    # called like a Trainer class, with model, args, train_dataset, processing_class and callbacks
+    trainer: Callable[..., Trainer]
+    params: dict[str, Any]  # logged beside the settings
+    config_key: str  # the config's other fields are logged under this prefix
+    data_metrics: dict[str, float]  # logged once, when the run starts fresh
+
+
+def run_job(
+    settings: TrainerSettings,
+    *,
+    step: str,
+    arm: str,
+    model_arm: str,
+    reasoning_vocab_size: int,
+    prepare: Callable[[pd.DataFrame, PreTrainedModel, PreTrainedTokenizerBase], TrainerSetup],
+) -> str | None:
+    """Train as `settings` say, in a run named `step` and tagged with `step` and `arm`, and log the final
+    model, tagged with `model_arm`; returns its URI (None on ranks other than 0).
+
+    `prepare` makes the trainer's own part from the training split's rows and the starting model. Everything
+    that can refuse the request (the output_dir, the tracking server, the data, the model, `prepare`) comes
+    before the run starts and before anything is written.
+    """
+    avoid_cudnn_attention_backward()
+    job = Job(settings.output_dir, run_name=step, tags={"rlvr.step": step, "rlvr.arm": arm})
+    split = load_split(settings.data, "train").require_rows(settings.data)
+    model, tokenizer = job.starting_model(
+        lambda: load_model(settings.model, reasoning_vocab_size, seed=settings.seed)
+    )
+    if model.reasoning_vocab.size != reasoning_vocab_size:
+        raise InputError(
+            f"output_dir {job.output_dir} holds a run with reasoning_vocab_size="
+            f"{model.reasoning_vocab.size}, not {reasoning_vocab_size}; resume with the same size "
+            "or choose another output_dir."
+        )
+    setup = prepare(split.frame, model, tokenizer)
+    with job.run():
+        if job.main:
+            mlflow.log_input(split.mlflow_dataset(), context="train")
+        job.save_start(model, tokenizer)
+        if job.main:
+            settings_params = dataclasses.asdict(settings)
+            config_params = {k: v for k, v in setup.config.to_dict().items() if k not in settings_params}
+            tracking.log_params(
+                {
+                    **settings_params,
+                    **setup.params,
+                    "data_digest": split.digest,
+                    setup.config_key: config_params,
+                }
+            )
+            if job.resume_from is None:  # a resumed run has them: every metric step once
+                mlflow.log_metrics(setup.data_metrics)
+        trainer = setup.trainer(
+            model=model,
+            args=setup.config,
+            train_dataset=setup.dataset,
+            processing_class=tokenizer,
+            callbacks=[tracking.MlflowMetrics(), StopOnNonFinite()],
+        )
+        trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+        tags = {
+            "base_model": settings.model,
+            "reasoning_vocab_size": str(reasoning_vocab_size),
+            "data_digest": split.digest,
+            "arm": model_arm,
+        }
+        return job.finish(trainer, tokenizer, settings.registered_model_name, tags)
