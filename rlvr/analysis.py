@@ -50,8 +50,9 @@ from rlvr.errors import InputError, check_sampling, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
 from rlvr.models import load_model
 from rlvr.rendering import latex_completion, markdown_completion
+from rlvr.settings import param
 from rlvr.surgery import make_faithful
-from rlvr.training import checkpoints, param
+from rlvr.training import checkpoints
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,8 @@ from rlvr.guards import require_finite_weights
 from rlvr.models import load_model
 from rlvr.rendering import PageEntry, completions_page, marked_text
 from rlvr.rewards import DEFAULT_INSTRUCTION, answer_is_correct
-from rlvr.training import bf16_enabled, param
+from rlvr.settings import param
+from rlvr.training import bf16_enabled
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,9 @@ from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
 from rlvr.models import load_model
 from rlvr.rendering import marked_text
 from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes, rollout_weights
+from rlvr.settings import param
 from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
-from rlvr.training import Job, bf16_enabled, check_schedule, checkpointing_option, param, process_state
+from rlvr.training import Job, bf16_enabled, check_schedule, checkpointing_option, process_state
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)

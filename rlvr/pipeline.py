@@ -26,7 +26,7 @@ from rlvr import statistics, tracking
 from rlvr.data import DATA_ARTIFACT_PATH
 from rlvr.errors import InputError
 from rlvr.evaluation import SAMPLES_TABLE, metrics_by_label
-from rlvr.training import param
+from rlvr.settings import param
 
 log = logging.getLogger(__name__)
 

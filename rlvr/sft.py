@@ -21,7 +21,8 @@ from rlvr.data import load_split
 from rlvr.errors import InputError, require_at_least_one
 from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
 from rlvr.models import load_model
-from rlvr.training import Job, bf16_enabled, check_schedule, checkpointing_option, param
+from rlvr.settings import param
+from rlvr.training import Job, bf16_enabled, check_schedule, checkpointing_option
 
 
 @dataclass

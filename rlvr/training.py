@@ -1,4 +1,4 @@
-"""What GRPO and SFT jobs share: parameter declarations, checkpoints, the MLflow run, and the final model.
+"""What GRPO and SFT jobs share: checkpoints, the MLflow run, and the final model.
 
 A job owns one `output_dir`: `checkpoint-0` (the starting model, token map included), the Trainer's
 `checkpoint-N`, the id of its MLflow run, and `final/` once done. Only rank 0 talks to MLflow.
@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,6 @@ from rlvr.vocab import TOKEN_MAP_FILE
 FINAL_DIR = "final"
 _WATCHER = "rlvr-launcher-watch"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def param(default: Any, help: str) -> Any:
-    """A settings field with the help text its click option and MLproject parameter show."""
-    return field(default=default, metadata={"help": help})
 
 
 def checkpoints(output_dir: Path, *needed: str) -> list[tuple[int, Path]]:
