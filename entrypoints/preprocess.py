@@ -11,7 +11,7 @@ import click
 import mlflow
 
 from rlvr.cli import friendly_errors
-from rlvr.data import (
+from rlvr.preprocess import (
     DEFAULT_OUTPUT_DIR,
     DEFAULT_SOURCE,
     DROP_REASONS,

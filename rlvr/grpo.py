@@ -25,7 +25,7 @@ from transformers import GenerationConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from rlvr import rewards, thoughts, tracking
-from rlvr.data import load_split
+from rlvr.dataset import load_split
 from rlvr.errors import InputError, flag, require_at_least_one, require_finite
 from rlvr.generation import describe
 from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward

@@ -17,7 +17,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rlvr import tracking
-from rlvr.data import load_split
+from rlvr.dataset import load_split
 from rlvr.errors import InputError, require_at_least_one
 from rlvr.guards import StopOnNonFinite, avoid_cudnn_attention_backward
 from rlvr.models import load_model

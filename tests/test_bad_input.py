@@ -35,8 +35,9 @@ from mlflow.tracking import MlflowClient
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from rlvr.data import SCHEMA, Options, preprocess
+from rlvr.dataset import SCHEMA
 from rlvr.models import load_model, save_model
+from rlvr.preprocess import Options, preprocess
 from rlvr.tokenizer import CHATML_TEMPLATE
 
 EXPERIMENT = "bad-input"

@@ -20,7 +20,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from entrypoints.evaluate import main
 from rlvr import load_model, save_model, tracking
-from rlvr.data import Options, load_split, preprocess
+from rlvr.dataset import load_split
 from rlvr.evaluation import (
     EvalSettings,
     Scored,
@@ -32,6 +32,7 @@ from rlvr.evaluation import (
     wilson_interval,
 )
 from rlvr.generation import Generated
+from rlvr.preprocess import Options, preprocess
 from rlvr.presets import micro_tokenizer
 from rlvr.rendering import PageEntry, colour_for, completions_page, segments
 from rlvr.tokenizer import TokenSpan
