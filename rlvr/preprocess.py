@@ -1,5 +1,5 @@
 """Sources -> normalised parquet that training and evaluation read (`rlvr.dataset` holds that parquet's
-schema and reads it back), and logging a preprocess to its MLflow run.
+schema and reads it back), and the preprocess entry point's job: the same, logged to an MLflow run.
 
 A source is a hub dataset, a local `.jsonl`/`.json`/`.parquet`/`.csv` file, or `synthetic`. Each row becomes
 one problem, its ground-truth final answer (`solution`, the string the reward checks) and, where the source
@@ -16,6 +16,7 @@ unusable rows means the mapping is wrong, so that is an error rather than a sile
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,7 +39,8 @@ from rlvr import synthetic
 from rlvr.dataset import DATA_ARTIFACT_PATH, load_split, schema_for
 from rlvr.errors import InputError
 from rlvr.rewards import DEFAULT_INSTRUCTION, parse_answer
-from rlvr.tracking import log_params
+from rlvr.settings import param
+from rlvr.tracking import entrypoint_run, log_params
 
 logger = logging.getLogger(__name__)
 
@@ -64,26 +66,31 @@ DROP_REASONS = (MISSING_PROBLEM, MISSING_ANSWER, NON_STRING_ANSWER, UNPARSEABLE_
 
 @dataclass(frozen=True)
 class Options:
-    """Everything preprocess takes besides the source and output directory; the one home of the defaults.
+    """Everything preprocess takes besides the source and output directory; the one home of their defaults
+    and help.
 
     `split`, `config` and `revision` select a hub dataset. `test_size` below 1 is a fraction of the usable
     rows, from 1 up a row count, 0 no test rows. `max_samples` caps the usable rows before the split (0: all).
     Empty `*_field` values mean: detect the column from its name.
     """
 
-    split: str = "train"
-    config: str = ""
-    revision: str = ""
-    test_size: float = 0.1
-    max_samples: int = 0
-    seed: int = 0
-    system_prompt: str = ""
-    instruction: str = DEFAULT_INSTRUCTION
-    max_invalid_fraction: float = 0.1
-    problem_field: str = ""
-    answer_field: str = ""
-    reference_field: str = ""
-    id_field: str = ""
+    split: str = param("train", "Split of a hub dataset to read.")
+    config: str = param("", "Configuration (subset) of a hub dataset, e.g. 'main' for gsm8k.")
+    revision: str = param("", "Revision (branch, tag or commit) of a hub dataset.")
+    test_size: float = param(
+        0.1, "Held-out test rows: a fraction below 1, a row count from 1 up, 0 for none."
+    )
+    max_samples: int = param(0, "Keep at most this many usable rows (0: all).")
+    seed: int = param(0, "Seed of the shuffle and of 'synthetic'.")
+    system_prompt: str = param("", "System message put before each problem (none if empty).")
+    instruction: str = param(DEFAULT_INSTRUCTION, "Appended to each problem after a space (none if empty).")
+    max_invalid_fraction: float = param(
+        0.1, "Fail when more than this fraction of rows lacks a problem or a parseable answer."
+    )
+    problem_field: str = param("", "Column holding the problem (text or chat messages).")
+    answer_field: str = param("", "Column holding the final answer.")
+    reference_field: str = param("", "Column holding a worked solution.")
+    id_field: str = param("", "Column holding a unique row id (else a hash of the problem).")
 
     def __post_init__(self):
         size = self.test_size
@@ -100,6 +107,42 @@ class Options:
             raise InputError(
                 f"max_invalid_fraction={self.max_invalid_fraction} is not in [0, 1]; pass e.g. 0.1."
             )
+
+
+def _option(name: str) -> Any:
+    """`Options`' field `name`, with its default and help, for `PreprocessSettings` to list in its place."""
+    spec = next(spec for spec in dataclasses.fields(Options) if spec.name == name)
+    return param(spec.default, spec.metadata["help"])
+
+
+@dataclass
+class PreprocessSettings:
+    """Every parameter of the preprocess entry point, in MLproject's order: the source, the output directory
+    and the `Options` (whose defaults and help stay theirs)."""
+
+    source: str = param(
+        DEFAULT_SOURCE,
+        f"A hub dataset id, a local {'/'.join(FILE_FORMATS)} file, or 'synthetic' with optional knobs, e.g. "
+        "synthetic:count=20000,digits=3,max_ops=3 (also min_ops, operations, factor_digits, negative).",
+    )
+    split: str = _option("split")
+    config: str = _option("config")
+    revision: str = _option("revision")
+    output_dir: str = param(DEFAULT_OUTPUT_DIR, "Directory that receives train.parquet and test.parquet.")
+    test_size: float = _option("test_size")
+    max_samples: int = _option("max_samples")
+    seed: int = _option("seed")
+    system_prompt: str = _option("system_prompt")
+    instruction: str = _option("instruction")
+    max_invalid_fraction: float = _option("max_invalid_fraction")
+    problem_field: str = _option("problem_field")
+    answer_field: str = _option("answer_field")
+    reference_field: str = _option("reference_field")
+    id_field: str = _option("id_field")
+
+    def options(self) -> Options:
+        """The `Options` among these settings, checked as `Options` checks them."""
+        return Options(**{spec.name: getattr(self, spec.name) for spec in dataclasses.fields(Options)})
 
 
 # --- reading sources ----------------------------------------------------------------------------------------
@@ -429,6 +472,18 @@ class Report:
         counts |= {f"rows_dropped_{reason}": self.dropped[reason] for reason in DROP_REASONS}
         return counts
 
+    def breakdown(self) -> str:
+        """The counts as the preprocess entry point prints them: the totals, then a line per reason rows were
+        dropped for, with an example."""
+        dropped = sum(self.dropped.values())
+        lines = [f"{self.read} rows read: {self.train} train, {self.test} test, {dropped} dropped"]
+        lines += [
+            f"  dropped ({reason}): {self.dropped[reason]}, e.g. {self.examples[reason]!r:.80}"
+            for reason in DROP_REASONS
+            if self.dropped[reason]
+        ]
+        return "\n".join(lines)
+
     def summary(self) -> str:
         drops = ", ".join(
             f"{reason} {n} (e.g. {self.examples[reason]!r:.80})" for reason, n in self.dropped.items() if n
@@ -536,6 +591,8 @@ class PreprocessResult:
 def preprocess(source: str, output_dir: str | os.PathLike, options: Options = Options()) -> PreprocessResult:
     """Write `train.parquet` and `test.parquet` for `source` into `output_dir`, only once all checks
     passed."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise InputError(f"output_dir {str(output_dir)!r} is a file; pass a directory (created if missing).")
     table = read_source(source, options)
     if not table.columns:
         raise _no_rows(table.name)
@@ -568,3 +625,15 @@ def log_preprocess(result: PreprocessResult, params: dict[str, Any]) -> str:
         mlflow.log_input(logged_split.mlflow_dataset(), context=split)
     mlflow.set_tag("rlvr.data_uri", data_uri)
     return data_uri
+
+
+def run_preprocess(settings: PreprocessSettings) -> tuple[PreprocessResult, str]:
+    """The preprocess entry point's job: `preprocess` in an MLflow run, logged there by `log_preprocess`.
+
+    The options are checked inside the run, so that bad ones mark it FAILED as bad data does. Returns the
+    result and the `runs:/` URI of the logged data (training accepts it as well as the output directory).
+    """
+    with entrypoint_run("preprocess", {"rlvr.step": "preprocess"}):
+        result = preprocess(settings.source, settings.output_dir, settings.options())
+        data_uri = log_preprocess(result, dataclasses.asdict(settings))
+    return result, data_uri
