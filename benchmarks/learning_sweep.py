@@ -58,10 +58,10 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from rlvr.data import Options, preprocess
     from rlvr.evaluation import EvalSettings, evaluate
     from rlvr.grpo import TrainSettings, train
     from rlvr.pipeline import SCALES
+    from rlvr.preprocess import Options, preprocess
     from rlvr.sft import WarmstartSettings, warmstart
 
     plan = SCALES[args.scale]

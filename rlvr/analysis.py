@@ -45,7 +45,7 @@ from sklearn.decomposition import PCA
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr import plots, thoughts, tracking
-from rlvr.data import Split, load_split
+from rlvr.dataset import Split, load_split
 from rlvr.errors import InputError, check_sampling, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
 from rlvr.job import checkpoints

@@ -41,11 +41,12 @@ from mlflow.tracking import MlflowClient
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr import tracking
-from rlvr.data import DATA_ARTIFACT_PATH, SYNTHETIC, Options, Split, load_split, preprocess
+from rlvr.dataset import DATA_ARTIFACT_PATH, Split, load_split
 from rlvr.errors import InputError, check_sampling, flag, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
 from rlvr.guards import require_finite_weights
 from rlvr.models import load_model
+from rlvr.preprocess import SYNTHETIC, Options, preprocess
 from rlvr.rendering import PageEntry, completions_page, marked_text
 from rlvr.rewards import DEFAULT_INSTRUCTION, answer_is_correct
 from rlvr.settings import bf16_enabled, param

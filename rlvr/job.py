@@ -30,7 +30,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from rlvr import tracking
-from rlvr.data import load_split
+from rlvr.dataset import load_split
 from rlvr.errors import InputError
 from rlvr.guards import StopOnNonFinite, TrainingDiverged, avoid_cudnn_attention_backward
 from rlvr.models import load_model, save_model

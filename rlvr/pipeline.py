@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from rlvr import statistics, tracking
-from rlvr.data import DATA_ARTIFACT_PATH
+from rlvr.dataset import DATA_ARTIFACT_PATH
 from rlvr.errors import InputError
 from rlvr.evaluation import SAMPLES_TABLE, metrics_by_label
 from rlvr.settings import param

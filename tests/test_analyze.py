@@ -27,11 +27,12 @@ from safetensors.torch import load_file
 from entrypoints.analyze import main as analyze_main
 from rlvr import load_model
 from rlvr.analysis import TAG_PREFIX, evenly_spaced, token_families, token_items
-from rlvr.data import Options, load_split, preprocess
+from rlvr.dataset import load_split
 from rlvr.decoding import TokenSpan
 from rlvr.errors import InputError
 from rlvr.generation import generate
 from rlvr.grpo import TrainSettings, train
+from rlvr.preprocess import Options, preprocess
 from rlvr.presets.task import micro_tokenizer
 from rlvr.rendering import latex_completion, markdown_completion
 from rlvr.sft import WarmstartSettings, warmstart

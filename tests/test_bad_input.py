@@ -35,8 +35,9 @@ from mlflow.tracking import MlflowClient
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from rlvr.data import SCHEMA, Options, preprocess
+from rlvr.dataset import SCHEMA
 from rlvr.models import load_model, save_model
+from rlvr.preprocess import Options, preprocess
 from rlvr.presets.qwen3 import CHATML_TEMPLATE
 
 EXPERIMENT = "bad-input"
@@ -174,6 +175,8 @@ CASES = [
          "max_invalid_fraction=nan", "pass e.g. 0.1"),
     case("preprocess-negative-max-samples", "--source synthetic:count=20 --max_samples -1", "max_samples=-1",
          "pass 0 to keep every row"),
+    case("preprocess-output-dir-is-a-file", "--source synthetic:count=20 --output_dir {work}/out.txt",
+         "{work}/out.txt' is a file", "pass a directory", file("out.txt", "earlier\n")),
     case("preprocess-bad-source-keeps-earlier-output", "--source {work}/text.jsonl",
          "'text.jsonl' has no problem column", "pass problem_field=<column>",
          together(file("text.jsonl", NO_PROBLEM), existing_output("train.parquet", "test.parquet"))),

@@ -10,16 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlvr.data import (
-    DEFAULT_INSTRUCTION,
-    SCHEMA,
-    Options,
-    last_boxed,
-    load_split,
-    preprocess,
-)
+from rlvr.dataset import SCHEMA, load_split
 from rlvr.errors import InputError
-from rlvr.rewards import parse_answer
+from rlvr.preprocess import Options, last_boxed, preprocess
+from rlvr.rewards import DEFAULT_INSTRUCTION, parse_answer
 
 PLAIN = Options(instruction="", test_size=0)
 

@@ -31,9 +31,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from rlvr import load_model, thoughts
-from rlvr.data import Options, preprocess
 from rlvr.errors import InputError
 from rlvr.grpo import TrainSettings, train
+from rlvr.preprocess import Options, preprocess
 from rlvr.rollout import FastRollout, rollout_weights
 from rlvr.settings import bf16_enabled
 from rlvr.surgery import enable_fast_rollouts

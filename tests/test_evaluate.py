@@ -20,7 +20,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from entrypoints.evaluate import main
 from rlvr import load_model, save_model, tracking
-from rlvr.data import Options, load_split, preprocess
+from rlvr.dataset import load_split
 from rlvr.decoding import TokenSpan
 from rlvr.evaluation import (
     EvalSettings,
@@ -33,6 +33,7 @@ from rlvr.evaluation import (
     wilson_interval,
 )
 from rlvr.generation import Generated
+from rlvr.preprocess import Options, preprocess
 from rlvr.presets.task import micro_tokenizer
 from rlvr.rendering import PageEntry, colour_for, completions_page, segments
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from rlvr.data import Options, preprocess
 from rlvr.grpo import TrainSettings, train
 from rlvr.models import load_model
+from rlvr.preprocess import Options, preprocess
 from rlvr.sft import WarmstartSettings, warmstart
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from rlvr import load_model, save_model
-from rlvr.data import Options, preprocess
 from rlvr.guards import StopOnNonFinite, TrainingDiverged
+from rlvr.preprocess import Options, preprocess
 from rlvr.surgery import enable_fast_rollouts
 
 

@@ -10,8 +10,8 @@ import statistics
 
 from mlflow.tracking import MlflowClient
 
-from rlvr.data import Options, preprocess
 from rlvr.grpo import TrainSettings, train
+from rlvr.preprocess import Options, preprocess
 from rlvr.sft import WarmstartSettings, warmstart
 
 STEPS = 40

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.projects._project_spec import load_project
 
 from entrypoints.preprocess import main
-from rlvr.data import load_split
+from rlvr.dataset import load_split
 
 
 def _project_entry():

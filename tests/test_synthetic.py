@@ -7,8 +7,8 @@ from itertools import pairwise
 import pyarrow.parquet as pq
 import pytest
 
-from rlvr.data import Options, preprocess
 from rlvr.errors import InputError
+from rlvr.preprocess import Options, preprocess
 from rlvr.rewards import parse_answer
 from rlvr.synthetic import Difficulty, generate
 

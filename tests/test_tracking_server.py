@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from entrypoints.evaluate import main as evaluate_main
 from entrypoints.train_baseline import main as train_main
-from rlvr.data import Options, preprocess
+from rlvr.preprocess import Options, preprocess
 from rlvr.slurm.cluster import SlurmError
 from rlvr.slurm.config import SlurmConfig
 

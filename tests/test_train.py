@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from trl import GRPOTrainer
 
 from rlvr import load_model, thoughts
-from rlvr.data import Options, load_split, preprocess
+from rlvr.dataset import load_split
 from rlvr.grpo import NO_GRAD_TOKENS, ReasoningGRPOTrainer
+from rlvr.preprocess import Options, preprocess
 
 SMALL = [  # a GRPO step in seconds on CPU: 2 prompts x 4 completions of 12 tokens
     "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",

@@ -1,5 +1,5 @@
-"""Sources -> normalised parquet that training and evaluation read, and reading that parquet back with
-lineage.
+"""Sources -> normalised parquet that training and evaluation read (`rlvr.dataset` holds that parquet's
+schema and reads it back), and the preprocess entry point's job: the same, logged to an MLflow run.
 
 A source is a hub dataset, a local `.jsonl`/`.json`/`.parquet`/`.csv` file, or `synthetic`. Each row becomes
 one problem, its ground-truth final answer (`solution`, the string the reward checks) and, where the source
@@ -16,6 +16,7 @@ unusable rows means the mapping is wrong, so that is an error rather than a sile
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +25,6 @@ import os
 import random
 import re
 import tempfile
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,38 +32,23 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mlflow.data.dataset_source import DatasetSource
-from mlflow.data.dataset_source_registry import register_dataset_source
-from mlflow.data.pandas_dataset import PandasDataset
 
 from rlvr import synthetic
+from rlvr.dataset import DATA_ARTIFACT_PATH, load_split, schema_for
 from rlvr.errors import InputError
 from rlvr.rewards import DEFAULT_INSTRUCTION, parse_answer
-from rlvr.tracking import is_mlflow_uri, log_params, refuse_deleted_run
+from rlvr.settings import param
+from rlvr.tracking import entrypoint_run, log_params
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "agentica-org/DeepScaleR-Preview-Dataset"
 DEFAULT_OUTPUT_DIR = "outputs/data"
-DATA_ARTIFACT_PATH = "data"  # where preprocess (and evaluate, for a raw source) logs parquet files in its run
 FILE_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 SYNTHETIC = "synthetic"
 SYNTHETIC_COUNT = 5000
-
-_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("prompt", pa.list_(_MESSAGE), nullable=False),
-        pa.field("solution", pa.string(), nullable=False),
-        pa.field("reference", pa.string(), nullable=False),
-    ]
-)
-_METADATA_KEY = b"rlvr.dataset"
 
 # Column names in the order they are tried. Beside TRL's chat columns (`prompt`, `messages`), `solution` is
 # the final answer, as in TRL's datasets and in our own output; elsewhere it is a worked solution.
@@ -81,26 +66,31 @@ DROP_REASONS = (MISSING_PROBLEM, MISSING_ANSWER, NON_STRING_ANSWER, UNPARSEABLE_
 
 @dataclass(frozen=True)
 class Options:
-    """Everything preprocess takes besides the source and output directory; the one home of the defaults.
+    """Everything preprocess takes besides the source and output directory; the one home of their defaults
+    and help.
 
     `split`, `config` and `revision` select a hub dataset. `test_size` below 1 is a fraction of the usable
     rows, from 1 up a row count, 0 no test rows. `max_samples` caps the usable rows before the split (0: all).
     Empty `*_field` values mean: detect the column from its name.
     """
 
-    split: str = "train"
-    config: str = ""
-    revision: str = ""
-    test_size: float = 0.1
-    max_samples: int = 0
-    seed: int = 0
-    system_prompt: str = ""
-    instruction: str = DEFAULT_INSTRUCTION
-    max_invalid_fraction: float = 0.1
-    problem_field: str = ""
-    answer_field: str = ""
-    reference_field: str = ""
-    id_field: str = ""
+    split: str = param("train", "Split of a hub dataset to read.")
+    config: str = param("", "Configuration (subset) of a hub dataset, e.g. 'main' for gsm8k.")
+    revision: str = param("", "Revision (branch, tag or commit) of a hub dataset.")
+    test_size: float = param(
+        0.1, "Held-out test rows: a fraction below 1, a row count from 1 up, 0 for none."
+    )
+    max_samples: int = param(0, "Keep at most this many usable rows (0: all).")
+    seed: int = param(0, "Seed of the shuffle and of 'synthetic'.")
+    system_prompt: str = param("", "System message put before each problem (none if empty).")
+    instruction: str = param(DEFAULT_INSTRUCTION, "Appended to each problem after a space (none if empty).")
+    max_invalid_fraction: float = param(
+        0.1, "Fail when more than this fraction of rows lacks a problem or a parseable answer."
+    )
+    problem_field: str = param("", "Column holding the problem (text or chat messages).")
+    answer_field: str = param("", "Column holding the final answer.")
+    reference_field: str = param("", "Column holding a worked solution.")
+    id_field: str = param("", "Column holding a unique row id (else a hash of the problem).")
 
     def __post_init__(self):
         size = self.test_size
@@ -117,6 +107,42 @@ class Options:
             raise InputError(
                 f"max_invalid_fraction={self.max_invalid_fraction} is not in [0, 1]; pass e.g. 0.1."
             )
+
+
+def _option(name: str) -> Any:
+    """`Options`' field `name`, with its default and help, for `PreprocessSettings` to list in its place."""
+    spec = next(spec for spec in dataclasses.fields(Options) if spec.name == name)
+    return param(spec.default, spec.metadata["help"])
+
+
+@dataclass
+class PreprocessSettings:
+    """Every parameter of the preprocess entry point, in MLproject's order: the source, the output directory
+    and the `Options` (whose defaults and help stay theirs)."""
+
+    source: str = param(
+        DEFAULT_SOURCE,
+        f"A hub dataset id, a local {'/'.join(FILE_FORMATS)} file, or 'synthetic' with optional knobs, e.g. "
+        "synthetic:count=20000,digits=3,max_ops=3 (also min_ops, operations, factor_digits, negative).",
+    )
+    split: str = _option("split")
+    config: str = _option("config")
+    revision: str = _option("revision")
+    output_dir: str = param(DEFAULT_OUTPUT_DIR, "Directory that receives train.parquet and test.parquet.")
+    test_size: float = _option("test_size")
+    max_samples: int = _option("max_samples")
+    seed: int = _option("seed")
+    system_prompt: str = _option("system_prompt")
+    instruction: str = _option("instruction")
+    max_invalid_fraction: float = _option("max_invalid_fraction")
+    problem_field: str = _option("problem_field")
+    answer_field: str = _option("answer_field")
+    reference_field: str = _option("reference_field")
+    id_field: str = _option("id_field")
+
+    def options(self) -> Options:
+        """The `Options` among these settings, checked as `Options` checks them."""
+        return Options(**{spec.name: getattr(self, spec.name) for spec in dataclasses.fields(Options)})
 
 
 # --- reading sources ----------------------------------------------------------------------------------------
@@ -446,6 +472,18 @@ class Report:
         counts |= {f"rows_dropped_{reason}": self.dropped[reason] for reason in DROP_REASONS}
         return counts
 
+    def breakdown(self) -> str:
+        """The counts as the preprocess entry point prints them: the totals, then a line per reason rows were
+        dropped for, with an example."""
+        dropped = sum(self.dropped.values())
+        lines = [f"{self.read} rows read: {self.train} train, {self.test} test, {dropped} dropped"]
+        lines += [
+            f"  dropped ({reason}): {self.dropped[reason]}, e.g. {self.examples[reason]!r:.80}"
+            for reason in DROP_REASONS
+            if self.dropped[reason]
+        ]
+        return "\n".join(lines)
+
     def summary(self) -> str:
         drops = ", ".join(
             f"{reason} {n} (e.g. {self.examples[reason]!r:.80})" for reason, n in self.dropped.items() if n
@@ -522,8 +560,7 @@ def to_arrow(examples: list[Example], source: str, split: str, options: Options)
         }
         for e in examples
     ]
-    metadata = {_METADATA_KEY: json.dumps({"name": source, "split": split}).encode()}
-    return pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata))
+    return pa.Table.from_pylist(rows, schema=schema_for(source, split))
 
 
 def _write_atomically(tables: dict[str, pa.Table], output_dir: Path) -> dict[str, Path]:
@@ -554,6 +591,8 @@ class PreprocessResult:
 def preprocess(source: str, output_dir: str | os.PathLike, options: Options = Options()) -> PreprocessResult:
     """Write `train.parquet` and `test.parquet` for `source` into `output_dir`, only once all checks
     passed."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise InputError(f"output_dir {str(output_dir)!r} is a file; pass a directory (created if missing).")
     table = read_source(source, options)
     if not table.columns:
         raise _no_rows(table.name)
@@ -566,121 +605,6 @@ def preprocess(source: str, output_dir: str | os.PathLike, options: Options = Op
     paths = _write_atomically(tables, Path(output_dir))
     logger.info("preprocessed %s: %s", source, report.summary())
     return PreprocessResult(Path(output_dir), paths, report)
-
-
-# --- reading an output back, with lineage -------------------------------------------------------------------
-class RunArtifactDatasetSource(DatasetSource):
-    """A dataset stored as an artifact of an MLflow run (`runs:/<run_id>/<path>`), as preprocess logs it."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-
-    @staticmethod
-    def _get_source_type() -> str:
-        return "mlflow_run_artifact"
-
-    def load(self, dst_path: str | None = None) -> str:
-        return mlflow.artifacts.download_artifacts(artifact_uri=self.uri, dst_path=dst_path)
-
-    @staticmethod
-    def _can_resolve(raw_source: Any) -> bool:
-        return isinstance(raw_source, str) and raw_source.startswith("runs:/")
-
-    @classmethod
-    def _resolve(cls, raw_source: str) -> RunArtifactDatasetSource:
-        return cls(raw_source)
-
-    def to_dict(self) -> dict[str, str]:
-        return {"uri": self.uri}
-
-    @classmethod
-    def from_dict(cls, source_dict: dict) -> RunArtifactDatasetSource:
-        return cls(source_dict["uri"])
-
-
-register_dataset_source(RunArtifactDatasetSource)
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    """One split of a preprocess output: its rows, where it lives, and its identity for MLflow lineage.
-
-    The digest hashes the file's bytes, so the same data shows as the same dataset in every run that reads it,
-    whether from the output directory or from the preprocess run's artifacts.
-    """
-
-    name: str
-    split: str
-    path: Path
-    source_uri: str
-    digest: str
-    frame: pd.DataFrame = field(repr=False)
-
-    def require_rows(self, data: str) -> Split:
-        """This split, refused (naming `data`, the input it came from) when it holds no rows."""
-        if self.frame.empty:
-            raise InputError(
-                f"data {data!r} has no rows in its {self.split!r} split; pass another split or data with "
-                "rows."
-            )
-        return self
-
-    def mlflow_dataset(self) -> PandasDataset:
-        """For `mlflow.log_input(dataset, context=split)`."""
-        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
-            warnings.filterwarnings(
-                "ignore", message="The specified dataset source can be interpreted in multiple ways"
-            )
-            return mlflow.data.from_pandas(
-                self.frame, source=self.source_uri, name=self.name, digest=self.digest
-            )
-
-
-def load_split(data: str, split: str) -> Split:
-    """The `split` of a preprocess output named by its `output_dir` or a `runs:/<run_id>/<artifact_path>`
-    URI."""
-    path, source_uri = _locate(str(data), split)
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as error:
-        raise InputError(
-            f"{source_uri!r} is not readable parquet ({error}); rerun the preprocess entry point."
-        ) from error
-    if not table.schema.equals(SCHEMA):
-        raise InputError(
-            f"{source_uri!r} has columns {table.schema.names} ({table.schema.types}), not the preprocess "
-            f"schema {SCHEMA.names}; run the preprocess entry point on that data and pass its output_dir."
-        )
-    metadata = json.loads((table.schema.metadata or {}).get(_METADATA_KEY, b"{}"))
-    frame = table.to_pandas()
-    frame["prompt"] = table.column("prompt").to_pylist()
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    name = f"{metadata.get('name', path.parent.name)}/{split}"
-    return Split(name, split, path, source_uri, digest, frame)
-
-
-def _locate(data: str, split: str) -> tuple[Path, str]:
-    if is_mlflow_uri(data):
-        uri = data.rstrip("/")
-        if uri.startswith("runs:/") and uri.count("/") == 1:
-            uri = f"{uri}/{DATA_ARTIFACT_PATH}"
-        uri = f"{uri}/{split}.parquet"
-        try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)), uri
-        except Exception as error:  # MLflow raises several types for a missing run or artifact
-            refuse_deleted_run("data", data)
-            raise InputError(
-                f"data {data!r} has no {split}.parquet that MLflow can fetch ({type(error).__name__}: "
-                f"{error}); pass the runs:/<run_id>/data URI of a finished preprocess run and check "
-                "MLFLOW_TRACKING_URI."
-            ) from error
-    path = Path(data).expanduser() / f"{split}.parquet"
-    if not path.is_file():
-        raise InputError(
-            f"data {data!r} has no {split}.parquet; pass the output_dir of a finished preprocess run (or its "
-            "runs:/<run_id>/data URI)."
-        )
-    return path, str(path.resolve())
 
 
 def log_preprocess(result: PreprocessResult, params: dict[str, Any]) -> str:
@@ -701,3 +625,15 @@ def log_preprocess(result: PreprocessResult, params: dict[str, Any]) -> str:
         mlflow.log_input(logged_split.mlflow_dataset(), context=split)
     mlflow.set_tag("rlvr.data_uri", data_uri)
     return data_uri
+
+
+def run_preprocess(settings: PreprocessSettings) -> tuple[PreprocessResult, str]:
+    """The preprocess entry point's job: `preprocess` in an MLflow run, logged there by `log_preprocess`.
+
+    The options are checked inside the run, so that bad ones mark it FAILED as bad data does. Returns the
+    result and the `runs:/` URI of the logged data (training accepts it as well as the output directory).
+    """
+    with entrypoint_run("preprocess", {"rlvr.step": "preprocess"}):
+        result = preprocess(settings.source, settings.output_dir, settings.options())
+        data_uri = log_preprocess(result, dataclasses.asdict(settings))
+    return result, data_uri
