@@ -26,7 +26,9 @@ from safetensors.torch import load_file
 
 from entrypoints.analyze import main as analyze_main
 from rlvr import load_model
-from rlvr.analysis import TAG_PREFIX, evenly_spaced, token_families, token_items
+from rlvr.analysis.families import token_families, token_items
+from rlvr.analysis.job import TAG_PREFIX
+from rlvr.analysis.runs import evenly_spaced
 from rlvr.dataset import load_split
 from rlvr.decoding import TokenSpan
 from rlvr.errors import InputError

@@ -1,4 +1,4 @@
-"""The figures of the `analyze` entry point, drawn with matplotlib from the tables `rlvr.analysis` writes.
+"""The figures of the `analyze` entry point, drawn with matplotlib from the tables `job` writes.
 
 Figures are built as `matplotlib.figure.Figure` objects and saved through the Agg canvas, never through
 pyplot, so no display or global backend is involved and several figures can be drawn in one process. The
