@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import socket
@@ -5,11 +6,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 # Tests never reach a hub: a hub id must fail at once with a clear message, not after network retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import psutil
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -118,6 +121,43 @@ def tracking_uri(mlflow_server, monkeypatch):
     """Point MLflow (this process and its subprocesses) at the session's server."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return mlflow_server
+
+
+def kill_when(
+    command: list[str],
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    log: Path | None = None,
+) -> list[psutil.Process]:
+    """Start `command` in a process group of its own and SIGKILL the whole group as soon as `condition()`
+    holds, as a crash or a preempted node would: no handler runs, so nothing is closed or cleaned up.
+
+    Fails (after killing the group) when the job ends first or `timeout` seconds pass; `what` names the
+    awaited moment in that message, which ends with the tail of `log` (the job's output) when given. Returns
+    the job's descendants as they were just before the kill, for tests that check none outlives it (a launcher
+    such as torchrun starts its workers in sessions of their own, out of reach of the group's kill).
+    """
+    with open(log, "w") if log else contextlib.nullcontext(subprocess.DEVNULL) as output:
+        job = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=output, stderr=output, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while not condition():
+                if job.poll() is not None:
+                    tail = f":\n{log.read_text()[-3000:]}" if log else ""
+                    raise AssertionError(f"the job ended (exit code {job.returncode}) before {what}{tail}")
+                assert time.monotonic() < deadline, f"{what} not reached within {timeout:.0f} s"
+                time.sleep(0.1)
+            return psutil.Process(job.pid).children(recursive=True)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
 
 
 # --- helpers shared by the constraint tests -------------------------------------------------------------

@@ -4,11 +4,9 @@ rollouts read sharded weights."""
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +24,7 @@ from accelerate.utils import (
     prepare_deepspeed_cmd_env,
     prepare_multi_gpu_env,
 )
-from conftest import ROOT
+from conftest import ROOT, kill_when
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -139,22 +137,14 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_EXPERIMENT_NAME"] = experiment
-    job = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     first_checkpoint = output / "checkpoint-1"
-    deadline = time.monotonic() + 600
-    while not all((first_checkpoint / name).exists() for name in ("trainer_state.json", "rng_state_1.pth")):
-        assert job.poll() is None and time.monotonic() < deadline, "training ended before its checkpoint"
-        time.sleep(0.1)
-    workers = psutil.Process(job.pid).children(recursive=True)
-    os.killpg(job.pid, signal.SIGKILL)  # the launcher (torchrun starts each process in a session of its own)
-    job.wait()
+    workers = kill_when(  # the launcher's group; torchrun starts each process in a session of its own
+        command,
+        lambda: all((first_checkpoint / name).exists() for name in ("trainer_state.json", "rng_state_1.pth")),
+        timeout=600,
+        what="its first checkpoint",
+        env=env,
+    )
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, "processes outlived their launcher"
     assert not (output / "final").exists()

@@ -3,13 +3,11 @@
 everything. No experiment is named until the last rerun, so `main` runs in its own (`rlvr-demo`)."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, kill_when
 from mlflow.tracking import MlflowClient
 
 from rlvr import tracking
@@ -62,24 +60,6 @@ def mlflow_run(tmp_path, **environment: str) -> subprocess.CompletedProcess:
     )
 
 
-def kill_when(tmp_path, reached, stage: str) -> None:
-    """Start main, SIGKILL its whole process group as soon as `reached()` holds."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    with open(tmp_path / f"killed-in-{stage}.log", "w") as log:
-        job = subprocess.Popen(
-            mlflow_run_command(tmp_path), cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
-        )
-        deadline = time.monotonic() + 900
-        while not reached():
-            assert job.poll() is None, (
-                f"main ended before {stage}: {(tmp_path / f'killed-in-{stage}.log').read_text()[-3000:]}"
-            )
-            assert time.monotonic() < deadline, f"main never reached {stage}"
-            time.sleep(0.1)
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-
-
 def running(client: MlflowClient, experiment: str, name_prefix: str):
     def reached() -> bool:
         found = client.get_experiment_by_name(experiment)
@@ -108,8 +88,16 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
         "grpo": checkpoint(tmp_path, "train_baseline", 1),
         "evaluate": running(client, experiment, "evaluate"),
     }
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     for stage, reached in stages.items():  # each rerun reuses what finished and resumes the killed training
-        kill_when(tmp_path, reached, stage)
+        kill_when(
+            mlflow_run_command(tmp_path),
+            reached,
+            timeout=900,
+            what=f"main's {stage} stage",
+            env=env,
+            log=tmp_path / f"killed-in-{stage}.log",
+        )
     first = mlflow_run(tmp_path)
     assert first.returncode == 0, first.stderr[-5000:]
     assert "| model | accuracy" in first.stdout and "champion: models:/ci-demo/" in first.stdout

@@ -3,17 +3,15 @@ errors."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import QWEN3_N, ROOT
+from conftest import QWEN3_N, ROOT, kill_when
 from mlflow.tracking import MlflowClient
 from trl import GRPOTrainer
 
@@ -238,18 +236,13 @@ def test_resume_after_sigkill_continues_the_same_run(tracking_uri, data_dir, tmp
         "--max_completion_length",
         "12",
     ]
-    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": experiment}
-    job = subprocess.Popen(
-        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    kill_when(
+        [sys.executable, *args],
+        (output / "checkpoint-2" / "trainer_state.json").exists,
+        timeout=600,
+        what="its second checkpoint",
+        env={**os.environ, "MLFLOW_EXPERIMENT_NAME": experiment},
     )
-    deadline = time.monotonic() + 600
-    while not (output / "checkpoint-2" / "trainer_state.json").exists():
-        assert job.poll() is None and time.monotonic() < deadline, (
-            "training ended before its second checkpoint"
-        )
-        time.sleep(0.2)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
     first = json.loads((output / "mlflow_run.json").read_text())["run_id"]
     assert MlflowClient().get_run(first).info.status == "RUNNING"  # killed: nobody closed it
 
@@ -298,22 +291,13 @@ def test_a_killed_mlflow_run_rerun_resumes_its_training_with_each_step_once(
     }.items():
         command += ["-P", f"{key}={value}"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    job = subprocess.Popen(
+    kill_when(
         command,
-        cwd=ROOT,
+        (output / "checkpoint-2" / "trainer_state.json").exists,
+        timeout=600,
+        what="its second checkpoint",
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
-    deadline = time.monotonic() + 600
-    while not (output / "checkpoint-2" / "trainer_state.json").exists():
-        assert job.poll() is None and time.monotonic() < deadline, (
-            "training ended before its second checkpoint"
-        )
-        time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
 
     first = json.loads((output / "mlflow_run.json").read_text())["run_id"]
     if rerun_with == "--run-id":
