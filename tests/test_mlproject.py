@@ -59,6 +59,11 @@ def test_the_committed_mlproject_is_the_generated_one():
     assert result.exit_code == 0, result.output
 
 
+def test_every_entry_point_module_is_in_the_generated_mlproject():
+    modules = {p.stem for p in (ROOT / "entrypoints").glob("*.py") if p.stem != "__init__"}
+    assert set(mlproject.ENTRY_POINTS) == modules
+
+
 def test_check_names_the_command_that_brings_mlproject_up_to_date(tmp_path):
     stale = tmp_path / "MLproject"
     stale.write_text((ROOT / "MLproject").read_text().replace("default: 0.1}", "default: 0.2}", 1))
