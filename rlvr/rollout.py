@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import DistributedType
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface, GenerationConfig, PreTrainedModel, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 PROMPT_BUCKET = 128  # prompt lengths are padded up to a multiple of this, so few cache shapes get compiled
 KV_BUCKET = 64  # a decode step attends over the cache positions in use, rounded up to a multiple of this
 _HANDLED_KWARGS = {"input_ids", "attention_mask", "generation_config"}
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 DECODE_ATTENTION = "rlvr_decode"  # the attention implementation rollouts run under, registered below
 
 
@@ -500,10 +502,16 @@ def _attention(config, implementation: str):
 
 def keep_compiled_kernels() -> None:
     """Keep the compiler's on-disk caches (compiled graphs, Triton kernels, autotuning) in rlvr's cache
-    directory rather than the per-machine `/tmp` default, unless the user chose a place
-    (`TORCHINDUCTOR_CACHE_DIR`): a later run, on any node that shares the directory, then reuses the decode
-    step instead of compiling it again (BENCHMARKS.md has the first-run and later-run costs)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
+    directory rather than torch's per-machine `/tmp` default: a later run, on any node that shares the
+    directory, then reuses the decode step instead of compiling it again (BENCHMARKS.md has the first-run and
+    later-run costs). A `TORCHINDUCTOR_CACHE_DIR` the user set elsewhere is kept.
+
+    The variable cannot be told apart from torch's default by whether it is set: importing transformers'
+    masking utilities already makes torch write its default into the environment.
+    """
+    chosen = os.environ.get(INDUCTOR_CACHE_ENV)
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ[INDUCTOR_CACHE_ENV] = str(cache_dir() / "torchinductor")
 
 
 def _pin_cache(cache: StaticCache) -> None:

@@ -1,12 +1,21 @@
 """The fast rollout path keeps every invariant of the constraint (run eagerly here; compiled on GPUs)."""
 
+import os
+
 import pytest
 import torch
 from conftest import QWEN3_N, THINK, bias_towards_forbidden, prompts
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from transformers import GenerationConfig
 
 from rlvr import load_model, thoughts
-from rlvr.rollout import DECODE_ATTENTION, _choose, decode_attention
+from rlvr.rollout import (
+    DECODE_ATTENTION,
+    INDUCTOR_CACHE_ENV,
+    _choose,
+    decode_attention,
+    keep_compiled_kernels,
+)
 from rlvr.surgery import enable_fast_rollouts
 from rlvr.vocab import ReasoningVocab
 
@@ -203,3 +212,17 @@ def test_a_low_precision_copy_that_would_drop_a_parameter_is_refused():
         enable_fast_rollouts(model, compile=False, dtype=torch.bfloat16)
     plain, _ = load_model("tiny-qwen3", reasoning_vocab_size=4)
     enable_fast_rollouts(plain, compile=False, dtype=torch.bfloat16)  # every parameter copies
+
+
+def test_compiled_kernels_are_kept_in_the_rlvr_cache_unless_the_user_chose_a_place(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLVR_CACHE", str(tmp_path))
+    ours = str(tmp_path / "torchinductor")
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, default_cache_dir())  # what torch writes there once imported
+    keep_compiled_kernels()
+    assert os.environ[INDUCTOR_CACHE_ENV] == ours
+    monkeypatch.delenv(INDUCTOR_CACHE_ENV)
+    keep_compiled_kernels()
+    assert os.environ[INDUCTOR_CACHE_ENV] == ours
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "mine"))
+    keep_compiled_kernels()
+    assert os.environ[INDUCTOR_CACHE_ENV] == str(tmp_path / "mine")
