@@ -164,6 +164,30 @@ def kill_when(
 THINK, END_THINK = 151667, 151668
 
 
+def warm_start_micro(
+    data: Path, output_dir: Path, *, max_steps: int, learning_rate: float, **settings
+) -> Path:
+    """Fine-tune `micro` on `data`'s worked solutions (batch 16, no checkpoints, nothing registered; other
+    `WarmstartSettings` fields as given), so GRPO starts from a policy whose rewards differ within groups;
+    returns the final model's directory."""
+    from rlvr.sft import WarmstartSettings, warmstart
+
+    warmstart(
+        WarmstartSettings(
+            model="micro",
+            data=str(data),
+            max_steps=max_steps,
+            learning_rate=learning_rate,
+            per_device_train_batch_size=16,
+            save_steps=10_000,
+            output_dir=str(output_dir),
+            registered_model_name="",
+            **settings,
+        )
+    )
+    return output_dir / "final"
+
+
 def bias_towards_forbidden(model, vocab: ReasoningVocab) -> None:
     """Make padding rows and control copies the likeliest tokens, reasoning ids next, and the think tags
     likely."""

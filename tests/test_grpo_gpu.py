@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import warm_start_micro
 from mlflow.tracking import MlflowClient
 
 from rlvr.grpo import TrainSettings, train
 from rlvr.models import load_model
 from rlvr.preprocess import Options, preprocess
-from rlvr.sft import WarmstartSettings, warmstart
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 STEPS = 150
@@ -23,22 +23,11 @@ def test_bf16_grpo_with_fast_rollouts_from_a_warm_start_stays_finite(tmp_path, m
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     data = tmp_path / "data"
     preprocess("synthetic:count=3000,digits=1", data, Options(test_size=16, instruction=""))
-    warmstart(
-        WarmstartSettings(
-            model="micro",
-            data=str(data),
-            max_steps=600,
-            learning_rate=1.2e-3,
-            per_device_train_batch_size=16,
-            save_steps=10_000,
-            output_dir=str(tmp_path / "warm"),
-            registered_model_name="",
-        )
-    )
+    warm = warm_start_micro(data, tmp_path / "warm", max_steps=600, learning_rate=1.2e-3)
     output = tmp_path / "grpo"
     train(
         TrainSettings(
-            model=str(tmp_path / "warm" / "final"),
+            model=str(warm),
             data=str(data),
             reasoning_vocab_size=0,
             max_steps=STEPS,

@@ -8,11 +8,11 @@ clearly above that of its first. The rewards are read back from the MLflow run, 
 import json
 import statistics
 
+from conftest import warm_start_micro
 from mlflow.tracking import MlflowClient
 
 from rlvr.grpo import TrainSettings, train
 from rlvr.preprocess import Options, preprocess
-from rlvr.sft import WarmstartSettings, warmstart
 
 STEPS = 40
 WINDOW = 8  # steps averaged at each end
@@ -26,22 +26,9 @@ def test_grpo_raises_the_training_reward(tracking_uri, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "learning")
     data = tmp_path / "data"
     preprocess("synthetic:count=400,digits=1", data, Options(test_size=16, instruction="", seed=seed))
-    warm = tmp_path / "warm"
-    warmstart(
-        WarmstartSettings(
-            model="micro",
-            data=str(data),
-            max_steps=50,
-            learning_rate=3e-3,
-            per_device_train_batch_size=16,
-            save_steps=1000,
-            seed=seed,
-            output_dir=str(warm),
-            registered_model_name="",
-        )
-    )
+    warm = warm_start_micro(data, tmp_path / "warm", max_steps=50, learning_rate=3e-3, seed=seed)
     output = tmp_path / "grpo"
-    train(TrainSettings(model=str(warm / "final"), data=str(data), reasoning_vocab_size=0, max_steps=STEPS,
+    train(TrainSettings(model=str(warm), data=str(data), reasoning_vocab_size=0, max_steps=STEPS,
                         learning_rate=5e-4, per_device_train_batch_size=16, gradient_accumulation_steps=2,
                         num_generations=4, max_completion_length=32, accuracy_weight=0.0, format_weight=1.0,
                         save_steps=1000, log_completions_steps=0, seed=seed, output_dir=str(output),

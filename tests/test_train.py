@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import QWEN3_N, ROOT, kill_when
+from conftest import QWEN3_N, ROOT, kill_when, warm_start_micro
 from mlflow.tracking import MlflowClient
 from trl import GRPOTrainer
 
@@ -477,23 +477,10 @@ def test_a_model_whose_generation_config_reshapes_sampling_is_refused(
 def test_the_same_seed_on_the_same_machine_logs_the_same_metrics(tracking_uri, tmp_path, monkeypatch):
     """Reproducibility: two trainings with one seed log identical metrics at every step, to the last bit, from
     a warm start that gets some completions' format right, so advantages and gradients are not zero."""
-    from rlvr.sft import WarmstartSettings, warmstart
-
     data = tmp_path / "data"
     preprocess("synthetic:count=200,digits=1", data, Options(test_size=8, instruction=""))
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "reproducible-warm")
-    warmstart(
-        WarmstartSettings(
-            model="micro",
-            data=str(data),
-            max_steps=50,
-            learning_rate=3e-3,
-            per_device_train_batch_size=16,
-            save_steps=1000,
-            output_dir=str(tmp_path / "warm"),
-            registered_model_name="",
-        )
-    )
+    warm = warm_start_micro(data, tmp_path / "warm", max_steps=50, learning_rate=3e-3)
     client = MlflowClient()
     histories = []
     for attempt in ("first", "second"):
@@ -501,7 +488,7 @@ def test_the_same_seed_on_the_same_machine_logs_the_same_metrics(tracking_uri, t
         run_module(
             "entrypoints.train_reasoning",
             "--model",
-            str(tmp_path / "warm" / "final"),
+            str(warm),
             "--data",
             str(data),
             "--output_dir",
