@@ -318,6 +318,7 @@ def main() -> None:
     per_cycle = [meter.steps[i : i + cycle] for i in range(0, len(meter.steps), cycle)]
     measured = per_cycle[args.warmup : args.warmup + args.steps]
     cycle_seconds = statistics.median(sum(s["seconds"] for s in steps) for steps in measured)
+    rollout_seconds = statistics.median(sum(s["rollout"] for s in steps) for steps in measured)
     phases = {
         name: round(statistics.median(sum(s["phases"][name] for s in steps) / cycle for steps in measured), 3)
         for name in (*StepMeter.PHASES, "other")
@@ -334,14 +335,10 @@ def main() -> None:
         "sequences_per_rollout": rollout_sequences,
         "gradient_checkpointing": args.gradient_checkpointing,
         "step_seconds": round(cycle_seconds / cycle, 3),
-        "rollout_seconds": round(
-            statistics.median(sum(s["rollout"] for s in steps) for steps in measured), 3
-        ),
+        "rollout_seconds": round(rollout_seconds, 3),
         "phase_seconds_per_step": phases,
         "completion_tokens_per_second": round(tokens / cycle_seconds, 1),
-        "rollout_tokens_per_second": round(
-            tokens / statistics.median(sum(s["rollout"] for s in steps) for steps in measured), 1
-        ),
+        "rollout_tokens_per_second": round(tokens / rollout_seconds, 1),
         "peak_gib": round(max(s["peak_gib"] for steps in measured for s in steps), 2),
         "rollout_peak_gib": round(max(s["rollout_peak_gib"] for steps in measured for s in steps), 2),
         "training_peak_gib": round(max(s["training_peak_gib"] for steps in measured for s in steps), 2),
