@@ -40,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr import tracking
+from rlvr import thoughts, tracking
 from rlvr.dataset import DATA_ARTIFACT_PATH, Split, load_split
 from rlvr.errors import InputError, check_sampling, flag, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
@@ -298,7 +298,7 @@ def dataset_metrics(scored: Sequence[Sequence[Scored]]) -> dict[str, float]:
     correct = [sum(s.correct for s in samples) for samples in scored]
     accuracy = sum(correct) / len(flat)
     low, high = wilson_interval(accuracy, len(scored))
-    thought = sum(s.generated.thought_tokens for s in flat)
+    counted = thoughts.Counts.of(s.generated.structure for s in flat)
     metrics = {
         "problems": float(len(scored)),
         "accuracy": accuracy,
@@ -309,9 +309,9 @@ def dataset_metrics(scored: Sequence[Sequence[Scored]]) -> dict[str, float]:
         metrics[f"pass_at_{j}"] = sum(pass_at_k(k, c, j) for c in correct) / len(scored)
     return metrics | {
         "format_rate": sum(s.well_formed for s in flat) / len(flat),
-        "thought_length": thought / len(flat),
-        "answer_length": sum(s.generated.answer_tokens for s in flat) / len(flat),
-        "reasoning_share": sum(s.generated.reasoning_tokens for s in flat) / thought if thought else 0.0,
+        "thought_length": counted.thought_length,
+        "answer_length": counted.answer_length,
+        "reasoning_share": counted.reasoning_share,
     }
 
 

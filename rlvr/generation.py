@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr import thoughts
 from rlvr.decoding import TokenSpan
-from rlvr.rewards import answer_text, until_stop, well_formed
+from rlvr.rewards import answer_text, well_formed
 
 Messages = list[dict[str, str]]
 
@@ -30,9 +30,16 @@ class Generated:
     answer: str
     closed: bool
     well_formed: bool
-    thought_tokens: int
-    answer_tokens: int
     reasoning_tokens: int
+    structure: thoughts.Structure
+
+    @property
+    def thought_tokens(self) -> int:
+        return self.structure.thought_tokens
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.structure.answer_tokens
 
 
 def as_messages(prompt: str | Messages) -> Messages:
@@ -59,9 +66,8 @@ def describe(
         answer=answer_text(parts, ids, tokenizer) or "",
         closed=parts.closed,
         well_formed=well_formed(parts, ids, tokenizer),
-        thought_tokens=parts.thought_tokens,
-        answer_tokens=parts.answer_tokens,
         reasoning_tokens=sum(1 for i in ids if i >= vocab.base_vocab_size),
+        structure=parts,
     )
 
 
@@ -115,7 +121,6 @@ def generate(
         )
         starts = thoughts.prompt_state(model.reasoning_vocab, batch["input_ids"]).tolist()
         for row, starts_inside in zip(out[:, batch["input_ids"].shape[1] :], starts, strict=True):
-            results.append(
-                describe(until_stop(row.tolist(), stops), tokenizer, model.reasoning_vocab, starts_inside)
-            )
+            ids = thoughts.until_stop(row.tolist(), stops)
+            results.append(describe(ids, tokenizer, model.reasoning_vocab, starts_inside))
     return [results[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]

@@ -384,15 +384,14 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         starts = thoughts.prompt_state(self.vocab, output["prompt_ids"])
         before = thoughts.completion_states(self.vocab, starts, output["completion_ids"])
         self._require_allowed_samples(output, before)
-        stats = thoughts.batch_counts(self.vocab, before, output["completion_ids"], output["completion_mask"])
-        completions, tokens, thought, reasoning, closed = (
-            self.accelerator.gather(stats.unsqueeze(0)).sum(0).tolist()
+        counts = thoughts.batch_counts(
+            self.vocab, before, output["completion_ids"], output["completion_mask"], self.eos_token_ids
         )
-        completions = max(completions, 1.0)
-        self._metrics[mode]["reasoning/token_share"].append(reasoning / max(thought, 1.0))
-        self._metrics[mode]["reasoning/thought_length"].append(thought / completions)
-        self._metrics[mode]["reasoning/answer_length"].append((tokens - thought) / completions)
-        self._metrics[mode]["reasoning/closed_thought_rate"].append(closed / completions)
+        counted = thoughts.Counts(*self.accelerator.gather(counts.unsqueeze(0)).sum(0).tolist())
+        self._metrics[mode]["reasoning/token_share"].append(counted.reasoning_share)
+        self._metrics[mode]["reasoning/thought_length"].append(counted.thought_length)
+        self._metrics[mode]["reasoning/answer_length"].append(counted.answer_length)
+        self._metrics[mode]["reasoning/closed_thought_rate"].append(counted.closed_rate)
         if mode == "train":
             self._maybe_log_samples(inputs, output, starts.tolist())
         return output
@@ -428,7 +427,7 @@ class ReasoningGRPOTrainer(GRPOTrainer):
             inputs, output["completion_ids"], output["completion_mask"], starts, strict=True
         ):
             sampled = ids[mask.bool()].tolist()
-            token_ids = rewards.until_stop(sampled, self.eos_token_ids)
+            token_ids = thoughts.until_stop(sampled, self.eos_token_ids)
             sample = describe(token_ids, self.processing_class, self.vocab, starts_inside)
             rows.append(
                 {

@@ -36,9 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlvr import synthetic
+from rlvr.answers import readable_answer
 from rlvr.dataset import DATA_ARTIFACT_PATH, load_split, schema_for
 from rlvr.errors import InputError
-from rlvr.rewards import DEFAULT_INSTRUCTION, parse_answer
+from rlvr.rewards import DEFAULT_INSTRUCTION
 from rlvr.settings import param
 from rlvr.tracking import entrypoint_run, log_params
 
@@ -429,7 +430,7 @@ def to_example(row: dict, fields: Fields) -> Example:
     else:
         answer, worked = _answer_text(row.get(fields.answer))
         reference = reference or worked
-    if not parse_answer(answer):
+    if not readable_answer(answer):
         raise Dropped(UNPARSEABLE_ANSWER, answer)
     raw_id = row.get(fields.id) if fields.id else None
     has_id = raw_id is not None and str(raw_id).strip() != ""

@@ -10,96 +10,26 @@ the tokenizer and its prompt's dataset columns), so a new reward is one function
 picks them with weights (`parse_rewards("accuracy:1,format:0.5")`), and `reward_functions(tokenizer, names)`
 turns them into TRL-style reward functions named `<name>_reward`: TRL calls those with `completions`,
 `completion_ids` and the dataset columns as keyword lists; rlvr's trainer also passes `starts_in_thought`
-(whether each prompt's chat template opened the thought).
+(whether each prompt's chat template opened the thought). Checking an answer is bounded in cost in any
+thread (`rlvr.answers`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import re
-import threading
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from latex2sympy2_extended import NormalizationConfig
-from math_verify import LatexExtractionConfig, parse, verify
 from transformers import PreTrainedTokenizerBase
 
-from rlvr import thoughts
+from rlvr import answers, thoughts
+from rlvr.answers import answer_is_correct
 from rlvr.errors import InputError
 
 BOXED = "\\boxed{"
 # appended to each problem: asks for the boxed answer that the rewards and evaluation check
 DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
-MAX_ANSWER_CHARS = 1000  # longer final answers are not parsed: they score 0 rather than stall a training step
-MAX_BRACE_DEPTH = 12  # nesting deeper than this is not a final answer a problem here asks for
-MAX_TOWER = 2  # nor a power of a power (`9^{9^{9}}` has 370 million digits), nor a 5-digit exponent
-_HUGE_EXPONENT = re.compile(r"\^\s*\{?\s*\d{5,}")
-# math-verify times out with SIGALRM, which only the main thread may use; elsewhere the caps above bound the
-# cost
-PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S = 1, 1
-
-
-def _timeouts() -> tuple[int | None, int | None]:
-    if threading.current_thread() is threading.main_thread():
-        return PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    return None, None
-
-
-_ANSWER_EXTRACTION = [
-    LatexExtractionConfig(
-        normalization_config=NormalizationConfig(units=True),
-        boxed_match_priority=0,  # the boxed answer wins over any other expression in the text
-        try_extract_without_anchor=False,
-    )
-]
-
-
-def too_costly(text: str) -> bool:
-    """Whether parsing `text` could take seconds: too long, nested too deep, or a tower of exponents."""
-    if len(text) > MAX_ANSWER_CHARS or _HUGE_EXPONENT.search(text):
-        return True
-    deepest = tower = 0
-    exponent_braces: list[bool] = []  # per open bracket: whether it holds an exponent
-    for position, char in enumerate(text):
-        if char in "{([":
-            opens_exponent = char == "{" and text[:position].rstrip().endswith("^")
-            exponent_braces.append(opens_exponent)
-            deepest = max(deepest, len(exponent_braces))
-            tower = max(tower, sum(exponent_braces) + 1) if opens_exponent else tower
-        elif char in "})]" and exponent_braces:
-            exponent_braces.pop()
-    return deepest > MAX_BRACE_DEPTH or tower > MAX_TOWER
-
-
-def parse_answer(answer: str) -> list:
-    """math-verify's reading of a final answer, boxed as a completion states it; empty when it means nothing.
-
-    Boxing matters: a bare `2\\pi` or `3, 4` would be read as the first or last plain number in it.
-    """
-    if too_costly(answer):
-        return []
-    parsing_timeout, _ = _timeouts()
-    parsed = parse(f"\\boxed{{{answer}}}", parsing_timeout=parsing_timeout)
-    return parsed if any(not isinstance(value, str) for value in parsed) else []
-
-
-def answer_is_correct(answer: str, solution: str) -> bool:
-    """Whether the boxed answer in `answer` (a completion's answer span) equals `solution` (math-verify)."""
-    if not answer or too_costly(answer):
-        return False
-    parsing_timeout, verify_timeout = _timeouts()
-    gold = parse_answer(solution)
-    predicted = parse(
-        answer,
-        extraction_config=_ANSWER_EXTRACTION,
-        extraction_mode="first_match",
-        parsing_timeout=parsing_timeout,
-    )
-    return bool(gold and predicted and verify(gold, predicted, timeout_seconds=verify_timeout))
 
 
 def answer_text(
@@ -213,12 +143,13 @@ def reward_functions(
     """
     tags = vocab if vocab is not None else tokenizer.reasoning_vocab
     stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    answers.start()  # warm by the first rollout
 
     def batched(name: str) -> Callable[..., list[float]]:
         score = REWARDS[name]
 
         def reward(completions, completion_ids=None, starts_in_thought=None, **columns) -> list[float]:
-            all_ids = [until_stop(ids, stop) for ids in _completion_ids(completion_ids)]
+            all_ids = [thoughts.until_stop(ids, stop) for ids in _completion_ids(completion_ids)]
             starts = starts_in_thought or [False] * len(all_ids)
             rows = _rows(columns, len(all_ids))
             return [
@@ -231,12 +162,3 @@ def reward_functions(
         return reward
 
     return [batched(name) for name in names]
-
-
-def until_stop(ids: Sequence[int], stop: Collection[int]) -> list[int]:
-    """The completion up to (not including) its first stop token; samplers pad only after that."""
-    ids = [int(i) for i in ids]
-    for position, token in enumerate(ids):
-        if token in stop:
-            return ids[:position]
-    return ids

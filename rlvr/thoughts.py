@@ -11,11 +11,15 @@ module, so they agree token for token. The rules:
   generation prompt (`<|im_start|>assistant\\n<think>\\n`) starts the completion inside it.
 - Inside the completion only the two tags change the state.
 - A completion's answer is what follows its last thought; one that ends inside a thought has no answer.
+- A completion ends before its stop token (EOS), which is neither thought nor answer.
+
+Counting thought, answer and reasoning tokens is this module's too (`Counts`), so training metrics and
+evaluation agree number for number.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,29 +140,85 @@ def structure(tags: ThoughtTags, completion_ids: Sequence[int], starts_inside: b
     )
 
 
+def until_stop(ids: Sequence[int], stop: Collection[int]) -> list[int]:
+    """The completion up to (not including) its first stop token, which is neither thought nor answer;
+    samplers pad only after it."""
+    ids = [int(i) for i in ids]
+    for position, token in enumerate(ids):
+        if token in stop:
+            return ids[:position]
+    return ids
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Token counts over completions, each read up to its stop token (`until_stop`): what training logs as
+    `reasoning/*` and evaluation as `thought_length`, `answer_length` and `reasoning_share`, so both report
+    the same numbers for the same completions. Thought tokens include the tags; answer tokens are those after
+    the last thought (none for a completion that ends inside one), so text before a thought is in neither."""
+
+    completions: float = 0.0
+    thought_tokens: float = 0.0
+    answer_tokens: float = 0.0
+    reasoning_tokens: float = 0.0  # reasoning ids inside thoughts
+    closed: float = 0.0  # completions that closed their thought and ended outside it
+
+    @classmethod
+    def of(cls, structures: Iterable[Structure]) -> Counts:
+        structures = list(structures)
+        return cls(
+            completions=float(len(structures)),
+            thought_tokens=float(sum(s.thought_tokens for s in structures)),
+            answer_tokens=float(sum(s.answer_tokens for s in structures)),
+            reasoning_tokens=float(sum(s.reasoning_in_thought for s in structures)),
+            closed=float(sum(s.closed for s in structures)),
+        )
+
+    @property
+    def thought_length(self) -> float:
+        return self.thought_tokens / max(self.completions, 1.0)
+
+    @property
+    def answer_length(self) -> float:
+        return self.answer_tokens / max(self.completions, 1.0)
+
+    @property
+    def reasoning_share(self) -> float:
+        return self.reasoning_tokens / self.thought_tokens if self.thought_tokens else 0.0
+
+    @property
+    def closed_rate(self) -> float:
+        return self.closed / max(self.completions, 1.0)
+
+
 def batch_counts(
-    tags: ThoughtTags, before: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+    tags: ThoughtTags,
+    before: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    stop_ids: Collection[int],
 ) -> torch.Tensor:
-    """Counts over a padded batch, for training metrics: [completions, tokens, thought tokens, reasoning
-    tokens, completions that closed their thought and ended outside it]. `before`: `completion_states` of the
-    batch."""
-    mask = completion_mask.bool()
-    in_thought = (before | (completion_ids == tags.think_start_id)) & mask
-    reasoning = (completion_ids >= tags.base_vocab_size) & mask
-    lengths = mask.sum(1)
+    """`Counts` of a right-padded batch, as a tensor in the order of its fields (to sum across processes), by
+    the rules `structure` applies to each row. `before`: `completion_states` of the batch; `completion_mask`
+    covers the sampled tokens, a stop token included."""
+    stops = torch.isin(completion_ids, torch.tensor(sorted(stop_ids), device=completion_ids.device))
+    content = completion_mask.bool() & (torch.cumsum(stops, 1) == 0)  # the tokens before the first stop
+    lengths = content.sum(1)
+    in_thought = (before | (completion_ids == tags.think_start_id)) & content
     last = (lengths - 1).clamp(min=0).unsqueeze(1)
-    after_last = advance(tags, before.gather(1, last).squeeze(1), completion_ids.gather(1, last).squeeze(1))
     starts_inside = before[:, 0]
-    had_thought = starts_inside | ((completion_ids == tags.think_start_id) & mask).any(1)
-    closed = had_thought & ~after_last & (lengths > 0)
-    return torch.tensor(
-        [
-            mask.shape[0],
-            mask.sum().item(),
-            in_thought.sum().item(),
-            reasoning.sum().item(),
-            closed.sum().item(),
-        ],
-        dtype=torch.float32,
-        device=completion_ids.device,
-    )
+    after_last = advance(tags, before.gather(1, last).squeeze(1), completion_ids.gather(1, last).squeeze(1))
+    ends_inside = torch.where(lengths > 0, after_last, starts_inside)
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    last_thought = torch.where(in_thought, positions, -1).max(1).values
+    answer = torch.where(ends_inside, 0, lengths - (last_thought + 1))
+    had_thought = starts_inside | ((completion_ids == tags.think_start_id) & content).any(1)
+    reasoning = (completion_ids >= tags.base_vocab_size) & in_thought
+    counts = [
+        content.shape[0],
+        in_thought.sum(),
+        answer.sum(),
+        reasoning.sum(),
+        (had_thought & ~ends_inside).sum(),
+    ]
+    return torch.tensor([float(c) for c in counts], device=completion_ids.device)

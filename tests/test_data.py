@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rlvr.answers import readable_answer
 from rlvr.dataset import SCHEMA, load_split
 from rlvr.errors import InputError
 from rlvr.preprocess import Options, last_boxed, preprocess
-from rlvr.rewards import DEFAULT_INSTRUCTION, parse_answer
+from rlvr.rewards import DEFAULT_INSTRUCTION
 
 PLAIN = Options(instruction="", test_size=0)
 
@@ -229,8 +230,8 @@ def test_unusable_rows_are_dropped_and_counted(tmp_path):
 
 
 def test_answers_are_checked_with_math_verify():
-    assert parse_answer("\\frac{1}{2}") and parse_answer("2\\pi") and parse_answer("(1,2]")
-    assert not parse_answer("√2") and not parse_answer("???") and not parse_answer("")
+    assert readable_answer("\\frac{1}{2}") and readable_answer("2\\pi") and readable_answer("(1,2]")
+    assert not readable_answer("√2") and not readable_answer("???") and not readable_answer("")
     assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
     assert last_boxed("\\boxed{unclosed") is None and last_boxed("none") is None
 

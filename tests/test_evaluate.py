@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from entrypoints.evaluate import main
-from rlvr import load_model, save_model, tracking
+from rlvr import load_model, save_model, thoughts, tracking
 from rlvr.dataset import load_split
 from rlvr.decoding import TokenSpan
 from rlvr.evaluation import (
@@ -79,17 +79,18 @@ def test_wilson_interval_matches_the_textbook_and_stays_open_at_the_extremes():
 
 def scored(correct: bool, thought: int = 2, reasoning: int = 1, answer: int = 3) -> Scored:
     ids = list(range(thought + answer))
-    generated = Generated(
-        ids,
-        "",
-        [],
-        "",
-        "",
+    structure = thoughts.Structure(
+        in_thought=(True,) * thought + (False,) * answer,
+        thoughts=1,
         closed=True,
-        well_formed=correct,
-        thought_tokens=thought,
-        answer_tokens=answer,
-        reasoning_tokens=reasoning,
+        ends_inside=False,
+        prefix=slice(0, 0),
+        answer=slice(thought, thought + answer),
+        reasoning_in_thought=reasoning,
+        reasoning_in_answer=0,
+    )
+    generated = Generated(
+        ids, "", [], "", "", closed=True, well_formed=correct, reasoning_tokens=reasoning, structure=structure
     )
     return Scored(generated, correct, well_formed=generated.well_formed)
 

@@ -1,9 +1,12 @@
 """Rewards read the thought from token ids, as the sampler does, and judge only the answer after it."""
 
 import re
+import threading
+import time
 
 import pytest
 
+from rlvr import answers
 from rlvr.errors import InputError
 from rlvr.grpo import TrainSettings, chosen_rewards, grpo_config
 from rlvr.presets.qwen3 import qwen3_tokenizer
@@ -148,21 +151,107 @@ def test_rewards_refuse_to_guess_the_structure_from_text(tokenizer):
         accuracy(["<think>a</think> \\boxed{1}"], solution=["1"])
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        "\\boxed{9^{9^{9^{9^{9}}}}}",
-        "\\boxed{" + "(" * 400 + "1" + ")" * 400 + "}",
-        "\\boxed{" + "1+" * 2000 + "1}",
-    ],
-)
-def test_a_pathological_answer_scores_zero_without_reaching_the_parser(tokenizer, answer, monkeypatch):
-    """Such answers cost sympy seconds each (a group of them stalls a step); they are refused before
-    parsing."""
-    ids = encode(tokenizer, "<think>a</think> " + answer)
-    monkeypatch.setattr("rlvr.rewards.parse", lambda *a, **k: pytest.fail("a pathological answer was parsed"))
-    assert score(tokenizer, [ids], ["1"])[0] == [0.0]
-    assert not answer_is_correct(answer, "1")
+# answers whose values sympy would compute for seconds or minutes; before the cost bound each took about 1 s
+# in the main thread (math-verify's SIGALRM timeout) and ran on unbounded in any other thread
+COSTLY = [
+    "9^{9^{9^{9^{9}}}}",  # a tower
+    "9^{9^{9}}",
+    "2^{3^{4^{5}}}",
+    "(2^{10})^{10^{7}}",  # a bracketed base
+    "\\left(2^{10}\\right)^{10^{8}}",
+    "(2^{10})^{(2^{10})^{2}}",
+    "9^{999*9999}",  # exponents that are products
+    "9^{99\\cdot 999}",
+    "9^{99 \\times 999}",
+    "1000000!",  # factorials
+    "(10!)!",
+    "10^{6}!",
+    "1000000!!",
+    "\\binom{10^{6}}{10^{5}}",  # binomials
+    "\\dbinom{10^6}{5000}",
+    "{10^{6} \\choose 5000}",
+    "\\frac{1000000!}{2}",  # fractions of such
+    "\\dfrac{1}{9^{9^{9}}}",
+    "\\sqrt{2^{3000}+1}",  # a root of a large number, which sympy factors
+    "(x+1)^{200}",  # powers of sums, which sympy multiplies out
+    "(x+y+1)^{20}",
+    "\\sum_{i=1}^{10^{9}} i",
+    "(" * 400 + "1" + ")" * 400,  # nested too deep
+    "1+" * 2000 + "1",  # too long
+]
+COMMON = [
+    ("42", "42"), ("\\frac{1}{2}", "0.5"), ("2\\pi", "2\\pi"), ("(1, 2]", "(1,2]"), ("x^2-1", "(x-1)(x+1)"),
+    ("2^{10}", "1024"), ("10!", "3628800"), ("\\binom{10}{3}", "120"), ("2^{2^{2^{2}}}", "65536"),
+]  # fmt: skip
+
+
+def in_a_thread(work):
+    """`work()` run in another thread, as a server worker or a thread pool would: (its result, seconds)."""
+    done = {}
+
+    def run():
+        started = time.perf_counter()
+        done["result"] = work()
+        done["seconds"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the reward call was still running after 10 s"
+    return done["result"], done["seconds"]
+
+
+def in_this_thread(work):
+    started = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("run", [in_this_thread, in_a_thread], ids=["main-thread", "other-thread"])
+def test_a_costly_answer_scores_zero_within_a_tenth_of_a_second_in_any_thread(tokenizer, run):
+    for answer in COSTLY:
+        ids = encode(tokenizer, f"<think>a</think> The answer is \\boxed{{{answer}}}.")
+        (accuracy, _), seconds = run(lambda ids=ids: score(tokenizer, [ids], ["1"]))
+        assert accuracy == [0.0] and seconds < 0.1, (answer, seconds)
+        verdict, seconds = run(lambda answer=answer: answer_is_correct(f"\\boxed{{{answer}}}", answer))
+        assert not verdict and seconds < 0.1, (answer, seconds)  # even compared with itself
+    for answer, solution in COMMON:
+        ids = encode(tokenizer, f"<think>a</think> The answer is \\boxed{{{answer}}}.")
+        assert run(lambda ids=ids, solution=solution: score(tokenizer, [ids], [solution]))[0][0] == [1.0]
+
+
+def test_costly_answers_are_refused_before_they_reach_math_verify(monkeypatch):
+    monkeypatch.setattr(answers._Pool, "ask", lambda *a: pytest.fail("a costly answer was sent to be read"))
+    for answer in COSTLY:
+        assert answers.too_costly(answer) and not answer_is_correct(f"\\boxed{{{answer}}}", "1"), answer
+        assert not answers.readable_answer(answer)
+    for answer, solution in COMMON:  # and nothing a problem asks for is refused
+        assert not answers.too_costly(answer) and not answers.too_costly(solution)
+
+
+@pytest.mark.parametrize("run", [in_this_thread, in_a_thread], ids=["main-thread", "other-thread"])
+def test_an_answer_that_passes_the_estimate_but_costs_more_is_stopped(tokenizer, run):
+    """The estimate cannot know every slow path of sympy: there the child process that reads answers is
+    interrupted after CPU_LIMIT_S of CPU time, and the next answer is read as before."""
+    answers.start()
+    assert run(lambda: answer_is_correct("\\boxed{42}", "42"))[0]  # a warm reader
+    slow = "\\boxed{(x+1)^{30}(y+1)^{30}}"  # multiplied out: 961 terms, seconds of sympy
+    assert not answers.too_costly(slow)
+    verdict, seconds = run(lambda: answer_is_correct(slow, "7"))
+    assert not verdict and seconds < answers.WALL_LIMIT_S, seconds
+    verdict, seconds = run(lambda: answer_is_correct("\\boxed{6}", "6"))
+    assert verdict and seconds < 0.1, seconds  # the same reader, still warm
+
+
+def test_a_reader_stuck_in_one_long_step_is_killed_and_replaced(monkeypatch):
+    """A computation inside one C call (a big-integer power) cannot be interrupted: the reader is killed at
+    WALL_LIMIT_S, and a fresh one reads the next answer."""
+    monkeypatch.setattr(answers, "too_costly", lambda text: False)  # let a tower through to math-verify
+    answers.start()
+    assert answer_is_correct("\\boxed{42}", "42")
+    verdict, seconds = in_a_thread(lambda: answer_is_correct("\\boxed{9^{9^{9}}}", "1"))
+    assert not verdict and seconds < answers.WALL_LIMIT_S + 0.1, seconds
+    assert answer_is_correct("\\boxed{\\frac{1}{2}}", "0.5") and not answer_is_correct("\\boxed{3}", "4")
 
 
 def test_rewards_are_chosen_by_name_with_weights_in_order():

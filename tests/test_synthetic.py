@@ -7,9 +7,9 @@ from itertools import pairwise
 import pyarrow.parquet as pq
 import pytest
 
+from rlvr.answers import readable_answer
 from rlvr.errors import InputError
 from rlvr.preprocess import Options, preprocess
-from rlvr.rewards import parse_answer
 from rlvr.synthetic import Difficulty, generate
 
 REFERENCE = re.compile(r"<think>\n((?:[^\n]+\n)+)</think>\n\nThe answer is \\boxed\{(-?\d+)\}\.")
@@ -46,7 +46,7 @@ def test_default_problems_are_right_and_modest():
             assert c >= 0 and b < 100
             if op == "*":
                 assert 2 <= b <= 9
-        assert parse_answer(problem.solution)
+        assert readable_answer(problem.solution)
     assert counts == {1, 2}
     assert max(len(p.question) for p in problems) <= 20  # short prompts: micro's tokens are costly on a CPU
 

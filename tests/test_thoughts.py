@@ -7,7 +7,7 @@ from conftest import END_THINK, QWEN3_N, THINK, bias_towards_forbidden
 from rlvr import load_model, thoughts
 from rlvr.generation import describe
 from rlvr.presets.qwen3 import CHATML_TEMPLATE
-from rlvr.rewards import until_stop
+from rlvr.thoughts import until_stop
 from rlvr.vocab import ReasoningVocab
 
 # ChatML whose generation prompt opens the thought, as reasoning models' templates do
@@ -78,31 +78,26 @@ def test_structure_of_a_completion(vocab, parts, starts_inside, in_thought, answ
 
 
 def test_batch_counts_agree_with_each_completions_structure(vocab):
+    """The vectorised counts of a padded batch (stop tokens and padding in it, as TRL's trainer hands it over)
+    equal the counts of each completion's structure, read up to its stop token."""
     generator = torch.Generator().manual_seed(1)
-    completions = torch.randint(0, 5, (40, 12), generator=generator)
-    completions = torch.where(
-        completions == 0, THINK, torch.where(completions == 1, END_THINK, completions + 100)
-    )
-    completions[completions == 104] = vocab.base_vocab_size + 3
-    lengths = torch.randint(1, 13, (40,), generator=generator)
-    mask = torch.arange(12).expand(40, -1) < lengths.unsqueeze(1)
-    prompts = torch.full((40, 3), 200)
+    completions = torch.randint(0, 7, (60, 12), generator=generator)
+    code = {0: THINK, 1: END_THINK, 4: vocab.base_vocab_size + 3, 5: STOPS[0], 6: STOPS[1]}
+    completions = torch.tensor([[code.get(i, i + 100) for i in row] for row in completions.tolist()])
+    lengths = torch.randint(0, 13, (60,), generator=generator)
+    mask = torch.arange(12).expand(60, -1) < lengths.unsqueeze(1)
+    prompts = torch.full((60, 3), 200)
     prompts[::2, -1] = THINK  # half the prompts end inside a thought
     before = thoughts.completion_states(vocab, thoughts.prompt_state(vocab, prompts), completions)
-    counts = thoughts.batch_counts(vocab, before, completions, mask.long()).tolist()
+    counted = thoughts.Counts(*thoughts.batch_counts(vocab, before, completions, mask.long(), STOPS).tolist())
     structures = [
-        thoughts.structure(vocab, row[:n].tolist(), i % 2 == 0)
+        thoughts.structure(vocab, until_stop(row[:n].tolist(), STOPS), i % 2 == 0)
         for i, (row, n) in enumerate(zip(completions, lengths, strict=True))
     ]
-    assert counts == [
-        40,
-        lengths.sum().item(),
-        sum(s.thought_tokens for s in structures),
-        sum(
-            int((row[:n] >= vocab.base_vocab_size).sum()) for row, n in zip(completions, lengths, strict=True)
-        ),
-        sum(s.closed for s in structures),
-    ]
+    assert counted == thoughts.Counts.of(structures)
+    assert counted.answer_tokens > 0 and counted.closed > 0 and counted.reasoning_tokens > 0
+    cut = [len(until_stop(row[:n].tolist(), STOPS)) < n for row, n in zip(completions, lengths, strict=True)]
+    assert sum(cut) > 10  # many completions hold a stop token, which is counted as neither
 
 
 def sample_with_recorded_logprobs(model, tokenizer, texts: list[str], seed: int = 0):
