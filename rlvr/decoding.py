@@ -58,20 +58,33 @@ class FaithfulDecodeMixin:
         ...).
 
         Streams the ids through the backend's incremental decoder, so the cost is linear in the length and a
-        character split over several byte tokens is credited to the token that completes it.
+        character split over several byte tokens is credited to the token that completes it. The text is
+        exactly `decode`'s: what the stream still holds at the end (a character cut off by the length limit,
+        which `decode` shows as U+FFFD) is credited to the last token.
         """
         vocab = self.reasoning_vocab
+        ids = [int(i) for i in token_ids]
         stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         pieces: list[str] = []
         spans: list[TokenSpan] = []
         position = 0
-        for token_id in token_ids:
-            token_id = int(token_id)
+        for token_id in ids:
             piece = stream.step(self.backend_tokenizer, vocab.to_standard([token_id])[0]) or ""
             pieces.append(piece)
             spans.append(TokenSpan(position, position + len(piece), vocab.multiplicity_of(token_id)))
             position += len(piece)
-        return "".join(pieces), spans
+        streamed = "".join(pieces)
+        text = self.decode(ids, skip_special_tokens=skip_special_tokens)
+        if text != streamed:
+            if not text.startswith(streamed):
+                raise ValueError(
+                    f"{type(self).__name__}'s decode differs from its incremental decoder inside the text "
+                    f"({text[:60]!r} against {streamed[:60]!r}); decode_with_spans needs a decoder whose "
+                    "output only grows."
+                )
+            last = spans[-1]
+            spans[-1] = TokenSpan(last.start, len(text), last.multiplicity)
+        return text, spans
 
     def __reduce__(self):
         # the class is made at run time and shares its base's name, so pickle it by its base

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from rlvr.errors import InputError
+
 RESAMPLES = 10_000
 _CHUNK = 2_000_000  # bootstrap indices drawn per chunk, to bound memory for many problems
 
@@ -51,6 +53,7 @@ def paired(a: pd.Series, b: pd.Series, seed: int = 0, resamples: int = RESAMPLES
         raise ValueError(
             f"the two models were not scored on the same problems (e.g. {missing}); pair like with like"
         )
+    require_finite(a, b)
     differences = b - a.reindex(b.index)
     if "seed" in (differences.index.names or ()):
         differences = differences.groupby(level=[n for n in differences.index.names if n != "seed"]).mean()
@@ -68,9 +71,21 @@ def paired(a: pd.Series, b: pd.Series, seed: int = 0, resamples: int = RESAMPLES
     )
 
 
+def require_finite(*scores: pd.Series) -> None:
+    """Refuse a NaN or infinite score: it would pass for a difference (NaN != 0) that no sign flip ever
+    reaches, or vanish from a mean over seeds, and the result would look like evidence."""
+    bad = [key for series in scores for key, value in series.items() if not np.isfinite(value)]
+    if bad:
+        raise InputError(
+            f"the scores to compare are not all finite numbers (NaN or infinity for {bad[:3]}); score every "
+            "problem, or leave the unscored ones out of every model."
+        )
+
+
 def mean_interval(values: pd.Series, seed: int = 0, resamples: int = RESAMPLES) -> tuple[float, float]:
     """A bootstrap 95% interval of the mean per-problem value, averaging over a `seed` level first (see
     above)."""
+    require_finite(values)
     if "seed" in (values.index.names or ()):
         values = values.groupby(level=[n for n in values.index.names if n != "seed"]).mean()
     low, high = np.percentile(

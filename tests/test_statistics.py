@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rlvr.statistics import paired, per_problem_accuracy, sign_flip_p_value
+from rlvr.errors import InputError
+from rlvr.statistics import mean_interval, paired, per_problem_accuracy, sign_flip_p_value
 
 
 def series(values, ids=None) -> pd.Series:
@@ -80,3 +81,18 @@ def test_seeds_are_paired_within_and_averaged_per_problem_before_resampling():
     # per problem, averaged over seeds: p1 0.5, p2 0.5, p3 0.5; every sign pattern but the all-equal ones is
     # smaller
     assert result.p_value == 0.25
+
+
+@pytest.mark.parametrize("where", ["a", "b", "a seed"])
+def test_a_nan_score_is_refused_with_one_line(where):
+    """A NaN difference passes the `!= 0` filter and never compares, so it would come out as p = 0."""
+    a, b = series([1, 0, 1, 0, 1, 1]), series([1, 1, 1, 1, 0, 1])
+    if where == "a seed":  # a mean over seeds would drop the NaN without a word
+        index = pd.MultiIndex.from_product([[0, 1], range(3)], names=["seed", "id"])
+        a, b = pd.Series(a.to_numpy(), index=index), pd.Series(b.to_numpy(), index=index)
+    (a if where.startswith("a") else b).iloc[2] = np.nan
+    with pytest.raises(InputError, match="not all finite numbers") as caught:
+        paired(a, b)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(InputError, match="not all finite numbers"):
+        mean_interval(b if where == "b" else a)

@@ -215,6 +215,24 @@ def test_generate_time_logprobs_equal_training_time_logprobs(temperature):
     assert (completion >= vocab.base_vocab_size).any()  # reasoning ids were scored, not only standard ones
 
 
+def test_recorded_sampling_logprobs_are_as_precise_as_float64():
+    """The HF path's record of each sampled token's log-prob (for the importance ratio) is normalised as
+    precisely as the loss's: within 1e-6 of float64 over the 303k-wide masked distribution."""
+    model, tokenizer = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
+    bias_towards_forbidden(model, model.reasoning_vocab)
+    model.record_sampling_logprobs = True
+    batch = prompts(tokenizer, 4)
+    torch.manual_seed(0)
+    out = model.generate(
+        **batch, max_new_tokens=12, do_sample=True, top_k=0, top_p=1.0,
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    completion = out.sequences[:, batch["input_ids"].shape[1] :]
+    exact = torch.stack([torch.log_softmax(s.double(), -1) for s in out.scores], 1)
+    exact = exact.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(model.sampling_logprobs.double(), exact, atol=1e-6, rtol=0)
+
+
 def test_training_logprobs_have_finite_gradients():
     model, _ = load_model("tiny-qwen3", reasoning_vocab_size=QWEN3_N)
     bias_towards_forbidden(model, model.reasoning_vocab)
@@ -289,6 +307,28 @@ def test_decode_with_spans_marks_each_token_and_its_multiplicity(qwen_tok):
     assert pieces[4 + len(emoji)] == (" y", 1)
     assert "".join(piece for piece, _ in pieces) == text
     assert all(a.end == b.start for a, b in itertools.pairwise(spans))
+
+
+@pytest.mark.parametrize("skip_special_tokens", [False, True])
+def test_decode_with_spans_returns_decodes_text_for_completions_cut_inside_a_character(
+    qwen_tok, skip_special_tokens
+):
+    """A completion cut by the length limit inside a multi-byte character: `decode` shows U+FFFD there, and
+    the spans, the served completion and the pages show the same text."""
+    vocab = ReasoningVocab.for_tokenizer(qwen_tok, 151936, QWEN3_N)
+    tokenizer = make_faithful(qwen_tok.__class__.from_pretrained(qwen_tok.name_or_path), vocab)
+    ids = tokenizer.encode("<think>é 🫠 中文 x</think> 🫠\\boxed{Ω}<|im_end|>", add_special_tokens=False)
+    ids = [i + 151936 if 0 < k < 8 else i for k, i in enumerate(ids)]  # some as reasoning ids
+    cut_inside = 0
+    for length in range(len(ids) + 1):
+        prefix = ids[:length]
+        expected = tokenizer.decode(prefix, skip_special_tokens=skip_special_tokens)
+        text, spans = tokenizer.decode_with_spans(prefix, skip_special_tokens=skip_special_tokens)
+        assert text == expected, length
+        assert len(spans) == length and "".join(text[s.start : s.end] for s in spans) == text
+        assert all(a.end == b.start for a, b in itertools.pairwise(spans))
+        cut_inside += expected.endswith("\ufffd")
+    assert cut_inside >= 3  # the emoji twice and a CJK character were cut
 
 
 # --- round trip (invariant 7) -------------------------------------------------------------------------------
