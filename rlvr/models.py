@@ -2,11 +2,17 @@
 
 A model is named by an offline preset, a local Hugging Face directory, an MLflow model URI (`runs:/...`,
 `models:/name@alias`, ...) or a hub id, all through `load_model`. A directory that carries
-`reasoning_token_map.json` restores its constraint; any other model gets the `N` rows asked for.
+`reasoning_token_map.json` restores its constraint, once the map is checked against the tokenizer and the
+model; an expanded model without its map is refused (config.json records the expansion, and more rows than
+the tokenizer plus padding betray one that does not); any other model gets the `N` rows asked for.
+
+Loading never runs code from the model: no `trust_remote_code`, weights from safetensors only, and a directory
+whose config names code (`auto_map`) or whose weights are pickles only is refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +25,17 @@ from rlvr.errors import InputError
 from rlvr.presets import PRESETS, build_preset
 from rlvr.surgery import attach, expand_model, make_faithful
 from rlvr.tracking import is_mlflow_uri, refuse_deleted_run
-from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError
+from rlvr.vocab import (
+    CONFIG_BASE,
+    CONFIG_SIZE,
+    MAP_FIX,
+    TOKEN_MAP_FILE,
+    ReasoningVocab,
+    ReasoningVocabError,
+    padded_rows,
+)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 class ModelSourceError(InputError):
@@ -61,13 +77,41 @@ def _find_hf_dir(root: Path, source: str) -> Path:
     return found[0]
 
 
+def refuse_code_and_pickles(directory: Path, source: str) -> None:
+    """A model directory is data: refuse one that asks for its own code to be run, or whose weights exist
+    only as pickles (which run code when unpickled)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            config = json.loads((directory / name).read_text())
+        except (OSError, ValueError):
+            continue  # absent or broken: transformers says which when it reads the directory
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise ModelSourceError(
+                f"model {source!r}: {directory / name} names code of its own to run (auto_map: "
+                f"{', '.join(sorted(config['auto_map']))}); rlvr runs no code from a model (no "
+                "trust_remote_code): use a model whose architecture transformers implements."
+            )
+    files = [path.name for path in directory.iterdir() if path.is_file()]
+    pickles = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES) and "model" in name)
+    if pickles and not any(name.endswith(".safetensors") for name in files):
+        raise ModelSourceError(
+            f"model {source!r}: {directory} holds its weights only as pickles ({', '.join(pickles)}), which "
+            "can run code when loaded; rlvr loads safetensors only: convert them where you trust the file "
+            "(save_pretrained writes model.safetensors) and pass that directory."
+        )
+
+
 def _load_base(source: str, directory: Path | None, dtype: torch.dtype, device, seed: int):
     if source in PRESETS:
         return build_preset(source, seed=seed, dtype=dtype, device=device)
+    if directory is not None:
+        refuse_code_and_pickles(directory, source)
     target = str(directory) if directory is not None else source
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
     except (OSError, ValueError, SafetensorError) as error:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         if directory is not None:  # found, but its files do not load: truncated weights, broken JSON, ...
@@ -101,9 +145,8 @@ def load_model(
     """
     directory = resolve_model_dir(source) if source not in PRESETS else None
     model, tokenizer = _load_base(source, directory, dtype, device, seed)
-    has_map = directory is not None and (directory / TOKEN_MAP_FILE).exists()
     try:
-        saved = ReasoningVocab.load(directory) if has_map else None
+        saved = saved_vocab(model, tokenizer, directory)
         if saved is not None and (saved.size or not reasoning_vocab_size):
             if reasoning_vocab_size is not None and reasoning_vocab_size != saved.size:
                 raise ReasoningVocabError(
@@ -120,6 +163,47 @@ def load_model(
     except ReasoningVocabError as error:  # say which model: several are named in one pipeline
         raise ReasoningVocabError(f"model {source!r}: {error}") from error
     return model, make_faithful(tokenizer, vocab)
+
+
+def saved_vocab(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path | None
+) -> ReasoningVocab | None:
+    """The token map that `directory` carries, checked against `tokenizer` and `model`; None for a model that
+    has none and needs none. A model that is expanded (its config.json says so, or it has more embedding rows
+    than its tokenizer plus padding) but has no map is refused: its reasoning rows would load as padding."""
+    size, base = getattr(model.config, CONFIG_SIZE, None), getattr(model.config, CONFIG_BASE, None)
+    path = directory / TOKEN_MAP_FILE if directory is not None else None
+    if path is not None and path.exists():
+        vocab = ReasoningVocab.load(directory, tokenizer)
+        for says, value, name, recorded in (
+            ("standard_token_ids hold {} rows", vocab.size, CONFIG_SIZE, size),
+            ("base_vocab_size is {}", vocab.base_vocab_size, CONFIG_BASE, base),
+        ):
+            if recorded is not None and recorded != value:
+                raise ReasoningVocabError(
+                    f"{path}: {says.format(value)}, but config.json records {name}={recorded}; {MAP_FIX}."
+                )
+        return vocab
+    fix = (
+        f"copy its {TOKEN_MAP_FILE} from the checkpoint or run it came from into {directory}"
+        if directory is not None
+        else f"download the model directory with its {TOKEN_MAP_FILE} and pass its path"
+    )
+    if size:
+        raise ReasoningVocabError(
+            f"config.json records a reasoning vocabulary of {size} rows ({CONFIG_SIZE}), but there is "
+            f"no {TOKEN_MAP_FILE}; without it those rows would load as never-sampled padding: {fix}."
+        )
+    rows = model.get_input_embeddings().weight.shape[0]
+    multiple = getattr(model.config, "pad_vocab_size_multiple", None)
+    plain = base if base is not None else padded_rows(len(tokenizer), multiple)
+    if rows > plain:
+        raise ReasoningVocabError(
+            f"it has {rows} embedding rows, more than its tokenizer's {len(tokenizer)} ids plus padding "
+            f"(at most {plain}): it looks expanded by a reasoning vocabulary, but has no {TOKEN_MAP_FILE}: "
+            f"{fix}."
+        )
+    return None
 
 
 def save_model(

@@ -5,6 +5,8 @@ classes, so a plain model of the same class is untouched.
 
 Attributes set on a model (`attach`, `enable_fast_rollouts`):
 - `reasoning_vocab`: the `ReasoningVocab` (token map and masks).
+- `config.rlvr_reasoning_vocab_size`, `config.rlvr_base_vocab_size`: N and E, which `save_pretrained` writes
+  into config.json, so that a directory without its map is still known to be expanded.
 - `reasoning_temperature`: the temperature the log-prob head scores at (the trainer's sampling temperature).
 - `reasoning_head_fp32`: whether the log-prob head runs its projection in fp32 outside autocast.
 - `record_sampling_logprobs`: when true, `generate` keeps the log-prob of each sampled token under the
@@ -42,7 +44,7 @@ from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel, Pre
 
 from rlvr import thoughts
 from rlvr.decoding import faithful_class
-from rlvr.vocab import TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError
+from rlvr.vocab import CONFIG_BASE, CONFIG_SIZE, TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError
 
 
 class ThoughtConstraint(LogitsProcessor):
@@ -155,6 +157,13 @@ def _generate(self, *args, **kwargs):
 
 def expand_model(model: PreTrainedModel, vocab: ReasoningVocab) -> PreTrainedModel:
     """Append `vocab.size` rows to the input and output embeddings, row `E + i` a copy of row `s_i`."""
+    attached = getattr(model, "reasoning_vocab", None)
+    present = attached.size if attached is not None else getattr(model.config, CONFIG_SIZE, 0)
+    if present:
+        raise ReasoningVocabError(
+            f"the model already has a reasoning vocabulary of {present} rows; expanding it again would make "
+            "copies of copies: load it with rlvr.load_model (which keeps its map), or expand its base model."
+        )
     rows = model.get_input_embeddings().weight.shape[0]
     if rows != vocab.base_vocab_size:
         raise ReasoningVocabError(
@@ -185,15 +194,19 @@ def attach(
     """
     from rlvr.logprobs import check_plain_head, constrained_forward
 
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows != vocab.total_size:
-        raise ReasoningVocabError(
-            f"the model has {rows} output rows but the token map describes {vocab.total_size} "
-            f"({vocab.base_vocab_size} + {vocab.size}); the model and {TOKEN_MAP_FILE} do not belong "
-            "together."
-        )
+    for side, matrix in (("input", model.get_input_embeddings()), ("output", model.get_output_embeddings())):
+        rows = matrix.weight.shape[0]
+        if rows != vocab.total_size:
+            raise ReasoningVocabError(
+                f"the model has {rows} {side} embedding rows but the token map's base_vocab_size + "
+                f"standard_token_ids describe {vocab.total_size} ({vocab.base_vocab_size} + {vocab.size}); "
+                f"the model and its {TOKEN_MAP_FILE} do not belong together: copy the map again from the "
+                "checkpoint or run the model came from."
+            )
     check_plain_head(model)
     model.reasoning_vocab = vocab
+    setattr(model.config, CONFIG_SIZE, vocab.size)  # saved into config.json: the directory is expanded
+    setattr(model.config, CONFIG_BASE, vocab.base_vocab_size)
     model.reasoning_temperature = float(temperature)
     model.reasoning_head_fp32 = bool(head_fp32)
     model._get_logits_processor = types.MethodType(_constrained_logits_processor, model)

@@ -23,10 +23,30 @@ from rlvr.errors import InputError
 from rlvr.thoughts import THINK_END, THINK_START
 
 TOKEN_MAP_FILE = "reasoning_token_map.json"
+# written into config.json with every save (the attributes `rlvr.surgery.attach` sets on the config), so an
+# expanded directory is known as such even without its map
+CONFIG_SIZE = "rlvr_reasoning_vocab_size"
+CONFIG_BASE = "rlvr_base_vocab_size"
+PAD_MULTIPLE = 128  # plain models round their embedding up to a multiple of this (or 1% more rows, below)
+MAP_FIX = (
+    "the map does not belong to this model: copy it again from the checkpoint or run the model came from"
+)
 
 
 class ReasoningVocabError(InputError):
     """A reasoning-vocabulary request that cannot be honoured; the message names the input and the fix."""
+
+
+class TokenMapMismatch(ReasoningVocabError):
+    """A token map that contradicts itself or the tokenizer it is checked against; `problem` starts with the
+    field's name."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(
+            f"the token map's {problem}; make maps with ReasoningVocab.for_tokenizer, or load them with "
+            "rlvr.load_model."
+        )
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,54 @@ class ReasoningVocab:
     standard_token_ids: tuple[int, ...] = ()
     control_token_ids: tuple[int, ...] = ()
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        problem = self._inconsistency()
+        if problem:
+            raise TokenMapMismatch(problem)
+
+    def _inconsistency(self) -> str | None:
+        """What makes these fields contradict each other, whatever they are attached to (None: nothing)."""
+        base, real = self.base_vocab_size, self.tokenizer_size
+        if not 0 < real <= base:
+            return f"tokenizer_size is {real}, which must be between 1 and base_vocab_size ({base})"
+        tags = {"think_start_id": self.think_start_id, "think_end_id": self.think_end_id}
+        for name, value in tags.items():
+            if not 0 <= value < real:
+                return f"{name} is {value}, not a token id (0..{real - 1})"
+        if self.think_start_id == self.think_end_id:
+            return f"think_start_id and think_end_id are both {self.think_end_id}"
+        for name in ("standard_token_ids", "control_token_ids"):
+            bad = [i for i in getattr(self, name) if not 0 <= i < real]
+            if bad:
+                return (
+                    f"{name} holds {bad[:3]}, which are no token ids (0..{real - 1}; rows past are padding)"
+                )
+        if len(set(self.control_token_ids)) != len(self.control_token_ids):
+            return "control_token_ids repeats ids"
+        return None
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Refuse a map whose token ids are not this tokenizer's: the thought tags, the control ids whose
+        copies are never sampled, and the count of real ids after which rows are padding."""
+        size, tags, control = _tokenizer_facts(tokenizer)
+        if self.tokenizer_size != size:
+            raise TokenMapMismatch(
+                f"tokenizer_size is {self.tokenizer_size}, but the tokenizer has {size} ids"
+            )
+        for name, mine, theirs, text in zip(
+            ("think_start_id", "think_end_id"), (self.think_start_id, self.think_end_id), tags,
+            (THINK_START, THINK_END), strict=True,
+        ):  # fmt: skip
+            if mine != theirs:
+                raise TokenMapMismatch(f"{name} is {mine}, but the tokenizer's {text!r} is {theirs}")
+        if tuple(sorted(self.control_token_ids)) != control:
+            missing = sorted(set(control) - set(self.control_token_ids))
+            extra = sorted(set(self.control_token_ids) - set(control))
+            raise TokenMapMismatch(
+                f"control_token_ids are not the tokenizer's special and added ids (missing {missing[:5]}, "
+                f"not among them {extra[:5]})"
+            )
 
     @classmethod
     def for_tokenizer(
@@ -88,21 +156,14 @@ class ReasoningVocab:
                 f"0..{tokenizer_size - 1}; rows {tokenizer_size}..{base_vocab_size - 1} are padding); choose "
                 "ids of real tokens."
             )
-        think_ids = tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
-        unk = tokenizer.unk_token_id
-        if any(i is None or (unk is not None and i == unk) for i in think_ids):
-            raise ReasoningVocabError(
-                f"the tokenizer has no single-token {THINK_START!r}/{THINK_END!r}, by which rlvr reads "
-                "thoughts; add both as tokens (and resize the model) before training or evaluating it."
-            )
-        control = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        _, think_ids, control = _tokenizer_facts(tokenizer)
         return cls(
             base_vocab_size=base_vocab_size,
             tokenizer_size=tokenizer_size,
             think_start_id=think_ids[0],
             think_end_id=think_ids[1],
             standard_token_ids=standard_token_ids,
-            control_token_ids=tuple(sorted(control)),
+            control_token_ids=control,
         )
 
     # --- sizes and the map -------------------------------------------------------------------------------
@@ -190,26 +251,60 @@ class ReasoningVocab:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> ReasoningVocab:
+    def load(cls, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> ReasoningVocab:
+        """The map saved in `directory`, refused (one line naming the file, the field and the fix) when it
+        contradicts itself or, given one, `tokenizer`."""
         path = Path(directory) / TOKEN_MAP_FILE
         try:
             data = json.loads(path.read_text())
-            vocab = cls(
-                base_vocab_size=int(data["base_vocab_size"]),
-                tokenizer_size=int(data["tokenizer_size"]),
-                think_start_id=int(data["think_start_id"]),
-                think_end_id=int(data["think_end_id"]),
-                standard_token_ids=tuple(int(i) for i in data["standard_token_ids"]),
-                control_token_ids=tuple(int(i) for i in data["control_token_ids"]),
-            )
+            fields = {
+                name: _whole(data[name])
+                for name in ("base_vocab_size", "tokenizer_size", "think_start_id", "think_end_id")
+            }
+            ids = {
+                name: tuple(_whole(i) for i in data[name])
+                for name in ("standard_token_ids", "control_token_ids")
+            }
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ReasoningVocabError(
                 f"{path} is not a readable reasoning token map ({type(error).__name__}: {error}); copy it "
                 "again from the checkpoint or run it came from."
             ) from error
-        if list(vocab.multiplicities) != list(data.get("multiplicities", vocab.multiplicities)):
-            raise ReasoningVocabError(
-                f"{path}: multiplicities disagree with standard_token_ids; the file is corrupt: copy it "
-                "again from the checkpoint or run it came from."
-            )
+        try:
+            vocab = cls(**fields, **ids)
+            if "multiplicities" in data and list(data["multiplicities"]) != list(vocab.multiplicities):
+                raise TokenMapMismatch("multiplicities disagree with standard_token_ids")
+            if tokenizer is not None:
+                vocab.check_tokenizer(tokenizer)
+        except TokenMapMismatch as error:
+            raise ReasoningVocabError(f"{path}: {error.problem}; {MAP_FIX}.") from error
         return vocab
+
+
+def _whole(value) -> int:
+    """A JSON integer (a float or bool there means the file was edited by hand or corrupted)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _tokenizer_facts(tokenizer: PreTrainedTokenizerBase) -> tuple[int, tuple[int, int], tuple[int, ...]]:
+    """What a map records of its tokenizer: its size, its thought tags' ids, and its special and added ids."""
+    think_ids = tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
+    unk = tokenizer.unk_token_id
+    if any(i is None or (unk is not None and i == unk) for i in think_ids):
+        raise ReasoningVocabError(
+            f"the tokenizer has no single-token {THINK_START!r}/{THINK_END!r}, by which rlvr reads "
+            "thoughts; add both as tokens (and resize the model) before training or evaluating it."
+        )
+    control = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return len(tokenizer), (think_ids[0], think_ids[1]), tuple(sorted(control))
+
+
+def padded_rows(tokenizer_size: int, multiple: int | None = None) -> int:
+    """The most embedding rows a plain model with `tokenizer_size` ids has: its ids rounded up to a multiple
+    of `multiple` (a config's `pad_vocab_size_multiple`, else `PAD_MULTIPLE`), or 1% more, whichever is more.
+    Qwen3: 151,669 ids, 151,936 rows; micro: 325 ids, 384 rows. More rows than this without a map mean an
+    expanded model."""
+    multiple = max(multiple or 0, PAD_MULTIPLE)
+    return max(-(-tokenizer_size // multiple) * multiple, -(-tokenizer_size * 101 // 100))

@@ -1,4 +1,5 @@
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -218,3 +219,90 @@ def prompts(tokenizer, count: int):
     ]
     tokenizer.padding_side = "left"
     return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+# --- token maps that contradict their model; directories that ask for code to be run -----------------------
+MICRO_N = 325  # one reasoning copy of every micro token id, as the demo trains
+
+
+def _edit_map(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def change(directory: Path) -> None:
+        path = directory / "reasoning_token_map.json"
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+
+    return change
+
+
+def _set(field: str, value, index: int | None = None) -> Callable[[Path], None]:
+    """The map's `field` (or its entry `index`) set to `value`."""
+
+    def edit(data: dict) -> None:
+        if index is None:
+            data[field] = value
+        else:
+            data[field][index] = value
+
+    return _edit_map(edit)
+
+
+def _swap_tags(data: dict) -> None:
+    data["think_start_id"], data["think_end_id"] = data["think_end_id"], data["think_start_id"]
+
+
+def _drop_last_row(data: dict) -> None:
+    del data["standard_token_ids"][-1], data["multiplicities"][-1]
+
+
+def _repeat_a_control_id(data: dict) -> None:
+    data["control_token_ids"].append(data["control_token_ids"][0])
+
+
+def _remove_map(directory: Path) -> None:
+    (directory / "reasoning_token_map.json").unlink()
+
+
+def _remove_map_and_record(directory: Path) -> None:
+    _remove_map(directory)
+    config = json.loads((directory / "config.json").read_text())
+    del config["rlvr_reasoning_vocab_size"], config["rlvr_base_vocab_size"]
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+MAP = "reasoning_token_map.json: "
+# name: (what is done to a saved micro model with MICRO_N reasoning rows, what its one-line refusal names)
+TOKEN_MAP_CHANGES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "standard_id_past_the_tokenizer": (_set("standard_token_ids", 325, index=0), MAP + "standard_token_ids"),
+    "negative_standard_id": (_set("standard_token_ids", -1, index=0), MAP + "standard_token_ids"),
+    "tokenizer_size_of_the_base": (_set("tokenizer_size", 384), MAP + "tokenizer_size"),
+    "think_tags_swapped": (_edit_map(_swap_tags), MAP + "think_start_id"),
+    "control_ids_emptied": (_set("control_token_ids", []), MAP + "control_token_ids"),
+    "control_id_repeated": (_edit_map(_repeat_a_control_id), MAP + "control_token_ids"),
+    "base_vocab_size_changed": (_set("base_vocab_size", 383), MAP + "base_vocab_size"),
+    "row_dropped": (_edit_map(_drop_last_row), MAP + "standard_token_ids"),
+    "multiplicities_changed": (_set("multiplicities", 2, index=0), MAP + "multiplicities"),
+    "map_removed": (_remove_map, "(rlvr_reasoning_vocab_size), but there is no reasoning_token_map.json"),
+    "map_and_its_record_removed": (
+        _remove_map_and_record, "709 embedding rows, more than its tokenizer's 325 ids plus padding"
+    ),
+}  # fmt: skip
+MAP_FIX = "copy"  # every refusal says where to copy the map from
+
+
+def pickled_weights(directory: Path) -> None:
+    """The weights as a pickle (what an older `save_pretrained` wrote), the safetensors file gone."""
+    from safetensors.torch import load_file
+
+    torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
+    (directory / "model.safetensors").unlink()
+
+
+def remote_code(directory: Path) -> None:
+    """A config that names code of the directory's own, which would leave a trace if it ever ran."""
+    (directory / "modeling_evil.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('ran').write_text('code from the model ran')\n"
+    )
+    config = json.loads((directory / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (directory / "config.json").write_text(json.dumps(config))

@@ -2,10 +2,20 @@
 
 import itertools
 import json
+import shutil
 
 import pytest
 import torch
-from conftest import QWEN3_N, bias_towards_forbidden, prompts
+from conftest import (
+    MAP_FIX,
+    MICRO_N,
+    QWEN3_N,
+    TOKEN_MAP_CHANGES,
+    bias_towards_forbidden,
+    pickled_weights,
+    prompts,
+    remote_code,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -83,11 +93,17 @@ def test_expansion_copies_both_matrices_of_an_untied_llama(qwen_tok, tiny_llama_
     assert not torch.equal(before_in[twins], before_out[twins])  # the two copies really are distinct
 
 
-def test_expanding_an_expanded_model_is_refused(tiny_reasoning, qwen_tok):
-    model, _ = tiny_reasoning
-    vocab = ReasoningVocab.for_tokenizer(qwen_tok, 151936, 1)
-    with pytest.raises(ReasoningVocabError, match="embedding rows"):
-        expand_model(model, vocab)
+def test_expanding_an_expanded_model_is_refused(tiny_reasoning, qwen_tok, tiny_llama_factory, tmp_path):
+    model, tokenizer = tiny_reasoning
+    rows = model.get_input_embeddings().weight.shape[0]
+    with pytest.raises(ReasoningVocabError, match="already has a reasoning vocabulary of 151646 rows"):
+        expand_model(model, ReasoningVocab.for_tokenizer(qwen_tok, rows, 1))
+    # loaded without rlvr, its config.json still says so
+    plain = AutoModelForCausalLM.from_pretrained(save_model(model, tokenizer, tmp_path / "model"))
+    with pytest.raises(ReasoningVocabError, match="already has a reasoning vocabulary of 151646 rows"):
+        expand_model(plain, ReasoningVocab.for_tokenizer(qwen_tok, rows, 1))
+    with pytest.raises(ReasoningVocabError, match="embedding rows"):  # a map made for another base
+        expand_model(tiny_llama_factory(), ReasoningVocab.for_tokenizer(qwen_tok, 151936, 1))
 
 
 # --- thought state and mask (invariants 2, 3, 5) ------------------------------------------------------------
@@ -363,6 +379,70 @@ def test_a_corrupt_token_map_is_a_clear_error(tmp_path, tiny_reasoning):
     (directory / TOKEN_MAP_FILE).write_text("{not json")
     with pytest.raises(ReasoningVocabError, match="not a readable reasoning token map"):
         load_model(str(directory))
+
+
+@pytest.fixture(scope="module")
+def micro_reasoning_dir(tmp_path_factory):
+    model, tokenizer = load_model("micro", reasoning_vocab_size=MICRO_N)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("micro") / "model")
+
+
+@pytest.mark.parametrize("change", TOKEN_MAP_CHANGES)
+def test_a_map_that_contradicts_its_model_or_is_missing_is_refused_in_one_line(
+    micro_reasoning_dir, tmp_path, change
+):
+    """Loaded anyway, each of these would sample what the true map forbids or never sample trained rows:
+    padding rows that become sampleable, swapped thought tags, a copy of <|im_end|> allowed inside a thought,
+    the 325 reasoning rows read as padding, or a second expansion to 1034 rows."""
+    directory = shutil.copytree(micro_reasoning_dir, tmp_path / change)
+    alter, names = TOKEN_MAP_CHANGES[change]
+    alter(directory)
+    for size in (None, MICRO_N):  # as saved, and asking for the size it was trained with
+        with pytest.raises(ReasoningVocabError) as caught:
+            load_model(str(directory), reasoning_vocab_size=size)
+        message = str(caught.value)
+        assert "\n" not in message and names in message and MAP_FIX in message, message
+        assert str(directory) in message, message
+    assert not (directory / "ran").exists()
+
+
+def test_the_saved_map_and_config_record_the_expansion(micro_reasoning_dir):
+    config = json.loads((micro_reasoning_dir / "config.json").read_text())
+    assert (config["rlvr_reasoning_vocab_size"], config["rlvr_base_vocab_size"], config["vocab_size"]) == (
+        MICRO_N, 384, 384 + MICRO_N)  # fmt: skip
+    model, tokenizer = load_model(str(micro_reasoning_dir))
+    assert model.reasoning_vocab == load_model("micro", reasoning_vocab_size=MICRO_N)[0].reasoning_vocab
+    baseline = save_model(*load_model("micro"), micro_reasoning_dir.parent / "baseline")
+    assert json.loads((baseline / "config.json").read_text())["rlvr_reasoning_vocab_size"] == 0
+    (baseline / TOKEN_MAP_FILE).unlink()  # a baseline's map holds nothing it cannot rebuild
+    assert load_model(str(baseline), reasoning_vocab_size=4)[0].reasoning_vocab.size == 4
+
+
+def test_a_map_is_checked_against_the_tokenizer_it_is_attached_to(qwen_tok):
+    from rlvr.presets.task import micro_tokenizer
+
+    vocab = ReasoningVocab.for_tokenizer(qwen_tok, 151936, 8)
+    vocab.check_tokenizer(qwen_tok)
+    with pytest.raises(ReasoningVocabError, match="tokenizer_size is 151669, but the tokenizer has 325 ids"):
+        vocab.check_tokenizer(micro_tokenizer())
+    with pytest.raises(ReasoningVocabError, match="think_end_id is 151669, not a token id"):
+        ReasoningVocab(151936, 151669, THINK, 151669, (1, 2), (THINK, END_THINK))
+    with pytest.raises(ReasoningVocabError, match="embedding rows but the token map.s base_vocab_size"):
+        attach(load_model("tiny-qwen3")[0], vocab)
+
+
+@pytest.mark.parametrize("unsafe", [pickled_weights, remote_code], ids=["pickled-weights", "auto-map"])
+def test_loading_never_runs_code_from_the_model(micro_reasoning_dir, tmp_path, unsafe):
+    directory = shutil.copytree(micro_reasoning_dir, tmp_path / "model")
+    unsafe(directory)
+    with pytest.raises(ModelSourceError) as caught:
+        load_model(str(directory))
+    message = str(caught.value)
+    assert "\n" not in message and str(directory) in message
+    assert ("pytorch_model.bin" in message and "safetensors only" in message) or (
+        "auto_map" in message and "runs no code" in message
+    ), message
+    assert not (directory / "ran").exists()
 
 
 def test_an_unknown_model_is_a_clear_error():

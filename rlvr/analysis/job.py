@@ -288,8 +288,9 @@ def log_metrics(tables: dict[str, pd.DataFrame]) -> None:
 
 # --- the job ------------------------------------------------------------------------------------------------
 def _vocabulary(path: Path) -> tuple[PreTrainedTokenizerBase, ReasoningVocab]:
-    vocab = ReasoningVocab.load(path)
-    return make_faithful(AutoTokenizer.from_pretrained(path), vocab), vocab
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    vocab = ReasoningVocab.load(path, tokenizer)
+    return make_faithful(tokenizer, vocab), vocab
 
 
 def _check_comparable(training: ReasoningVocab, baseline: ReasoningVocab) -> None:
