@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT
+from conftest import MAP, MICRO_N, ROOT, TOKEN_MAP_CHANGES, pickled_weights, remote_code
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -309,6 +309,29 @@ CASES = [
 ]  # fmt: skip
 
 
+def unusable_models(entry: str) -> list:
+    """A reasoning model whose token map was altered or removed, and models that would run code if loaded
+    naively: refused by `entry` as by the Python API (tests/test_vocab.py)."""
+    size = f" --reasoning_vocab_size {MICRO_N}" if entry == "train_reasoning" else ""
+    cases = [
+        case(f"{entry}-pickled-weights", f"--model {{pickled}}{size}",
+             "{pickled} holds its weights only as pickles (pytorch_model.bin)", "loads safetensors only"),
+        case(f"{entry}-auto-map", f"--model {{auto_map}}{size}",
+             "{auto_map}/config.json names code of its own", "rlvr runs no code from a model"),
+    ]  # fmt: skip
+    for name, (_, names) in TOKEN_MAP_CHANGES.items():
+        edited = names.startswith(MAP)
+        cases.append(case(
+            f"{entry}-map-{name.replace('_', '-')}", f"--model {{map_{name}}}{size}",
+            f"{{map_{name}}}/{names}" if edited else names,
+            "copy it again from the checkpoint" if edited else f"came from into {{map_{name}}}",
+        ))  # fmt: skip
+    return cases
+
+
+CASES += unusable_models("evaluate") + unusable_models("train_reasoning")
+
+
 # --- shared inputs, built once ------------------------------------------------------------------------------
 def _copy_with(source: Path, target: Path, change: Callable[[Path], None]) -> Path:
     shutil.copytree(source, target)
@@ -343,8 +366,9 @@ def _tokenizer_without_think() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def inputs(mlflow_server, tmp_path_factory) -> dict[str, str]:
-    """What the cases name: a good preprocess output and micro model, broken copies of that model, a model
-    whose tokenizer lacks <think>, data without worked solutions, and a deleted run."""
+    """What the cases name: a good preprocess output and micro model, broken copies of that model, a micro
+    reasoning model with altered token maps, unsafe copies of it, a model whose tokenizer lacks <think>, data
+    without worked solutions, and a deleted run."""
     root = tmp_path_factory.mktemp("bad-input")
     data = root / "data"
     preprocess("synthetic:count=24", data, Options(test_size=4, instruction=""))
@@ -364,6 +388,11 @@ def inputs(mlflow_server, tmp_path_factory) -> dict[str, str]:
         eos_token_id=plain.eos_token_id,
     )).save_pretrained(no_think)  # fmt: skip
     plain.save_pretrained(no_think)
+    reasoning = save_model(*load_model("micro", reasoning_vocab_size=MICRO_N), root / "micro-reasoning")
+    altered = {
+        f"map_{name}": str(_copy_with(reasoning, root / f"map-{name}", alter))
+        for name, (alter, _) in TOKEN_MAP_CHANGES.items()
+    }
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     run = client.create_run(experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT))
@@ -378,7 +407,10 @@ def inputs(mlflow_server, tmp_path_factory) -> dict[str, str]:
         "truncated": str(_copy_with(micro, root / "truncated", _truncate)),
         "bad_config": str(_copy_with(micro, root / "bad-config", _overwrite("config.json", "{oops"))),
         "bad_map": str(_copy_with(micro, root / "bad-map", _overwrite("reasoning_token_map.json", "{}"))),
+        "pickled": str(_copy_with(reasoning, root / "pickled", pickled_weights)),
+        "auto_map": str(_copy_with(reasoning, root / "auto-map", remote_code)),
         "deleted": run.info.run_id,
+        **altered,
     }  # fmt: skip
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import END_THINK, QWEN3_N, THINK, bias_towards_forbidden
+from conftest import END_THINK, MICRO_N, QWEN3_N, THINK, bias_towards_forbidden
 
 from rlvr import load_model, thoughts
 from rlvr.generation import describe
@@ -219,4 +219,63 @@ def test_describe_reads_the_structure_the_sampler_used(qwen_tok, vocab):
         "\\boxed{4}",
         True,
         "2+2=4",
+    )
+
+
+def test_training_metrics_equal_evaluation_metrics_on_the_same_completions(tmp_path):
+    """One counting of thought, answer and EOS: the `reasoning/*` numbers GRPO logs for a rollout are the
+    numbers evaluation reports for the same completions, the EOS being neither thought nor answer in both."""
+    from rlvr.dataset import load_split
+    from rlvr.evaluation import Scored, dataset_metrics
+    from rlvr.generation import stop_token_ids
+    from rlvr.grpo import ReasoningGRPOTrainer, TrainSettings, _prompt_dataset, grpo_config
+    from rlvr.preprocess import Options, preprocess
+    from rlvr.rewards import answer_is_correct, reward_functions
+
+    preprocess("synthetic:count=8", tmp_path / "data", Options(test_size=0, instruction=""))
+    model, tokenizer = load_model("micro", reasoning_vocab_size=MICRO_N)
+    vocab = model.reasoning_vocab
+    head = model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[vocab.base_vocab_size :] = 1.0  # reasoning ids likely inside a thought
+    bias[[vocab.think_start_id, vocab.think_end_id, tokenizer.eos_token_id]] = torch.tensor([5.5, 5.0, 3.5])
+    head.bias = torch.nn.Parameter(bias)
+    settings = TrainSettings(
+        model="micro", output_dir=str(tmp_path / "out"), per_device_train_batch_size=16,
+        gradient_accumulation_steps=1, num_generations=4, max_completion_length=16, max_steps=1,
+    )  # fmt: skip
+    dataset, _ = _prompt_dataset(load_split(str(tmp_path / "data"), "train").frame, tokenizer, 512)
+    trainer = ReasoningGRPOTrainer(
+        model=model, args=grpo_config(settings, {}), train_dataset=dataset, processing_class=tokenizer,
+        reward_funcs=reward_functions(tokenizer),
+    )  # fmt: skip
+    trainer.model.train()
+    batch = [dataset[i] for i in range(4) for _ in range(4)]  # 4 prompts x 4 completions, as TRL groups them
+    torch.manual_seed(0)
+    output = trainer._generate_and_score_completions(batch)
+    logged = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+    stops = stop_token_ids(model, tokenizer)
+    starts = thoughts.prompt_state(vocab, output["prompt_ids"]).tolist()
+    rows = zip(output["completion_ids"], output["completion_mask"].bool(), starts, strict=True)
+    generated = [
+        describe(until_stop(ids[mask].tolist(), stops), tokenizer, vocab, s) for ids, mask, s in rows
+    ]
+    scored = [
+        Scored(g, answer_is_correct(g.answer, e["solution"]), g.well_formed)
+        for g, e in zip(generated, batch, strict=True)
+    ]
+    evaluated = dataset_metrics([scored[i : i + 4] for i in range(0, 16, 4)])
+
+    assert logged["reasoning/thought_length"] == evaluated["thought_length"]
+    assert logged["reasoning/answer_length"] == evaluated["answer_length"]
+    assert logged["reasoning/token_share"] == evaluated["reasoning_share"]
+    assert logged["reasoning/closed_thought_rate"] == sum(g.closed for g in generated) / len(generated)
+    # the completions hold everything that could be counted twice or not at all
+    ended = [bool(torch.isin(ids[mask], torch.tensor(stops)).any()) for ids, mask in
+             zip(output["completion_ids"], output["completion_mask"].bool(), strict=True)]  # fmt: skip
+    assert sum(ended) >= 3 and 0 < sum(g.closed for g in generated) < 16
+    assert evaluated["answer_length"] > 0 and evaluated["reasoning_share"] > 0
+    assert any(g.structure.answer is None for g in generated) and any(
+        g.structure.prefix.stop for g in generated
     )
