@@ -292,6 +292,7 @@ class _Estimate:
         return _Size(symbolic=True, big_operator=token in _BIG_OPERATORS)
 
 
+@functools.lru_cache(maxsize=4096)  # a group's completions share one reference answer
 def too_costly(text: str) -> bool:
     """Whether reading `text` could take sympy long: too long, nested too deep, or denoting a value over the
     limits above."""
