@@ -3,6 +3,7 @@
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -252,6 +253,15 @@ def test_a_reader_stuck_in_one_long_step_is_killed_and_replaced(monkeypatch):
     verdict, seconds = in_a_thread(lambda: answer_is_correct("\\boxed{9^{9^{9}}}", "1"))
     assert not verdict and seconds < answers.WALL_LIMIT_S + 0.1, seconds
     assert answer_is_correct("\\boxed{\\frac{1}{2}}", "0.5") and not answer_is_correct("\\boxed{3}", "4")
+
+
+def test_answers_checked_from_several_threads_at_once_get_their_own_verdicts():
+    """Concurrent callers (a thread pool scoring a batch) each use a reader of their own, none waits for
+    another's answer, and every verdict belongs to its own question."""
+    pairs = [(f"\\boxed{{{n}}}", str(n + (n % 3 == 0))) for n in range(40)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        verdicts = list(pool.map(lambda pair: answer_is_correct(*pair), pairs))
+    assert verdicts == [n % 3 != 0 for n in range(40)]
 
 
 def test_rewards_are_chosen_by_name_with_weights_in_order():
