@@ -1,14 +1,16 @@
 """Reward throughput: completions scored per second by the accuracy and format rewards, on completions of the
 form the demo's policy writes, called as TRL's trainer calls them (one batch of a rollout at a time).
 
-    python benchmarks/reward_throughput.py [--problems 200] [--batch 64] [--repeats 3] [--thread]
+    python benchmarks/reward_throughput.py [--problems 200] [--batch 64] [--repeats 3] [--thread] [--costly]
 
 The completions are the worked solutions of the demo's synthetic task (`synthetic:count=6000,digits=1,
 errors=0.3`, what the warm start imitates) tokenized by `micro`'s tokenizer, in three kinds per problem: as
 written (their answer is right), with the boxed answer off by one (wrong), and cut off before the answer (no
 answer), so a third of them are correct, as early in GRPO. `--thread` scores from another thread, as a server
-worker or a thread pool would. Prints the first batch's seconds (the reader starting) and the median rate over
-the repeats once warm.
+worker or a thread pool would. `--costly` scores one GRPO group of 8 answers instead, one of each shape whose
+value sympy would compute for seconds (a tower, a bracketed base, a product exponent, a factorial, a binomial,
+a fraction of a factorial, a root of a large number, a power of a sum). Prints the first batch's seconds (the
+reader starting) and the median rate over the repeats once warm.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from rlvr.rewards import reward_functions
 
 DEMO_SOURCE = "synthetic:count={count},digits=1,errors=0.3"
 BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
+COSTLY = ["9^{9^{9}}", "(2^{10})^{10^{7}}", "9^{999*9999}", "1000000!", "\\binom{10^{6}}{10^{5}}",
+          "\\frac{1000000!}{2}", "\\sqrt{2^{3000}+1}", "(x+1)^{200}"]  # fmt: skip
 
 
 def completions(problems: int) -> tuple[list[str], list[str]]:
@@ -50,10 +54,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="completions per reward call (one rollout)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--thread", action="store_true", help="score from a thread other than the main one")
+    parser.add_argument("--costly", action="store_true", help="score one group of costly answers instead")
     args = parser.parse_args()
 
     _, tokenizer = load_model("micro")
-    texts, solutions = completions(args.problems)
+    if args.costly:
+        texts = [f"<think>so</think>\n\nThe answer is \\boxed{{{answer}}}." for answer in COSTLY]
+        solutions = ["7"] * len(texts)
+    else:
+        texts, solutions = completions(args.problems)
     ids = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in texts]
     starts = range(0, len(ids), args.batch)
     batches = [(ids[i : i + args.batch], solutions[i : i + args.batch]) for i in starts]
