@@ -8,12 +8,12 @@ holds the GIL, so nothing in this process could stop it. Two bounds hold in ever
 1. `too_costly` estimates, without evaluating anything, the size of every value an answer denotes: digits of
    powers and towers (bracketed bases, exponents that are products or sums), factorials, binomials, fractions
    and roots of them, and the terms of a power of a sum. An answer over the limits scores 0 at once.
-2. Everything else is read and compared in a child process that the kernel stops once it has spent
-   `CPU_LIMIT_S` of CPU time on one answer (a profiling timer whose signal ends the process), or that is
-   killed when it has not answered within `WALL_LIMIT_S`; the answer then scores 0 and a fresh child takes its
-   place.
-   Children are reused, one per concurrent caller, warmed up before their first answer, and keep the reference
-   answers they have read, so the common case costs a pipe round trip more than parsing in place.
+2. Everything else is read and compared in a child process, which gives up on an answer once it has spent
+   `CPU_LIMIT_S` of CPU time on it (a profiling timer, whose signal interrupts sympy between two Python steps)
+   and is killed when it has not answered within `WALL_LIMIT_S` (a single long step in C); either way the
+   answer scores 0, and a killed child is replaced at once. Children are reused, one per concurrent caller,
+   warmed up before their first answer, and keep the reference answers they have read, so the common case
+   costs a pipe round trip more than parsing in place.
 
 The module imports nothing of rlvr's and no math library at the top: a child runs it as `python -m
 rlvr.answers` without loading torch, and the caller's process never loads sympy.
