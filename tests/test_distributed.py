@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from rlvr import load_model, thoughts
 from rlvr.errors import InputError
+from rlvr.generation import stop_token_ids
 from rlvr.grpo import TrainSettings, train
 from rlvr.preprocess import Options, preprocess
 from rlvr.rollout import FastRollout, rollout_weights
@@ -64,20 +65,16 @@ def _tables(run_id: str, tmp_path, name: str) -> dict[int, pd.DataFrame]:
     return tables
 
 
-def _reasoning_metrics(vocab: ReasoningVocab, rows: pd.DataFrame) -> dict[str, float]:
-    """The `reasoning/*` metrics of a set of completions (micro's template opens no thought)."""
+def _reasoning_metrics(vocab: ReasoningVocab, rows: pd.DataFrame, stops: list[int]) -> dict[str, float]:
+    """The `reasoning/*` metrics of a set of completions (micro's template opens no thought), counted up to
+    each one's stop token."""
     totals = torch.zeros(5)
     for ids in rows["completion_ids"]:
         ids = torch.tensor([ids])
         before = thoughts.completion_states(vocab, torch.tensor([False]), ids)
-        totals += thoughts.batch_counts(vocab, before, ids, torch.ones_like(ids))
-    completions, tokens, thought, reasoning, closed = totals.tolist()
-    values = (
-        reasoning / max(thought, 1.0),
-        thought / completions,
-        (tokens - thought) / completions,
-        closed / completions,
-    )
+        totals += thoughts.batch_counts(vocab, before, ids, torch.ones_like(ids), stops)
+    counted = thoughts.Counts(*totals.tolist())
+    values = (counted.reasoning_share, counted.thought_length, counted.answer_length, counted.closed_rate)
     return dict(zip(METRICS, values, strict=True))
 
 
@@ -169,7 +166,8 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
     assert version.run_id == run_id
     assert json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
 
-    vocab = ReasoningVocab.load(output / "checkpoint-0")
+    model, tokenizer = load_model(str(output / "checkpoint-0"))
+    vocab, stops = model.reasoning_vocab, stop_token_ids(model, tokenizer)
     tables = _tables(run_id, tmp_path, "two")
     assert sorted(tables) == [0, 1, 2]  # step 0 from the killed launch, the others after the resume
     sampled = differs = 0
@@ -187,8 +185,8 @@ def test_two_cpu_processes_train_as_one_run_and_resume_after_a_kill(tracking_uri
             name: next(m.value for m in client.get_metric_history(run_id, name) if m.step == step + 1)
             for name in METRICS
         }
-        assert logged == pytest.approx(_reasoning_metrics(vocab, table), abs=1e-6), step
-        rank0 = _reasoning_metrics(vocab, table[table["rank"] == 0])
+        assert logged == pytest.approx(_reasoning_metrics(vocab, table, stops), abs=1e-6), step
+        rank0 = _reasoning_metrics(vocab, table[table["rank"] == 0], stops)
         differs += sum(abs(rank0[name] - logged[name]) > 1e-6 for name in METRICS)
     assert sampled > 200  # unconstrained, about half of these would be reasoning ids, most outside thoughts
     assert differs  # rank 0's completions alone would have logged other values
