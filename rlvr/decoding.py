@@ -59,8 +59,10 @@ class FaithfulDecodeMixin:
 
         Streams the ids through the backend's incremental decoder, so the cost is linear in the length and a
         character split over several byte tokens is credited to the token that completes it. The text is
-        exactly `decode`'s: what the stream still holds at the end (a character cut off by the length limit,
-        which `decode` shows as U+FFFD) is credited to the last token.
+        exactly `decode`'s (without `clean_up_tokenization_spaces`, which would move characters across
+        tokens; Qwen's tokenizers and rlvr's presets do not clean up): what the stream still holds at the end
+        (a character cut off by the length limit, which `decode` shows as U+FFFD) is credited to the last
+        token.
         """
         vocab = self.reasoning_vocab
         ids = [int(i) for i in token_ids]
@@ -74,7 +76,7 @@ class FaithfulDecodeMixin:
             spans.append(TokenSpan(position, position + len(piece), vocab.multiplicity_of(token_id)))
             position += len(piece)
         streamed = "".join(pieces)
-        text = self.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
         if text != streamed:
             if not text.startswith(streamed):
                 raise ValueError(
