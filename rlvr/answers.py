@@ -117,7 +117,7 @@ def _power(base: _Size, exponent: _Size) -> _Size:
     if exponent.symbolic:
         return _Size(base.digits, True, False)
     times = _bound(exponent)
-    if base.big_operator:  # `\\sum_{i=1}^{n}` adds n terms
+    if base.big_operator:  # `\sum_{i=1}^{n}` adds n terms
         if times > MAX_TERMS:
             raise _TooCostly
         return _Size(base.digits, True, False)
@@ -228,7 +228,7 @@ class _Estimate:
         size = self.postfix(self.atom())
         while (operator := self.peek()) in ("_", "^"):
             self.take()
-            if operator == "_":  # a subscript names, it does not compute: `x_{1}`, `\\log_2`
+            if operator == "_":  # a subscript names, it does not compute: `x_{1}`, `\log_2`
                 self.nested(self.atom)
                 continue
             braced = self.peek() == "{"
