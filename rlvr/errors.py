@@ -48,4 +48,3 @@ def require_finite(settings: object, *names: str) -> None:
                 f"{name}={value} is not a finite number; pass a finite value, e.g. the default "
                 f"{defaults[name]}."
             )
-

@@ -87,19 +87,57 @@ def parse_answer(answer: str) -> list:
     return parsed if any(not isinstance(value, str) for value in parsed) else []
 
 
-def answer_is_correct(answer: str, solution: str) -> bool:
-    """Whether the boxed answer in `answer` (a completion's answer span) equals `solution` (math-verify)."""
+def completion_answer(answer: str | None) -> list:
+    """math-verify's reading of the boxed answer in a completion's answer span; empty when there is none."""
     if not answer or too_costly(answer):
-        return False
-    parsing_timeout, verify_timeout = _timeouts()
-    gold = parse_answer(solution)
-    predicted = parse(
+        return []
+    parsing_timeout, _ = _timeouts()
+    return parse(
         answer,
         extraction_config=_ANSWER_EXTRACTION,
         extraction_mode="first_match",
         parsing_timeout=parsing_timeout,
     )
-    return bool(gold and predicted and verify(gold, predicted, timeout_seconds=verify_timeout))
+
+
+def answer_is_correct(answer: str, solution: str) -> bool:
+    """Whether the boxed answer in `answer` (a completion's answer span) equals `solution` (math-verify)."""
+    predicted = completion_answer(answer)
+    if not predicted:
+        return False
+    gold = parse_answer(solution)
+    return bool(gold and verify(gold, predicted, timeout_seconds=_timeouts()[1]))
+
+
+def answer_groups(
+    answers: Sequence[str | None], correct: Sequence[bool]
+) -> tuple[list[int | None], int | None]:
+    """Each sample's answer group for a majority vote, and the group of the right answer (None: no sample has
+    it). Equal answers share a group: the correct ones all equal the solution (group 0); a wrong one joins
+    the first group whose first answer math-verify finds equal to it, else opens one. A sample without a
+    boxed answer has no group (None)."""
+    right = 0 if any(correct) else None
+    groups: list[int | None] = []
+    firsts: list[tuple[int, list]] = []  # (group, parsed first answer) of the wrong groups
+    by_text: dict[str, int] = {}
+    for answer, is_right in zip(answers, correct, strict=True):
+        if is_right:
+            groups.append(0)
+            continue
+        parsed = completion_answer(answer)
+        if not parsed:
+            groups.append(None)
+            continue
+        text = str(parsed[-1]).strip()
+        if text not in by_text:
+            timeout = _timeouts()[1]
+            found = next((g for g, first in firsts if verify(first, parsed, timeout_seconds=timeout)), None)
+            if found is None:
+                found = len(firsts) + 1
+                firsts.append((found, parsed))
+            by_text[text] = found
+        groups.append(by_text[text])
+    return groups, right
 
 
 def answer_text(

@@ -96,14 +96,13 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     the cache is read once and never copied. Prefill and training shapes go to SDPA unchanged.
     """
     groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] == 1 and attention_mask is not None:
+        # the rollout's mask covers the positions in use: read only those of the cache
+        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     if query.shape[2] != 1 or groups == 1:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if (
-        attention_mask is not None
-    ):  # the rollout's mask covers the positions in use: read only those of the cache
-        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     batch, heads, _, dim = query.shape
     packed = query.reshape(batch, heads // groups, groups, dim)
     output = _attend(packed, key, value, attention_mask, scaling)  # masks are (B, 1, 1, L): they broadcast
