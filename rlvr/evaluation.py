@@ -226,8 +226,12 @@ def batch_size(settings: EvalSettings) -> int | None:
     text = str(settings.batch_size).strip().lower()
     if text == "auto":
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise InputError(f"batch_size={settings.batch_size!r} is neither auto nor a positive whole number.")
+    if not text.lstrip("-").isdigit():
+        raise InputError(
+            f"batch_size={settings.batch_size!r} is neither auto nor a whole number; pass e.g. 64."
+        )
+    if int(text) < 1:
+        raise InputError(f"batch_size={text} must be at least 1 (or auto).")
     return int(text)
 
 

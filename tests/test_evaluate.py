@@ -432,7 +432,7 @@ def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_ur
             ["--num_samples", "4", "--k_values", "1,8"],
             "k=8, but pass@k and maj@k need 1 <= k <= num_samples=4",
         ),
-        (["--batch_size", "many"], "batch_size='many' is neither auto nor a positive whole number"),
+        (["--batch_size", "many"], "batch_size='many' is neither auto nor a whole number"),
         (["--data", "/no/such/dir"], "data '/no/such/dir' is no preprocess output"),
         (["--model", "no-such-org/no-such-model"], "not a preset"),
         (["--model", "micro,no-such-org/no-such-model"], "model 'no-such-org/no-such-model' is not a preset"),
