@@ -64,7 +64,7 @@ from rlvr.models import load_model, locate_model
 from rlvr.preprocess import SYNTHETIC, Options, preprocess
 from rlvr.progress import Progress
 from rlvr.rendering import PageEntry, completions_page, marked_text
-from rlvr.rewards import DEFAULT_INSTRUCTION, answer_groups, answer_is_correct
+from rlvr.rewards import DEFAULT_INSTRUCTION, answer_groups, completion_answer, matches, parse_answer
 from rlvr.rollout import FastRollout
 from rlvr.sampling import Sampling
 from rlvr.settings import bf16_enabled, param
@@ -393,9 +393,11 @@ def load_eval_sets(
 # --- scoring ------------------------------------------------------------------------------------------------
 def score_problem(generated: Sequence[Generated], truncated: Sequence[bool], solution: str) -> ProblemScores:
     """A problem's samples judged by math-verify and the format check, with their answers grouped for
-    voting."""
-    correct = [answer_is_correct(g.answer, solution) for g in generated]
-    votes, right = answer_groups([g.answer for g in generated], correct)
+    voting (each answer and the solution parsed once)."""
+    gold = parse_answer(solution)
+    parsed = [completion_answer(g.answer) for g in generated]
+    correct = [matches(p, gold) for p in parsed]
+    votes, right = answer_groups(parsed, correct)
     samples = [
         Scored(g, c, g.well_formed, t, v)
         for g, c, t, v in zip(generated, correct, truncated, votes, strict=True)

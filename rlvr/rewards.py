@@ -100,31 +100,30 @@ def completion_answer(answer: str | None) -> list:
     )
 
 
+def matches(predicted: list, gold: list) -> bool:
+    """Whether a parsed answer (`completion_answer`) equals a parsed solution (`parse_answer`)."""
+    return bool(gold and predicted and verify(gold, predicted, timeout_seconds=_timeouts()[1]))
+
+
 def answer_is_correct(answer: str, solution: str) -> bool:
     """Whether the boxed answer in `answer` (a completion's answer span) equals `solution` (math-verify)."""
     predicted = completion_answer(answer)
-    if not predicted:
-        return False
-    gold = parse_answer(solution)
-    return bool(gold and verify(gold, predicted, timeout_seconds=_timeouts()[1]))
+    return bool(predicted) and matches(predicted, parse_answer(solution))
 
 
-def answer_groups(
-    answers: Sequence[str | None], correct: Sequence[bool]
-) -> tuple[list[int | None], int | None]:
-    """Each sample's answer group for a majority vote, and the group of the right answer (None: no sample has
-    it). Equal answers share a group: the correct ones all equal the solution (group 0); a wrong one joins
-    the first group whose first answer math-verify finds equal to it, else opens one. A sample without a
-    boxed answer has no group (None)."""
+def answer_groups(answers: Sequence[list], correct: Sequence[bool]) -> tuple[list[int | None], int | None]:
+    """Each sample's answer group for a majority vote, from its parsed answer (`completion_answer`), and the
+    group of the right answer (None: no sample has it). Equal answers share a group: the correct ones all
+    equal the solution (group 0); a wrong one joins the first group whose first answer math-verify finds
+    equal to it, else opens one. A sample without a boxed answer has no group (None)."""
     right = 0 if any(correct) else None
     groups: list[int | None] = []
     firsts: list[tuple[int, list]] = []  # (group, parsed first answer) of the wrong groups
     by_text: dict[str, int] = {}
-    for answer, is_right in zip(answers, correct, strict=True):
+    for parsed, is_right in zip(answers, correct, strict=True):
         if is_right:
             groups.append(0)
             continue
-        parsed = completion_answer(answer)
         if not parsed:
             groups.append(None)
             continue

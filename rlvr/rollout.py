@@ -56,13 +56,14 @@ from rlvr.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
-PROMPT_BUCKET = 128  # prompt lengths are padded up to a multiple of this, so few cache shapes get compiled
+PROMPT_BUCKET = 128  # compiled: prompts are padded up to a multiple of this, so few cache shapes get compiled
+EAGER_GROUP = 64  # eager: prompts whose lengths differ by less than this share a batch
 KV_BUCKET = 64  # a decode step attends over the cache positions in use, rounded up to a multiple of this
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 DECODE_ATTENTION = "rlvr_decode"  # the attention implementation rollouts run under, registered below
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward at most, which bounds its activations
 MAX_AUTO_BATCH = 512  # beyond this a step's time grows about linearly with the batch (it reads the cache)
-CPU_AUTO_BATCH = 64  # slots on a CPU, where a step's time grows linearly with the batch anyway
+CPU_AUTO_BATCH = 128  # slots on a CPU: larger batches gained nothing on the demo (BENCHMARKS.md)
 MEMORY_SHARE = 0.9  # of the free accelerator memory, the most an automatic batch takes
 MEMORY_RESERVE = 2 << 30  # bytes left for the prefill's activations and the compiled graphs' buffers
 SAMPLING_COPIES = 8  # fp32 (batch, vocabulary) buffers a sampling step holds at once, at most
@@ -549,8 +550,10 @@ def _round_up(value: int, multiple: int = KV_BUCKET) -> int:
     return -(-value // multiple) * multiple
 
 
-def _bucket(length: int) -> int:
-    return max(PROMPT_BUCKET, _round_up(length, PROMPT_BUCKET))
+def _bucket(length: int, compiled: bool) -> int:
+    """The prompt width a cache is built for: a multiple of PROMPT_BUCKET when the step is compiled (few
+    shapes), else the width itself (an eager step costs what its cache holds)."""
+    return max(PROMPT_BUCKET, _round_up(length, PROMPT_BUCKET)) if compiled else length
 
 
 class FastRollout:
@@ -659,7 +662,7 @@ class FastRollout:
         batch, width = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prefix, max_new = _bucket(width) - 1, config.max_new_tokens
+        prefix, max_new = _bucket(width, self.compile) - 1, config.max_new_tokens
         budget = rule.stall_budget(max_new)
         pad = config.pad_token_id if config.pad_token_id is not None else 0
         with _attention(runner.config, DECODE_ATTENTION):
@@ -716,11 +719,13 @@ class FastRollout:
         uids = list(range(len(prompts))) if uids is None else list(uids)
         results: list[list[Sampled | None]] = [[None] * samples for _ in prompts]
         groups: dict[int, list[int]] = {}
+        group_size = PROMPT_BUCKET if self.compile else EAGER_GROUP
         for index in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
-            groups.setdefault(_bucket(len(prompts[index])), []).append(index)
+            groups.setdefault(_round_up(len(prompts[index]), group_size), []).append(index)
         job = _Job(prompts, samples, stop_ids, pad_id, seed, uids, results, on_finished)
         with _attention(runner.config, DECODE_ATTENTION):
-            for bucket, members in sorted(groups.items()):
+            for members in groups.values():
+                bucket = _bucket(len(prompts[members[-1]]), self.compile)
                 length = bucket - 1 + max_new_tokens + rule.stall_budget(max_new_tokens)
                 sequences = len(members) * samples
                 batch = min(batch_size or self.auto_batch(runner, length, sequences, device), sequences)
