@@ -65,7 +65,7 @@ from rlvr.preprocess import SYNTHETIC, Options, preprocess
 from rlvr.progress import Progress
 from rlvr.rendering import PageEntry, completions_page, marked_text
 from rlvr.rewards import DEFAULT_INSTRUCTION, answer_groups, completion_answer, matches, parse_answer
-from rlvr.rollout import FastRollout
+from rlvr.rollout import FastRollout, Sampled
 from rlvr.sampling import Sampling
 from rlvr.settings import bf16_enabled, param
 
@@ -672,32 +672,48 @@ def sample_and_score(
     progress = Progress(
         len(mine), settings.num_samples, label, to_mlflow=state.is_main_process, show=state.is_main_process
     )
+    scorer = _Scorer(sets, prompts, mine, settings.num_samples, tokenizer, model.reasoning_vocab)
+
+    def finished(index: int, sample_index: int, sampled: Sampled) -> None:
+        progress.finished(index, sampled.emitted)
+        scorer.add(index, sample_index, sampled)
+
     try:
-        sampled = sample(
-            model,
-            tokenizer,
-            [prompts[d][i] for d, i in mine],
-            settings.sampling,
-            max_new_tokens=settings.max_new_tokens,
-            num_samples=settings.num_samples,
-            batch_size=batch_size(settings),
-            seed=settings.seed,
-            fast=decoder,
-            device=state.device,
-            uids=[(d << 32) + i for d, i in mine],
-            on_finished=lambda index, _, done: progress.finished(index, done.emitted),
-        )
+        sample(
+            model, tokenizer, [prompts[d][i] for d, i in mine], settings.sampling,
+            max_new_tokens=settings.max_new_tokens, num_samples=settings.num_samples,
+            batch_size=batch_size(settings), seed=settings.seed, fast=decoder, device=state.device,
+            uids=[(d << 32) + i for d, i in mine], on_finished=finished,
+        )  # fmt: skip
     finally:
         progress.close()
-    scored = []
-    for (d, i), samples_ in zip(mine, sampled, strict=True):
-        generated = describe_all(samples_, prompts[d][i], tokenizer, model.reasoning_vocab)
-        truncated = [not s.stopped for s in samples_]
-        scored.append(((d, i), score_problem(generated, truncated, sets[d].problems["solution"].iloc[i])))
+    scored = list(zip(mine, scorer.scored, strict=True))
     gathered = dict(gather_object(scored)) if state.num_processes > 1 else dict(scored)
     if not state.is_main_process:
         return []
     return [[gathered[d, i] for i in range(len(eval_set.problems))] for d, eval_set in enumerate(sets)]
+
+
+class _Scorer:
+    """Scores each problem as soon as all its samples have ended (while the decoder works on the others)."""
+
+    def __init__(self, sets, prompts, mine, samples: int, tokenizer, vocab):
+        self.sets, self.prompts, self.mine, self.samples = sets, prompts, mine, samples
+        self.tokenizer, self.vocab = tokenizer, vocab
+        self.pending: list[list[Sampled | None]] = [[None] * samples for _ in mine]
+        self.scored: list[ProblemScores | None] = [None] * len(mine)
+
+    def add(self, index: int, sample_index: int, sampled: Sampled) -> None:
+        self.pending[index][sample_index] = sampled
+        if all(s is not None for s in self.pending[index]):
+            d, i = self.mine[index]
+            done = self.pending[index]
+            generated = describe_all(done, self.prompts[d][i], self.tokenizer, self.vocab)
+            truncated = [not s.stopped for s in done]
+            self.scored[index] = score_problem(
+                generated, truncated, self.sets[d].problems["solution"].iloc[i]
+            )
+            self.pending[index] = []
 
 
 # --- the job ------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 and the same numbers as metrics of the active MLflow run while it works, so the UI shows it too.
 
 The metrics are logged at their step in seconds since the start (`progress/problems_done`,
-`progress/completion_tokens_per_s`, `progress/eta_s`, and `progress/problems`, the total), at the start,
-every `every_s` seconds and at the end.
+`progress/completion_tokens` and `progress/completion_tokens_per_s`, `progress/eta_s`, and
+`progress/problems`, the total), at the start, every `every_s` seconds and at the end.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class Progress:
         metrics = {
             f"{PREFIX}/problems": float(self.problems),
             f"{PREFIX}/problems_done": float(self.done),
+            f"{PREFIX}/completion_tokens": float(self.tokens),
             f"{PREFIX}/completion_tokens_per_s": self.rate,
         }
         eta = self.eta_s()

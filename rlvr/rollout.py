@@ -778,10 +778,14 @@ class _Job:
     on_finished: Callable[[int, int, Sampled], None] | None
 
     def run(self, slots: _Batch, members: Sequence[int], check_every: int) -> None:
+        """Decode the group's sequences through `slots`. The callbacks for sequences that ended run while the
+        device works on the next steps (they are launched first), so the host's work on finished sequences
+        (decoding text, scoring) costs no decode time on an accelerator."""
         queue = deque((i, j) for i in members for j in range(self.samples))
         occupant: dict[int, tuple[int, int]] = {}
         free = list(range(slots.batch))
         threshold = max(1, slots.batch // REFILL_SHARE)
+        ended: list[tuple[int, int, Sampled]] = []
         while queue or occupant:
             if queue and free and (len(free) >= min(threshold, len(queue)) or not occupant):
                 taken = [queue.popleft() for _ in range(min(len(free), len(queue)))]
@@ -790,13 +794,20 @@ class _Job:
                 occupant.update(zip(chosen, taken, strict=True))
             for _ in range(check_every):
                 slots.step()
+            self._report(ended)
             done = slots.finished(list(occupant))
             for slot, sampled in zip(done, slots.results(done, self.stop_ids) if done else [], strict=True):
                 i, j = occupant.pop(slot)
                 self.results[i][j] = sampled
                 free.append(slot)
-                if self.on_finished is not None:
-                    self.on_finished(i, j, sampled)
+                ended.append((i, j, sampled))
+        self._report(ended)
+
+    def _report(self, ended: list[tuple[int, int, Sampled]]) -> None:
+        if self.on_finished is not None:
+            for i, j, sampled in ended:
+                self.on_finished(i, j, sampled)
+        ended.clear()
 
     def _fill(self, slots: _Batch, chosen: list[int], taken: list[tuple[int, int]]) -> None:
         device = slots.rows.device
