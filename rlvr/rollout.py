@@ -20,9 +20,10 @@ rejection: each step proposes a few independent draws from the (masked, tempered
 takes the first whose strictly more probable tokens hold less than `top_p` of the mass, i.e. the first inside
 the nucleus that Hugging Face's warper keeps; this is a draw from the renormalised nucleus. If every proposal
 falls outside it (rarely: the draws per step are chosen for that), the slot stalls for one step and draws
-again, without advancing. The noise of each draw is a counter-based hash of (seed, sequence, tokens emitted,
-stalls, draw), so a sequence's samples do not depend on its batch, its slot, the number of processes or the
-model it is drawn from: the same seed gives every model the same random numbers.
+again, without advancing. In `sample` the noise of each draw is a counter-based hash of (seed, sequence,
+tokens emitted, stalls, draw), so a sequence's samples do not depend on its batch, its slot, the number of
+processes or the model it is drawn from: the same seed gives every model the same random numbers. A training
+rollout draws from torch's generator, as `generate` does.
 
 Which requests the training path serves is decided by `rlvr.sampling` (`plain_request`), on the configuration
 resolved as `generate` resolves it.
