@@ -516,12 +516,16 @@ class Decoders:
             if k not in ("_name_or_path", "transformers_version")
         }
         shape = json.dumps([type(model).__name__, config], sort_keys=True, default=str)
-        if self._decoder is None or shape != self._shape:
+        if self._decoder is None or shape != self._shape or not self._decoder.copies:
             self._decoder = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._decoder = FastRollout(model, own_copy=self.copies)
-            self._decoder.prepare()
+            try:
+                self._decoder.prepare()
+            except InputError:  # parameters its config does not build (e.g. an added bias): decode on it
+                log.info("fast decoding on the model itself: it cannot be copied from its config")
+                self._decoder = FastRollout(model.to(self.device))
             self._shape = shape
         self._decoder.model = model
         return self._decoder

@@ -214,3 +214,44 @@ def test_confinement_holds_under_top_p_with_qwen3s_vocabulary():
         pad_id=151643, seed=0, batch_size=4,
     )  # fmt: skip
     assert _check_confinement(model.reasoning_vocab, prompts, sampled) > 5
+
+
+def test_samples_do_not_depend_on_the_batch_that_draws_them(peaked_micro):
+    """Sample j of prompt i draws the noise keyed by (seed, uid i, j): the same completions through 3 slots
+    refilled many times, through all at once, and for a prompt drawn alone."""
+    model, tokenizer = peaked_micro
+    prompts = prompt_ids(tokenizer, [[{"role": "user", "content": "2*" * i + "3?"}] for i in range(5)])
+    fast = FastRollout(model, compile=False)
+    options = dict(samples=3, max_new_tokens=20, stop_ids=[322], pad_id=320, seed=5)
+    few = fast.sample(prompts, Sampling(0.8, top_p=0.9), batch_size=3, **options)
+    many = fast.sample(prompts, Sampling(0.8, top_p=0.9), batch_size=15, **options)
+    alone = fast.sample(prompts[3:4], Sampling(0.8, top_p=0.9), uids=[3], **options)
+    assert [[s.ids for s in p] for p in few] == [[s.ids for s in p] for p in many]
+    assert [s.ids for s in alone[0]] == [s.ids for s in few[3]]
+    assert len({tuple(s.ids) for p in few for s in p}) > 10  # the samples do differ from each other
+
+
+def test_one_compiled_step_serves_batches_and_models_of_the_same_shape(monkeypatch):
+    """The step compiles without a graph break (CUDA graphs need one graph), once for a cache shape: a second
+    model of the same architecture, decoded on the same copy, reuses it, and compiled equals eager."""
+    import torch._dynamo.utils
+
+    from rlvr import rollout
+
+    model, tokenizer = load_model("micro", reasoning_vocab_size=325)
+    model.eval()
+    torch._dynamo.reset()
+    monkeypatch.setattr(
+        rollout, "_COMPILED_STEP", torch.compile(rollout._decode_step, backend="eager", fullgraph=True)
+    )
+    prompts = prompt_ids(tokenizer, [[{"role": "user", "content": "1+" * i + "1?"}] for i in range(4)])
+    options = dict(samples=2, max_new_tokens=12, stop_ids=[322], pad_id=320, seed=1, batch_size=3)
+    fast = FastRollout(model, compile=True, own_copy=True)
+    compiled = fast.sample(prompts, Sampling(0.7, top_p=0.9, top_k=40), **options)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    other, _ = load_model("micro", reasoning_vocab_size=325, seed=1)
+    fast.model = other.eval()
+    fast.sample(prompts, Sampling(0.7, top_p=0.9, top_k=40), **options)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs == 1
+    eager = FastRollout(model, compile=False).sample(prompts, Sampling(0.7, top_p=0.9, top_k=40), **options)
+    assert [[s.ids for s in p] for p in compiled] == [[s.ids for s in p] for p in eager]
