@@ -37,6 +37,7 @@ import inspect
 import logging
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ SAMPLING_COPIES = 8  # fp32 (batch, vocabulary) buffers a sampling step holds at
 STALL_RATE = 0.003  # top-p: proposals per step are enough that all miss the nucleus at most this often
 MAX_PROPOSALS = 64
 CHECK_EVERY = 16  # decode steps between looks at which sequences ended (each look waits for the GPU)
+REPORT_SHARE = 0.8  # of the device's time for those steps, the most the host spends on ended sequences
 REFILL_SHARE = 8  # refill once 1/REFILL_SHARE of the slots are free (or the queue has no more than that)
 _MASK32 = 0xFFFFFFFF
 _MIXERS = (0x5BD1E995, 0x27D4EB2F, 0x165667B1)  # odd multipliers below 2^31: products stay below 2^63
@@ -786,29 +788,34 @@ class _Job:
         occupant: dict[int, tuple[int, int]] = {}
         free = list(range(slots.batch))
         threshold = max(1, slots.batch // REFILL_SHARE)
-        ended: list[tuple[int, int, Sampled]] = []
+        ended: deque[tuple[int, int, Sampled]] = deque()
+        interval = 0.0  # how long the device took for the last `check_every` steps
         while queue or occupant:
             if queue and free and (len(free) >= min(threshold, len(queue)) or not occupant):
                 taken = [queue.popleft() for _ in range(min(len(free), len(queue)))]
                 chosen, free = free[: len(taken)], free[len(taken) :]
                 self._fill(slots, chosen, taken)
                 occupant.update(zip(chosen, taken, strict=True))
+            started = time.perf_counter()
             for _ in range(check_every):
                 slots.step()
-            self._report(ended)
+            self._report(ended, started + REPORT_SHARE * interval)
             done = slots.finished(list(occupant))
+            interval = time.perf_counter() - started
             for slot, sampled in zip(done, slots.results(done, self.stop_ids) if done else [], strict=True):
                 i, j = occupant.pop(slot)
                 self.results[i][j] = sampled
                 free.append(slot)
                 ended.append((i, j, sampled))
-        self._report(ended)
+        self._report(ended, math.inf)
 
-    def _report(self, ended: list[tuple[int, int, Sampled]]) -> None:
-        if self.on_finished is not None:
-            for i, j, sampled in ended:
+    def _report(self, ended: deque[tuple[int, int, Sampled]], until: float) -> None:
+        """Call back for ended sequences, oldest first, until `until` (a `perf_counter` time): the rest wait
+        for the next steps, so a batch whose sequences end together does not leave the device idle."""
+        while ended and (self.on_finished is None or time.perf_counter() < until or until == math.inf):
+            i, j, sampled = ended.popleft()
+            if self.on_finished is not None:
                 self.on_finished(i, j, sampled)
-        ended.clear()
 
     def _fill(self, slots: _Batch, chosen: list[int], taken: list[tuple[int, int]]) -> None:
         device = slots.rows.device
