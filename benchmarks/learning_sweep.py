@@ -93,7 +93,7 @@ def main() -> None:
 
     def held_out(model: str) -> dict:
         found = evaluate(EvalSettings(**evaluation, model=model, data=str(data), seed=args.seed))
-        return {k: round(v, 4) for k, v in next(iter(found.values())).items() if k in KEEP}
+        return {k: round(v, 4) for k, v in next(iter(found.metrics[model].values())).items() if k in KEEP}
 
     cached = warm / f"eval-{_digest(evaluation)}.json"
     if not cached.exists():

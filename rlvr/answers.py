@@ -436,6 +436,20 @@ def answer_is_correct(answer: str, solution: str) -> bool:
     return _pool().ask([CPU_LIMIT_S, "correct", answer, solution])
 
 
+def has_answer(answer: str | None) -> bool:
+    """Whether a completion's answer span states a boxed answer math-verify reads (at a bounded cost)."""
+    if not answer or too_costly(answer):
+        return False
+    return _pool().ask([CPU_LIMIT_S, "answered", answer, ""])
+
+
+def same_answer(first: str, second: str) -> bool:
+    """Whether two completions' answer spans state equal boxed answers (math-verify, at a bounded cost)."""
+    if not first or not second or too_costly(first) or too_costly(second):
+        return False
+    return _pool().ask([CPU_LIMIT_S, "same", first, second])
+
+
 def readable_answer(answer: str) -> bool:
     """Whether math-verify reads `answer`, boxed as a completion states it, as a value (at a bounded cost)."""
     if not answer.strip() or too_costly(answer):
@@ -480,23 +494,36 @@ def _read_boxed(answer: str) -> tuple:
     return tuple(parsed) if any(not isinstance(value, str) for value in parsed) else ()
 
 
-def _verdict(kind: str, answer: str, solution: str) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _read_stated(answer: str) -> tuple:
+    """math-verify's reading of the boxed answer a completion's answer span states; empty when none. A
+    problem's samples are read once each, however many comparisons grouping them makes."""
     from latex2sympy2_extended import NormalizationConfig
-    from math_verify import LatexExtractionConfig, parse, verify
+    from math_verify import LatexExtractionConfig, parse
+
+    extraction = LatexExtractionConfig(
+        normalization_config=NormalizationConfig(units=True),
+        boxed_match_priority=0,  # the boxed answer wins over any other expression in the text
+        try_extract_without_anchor=False,
+    )
+    return tuple(parse(answer, [extraction], extraction_mode="first_match", parsing_timeout=None))
+
+
+def _verdict(kind: str, answer: str, other: str) -> bool:
+    """`readable`: `answer` read boxed is a value; `answered`: the span `answer` states one; `same`: the spans
+    `answer` and `other` state equal ones; `correct`: the span `answer` states the solution `other`."""
+    from math_verify import verify
 
     try:
         if kind == "readable":
             return bool(_read_boxed(answer))
-        gold = _read_boxed(solution)
-        if not gold:
+        if kind == "answered":
+            return bool(_read_stated(answer))
+        gold = _read_stated(other) if kind == "same" else _read_boxed(other)
+        predicted = _read_stated(answer)
+        if not gold or not predicted:
             return False
-        extraction = LatexExtractionConfig(
-            normalization_config=NormalizationConfig(units=True),
-            boxed_match_priority=0,  # the boxed answer wins over any other expression in the text
-            try_extract_without_anchor=False,
-        )
-        predicted = parse(answer, [extraction], extraction_mode="first_match", parsing_timeout=None)
-        return bool(predicted) and bool(verify(list(gold), predicted, timeout_seconds=None))
+        return bool(verify(list(gold), list(predicted), timeout_seconds=None))
     except Exception:  # sympy raises many types for what it cannot read or compare; that answer is wrong
         return False
 

@@ -48,20 +48,3 @@ def require_finite(settings: object, *names: str) -> None:
                 f"{name}={value} is not a finite number; pass a finite value, e.g. the default "
                 f"{defaults[name]}."
             )
-
-
-def check_sampling(temperature: float, num_samples: int) -> None:
-    """Refuse a non-finite or negative temperature, and several samples that greedy decoding would repeat."""
-    if not math.isfinite(temperature):
-        raise InputError(
-            f"temperature={temperature} is not a finite number; pass e.g. 0.6, or 0 for greedy decoding."
-        )
-    if temperature < 0:
-        raise InputError(
-            f"temperature={temperature} is negative; pass 0 for greedy decoding or a positive value."
-        )
-    if temperature == 0 and num_samples > 1:
-        raise InputError(
-            f"temperature=0 decodes greedily, so the num_samples={num_samples} samples would be identical; "
-            "pass num_samples=1 or a positive temperature."
-        )

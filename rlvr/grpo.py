@@ -30,7 +30,8 @@ from rlvr.errors import InputError, flag, require_at_least_one, require_finite
 from rlvr.generation import describe
 from rlvr.job import TrainerSetup, process_state, run_job
 from rlvr.rendering import marked_text
-from rlvr.rollout import SAMPLING_NEUTRAL, distribution_changes, rollout_weights
+from rlvr.rollout import rollout_weights
+from rlvr.sampling import SAMPLING_NEUTRAL, distribution_changes, training_changes
 from rlvr.settings import check_schedule, param, trainer_arguments
 from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
 from rlvr.vocab import ReasoningVocab
@@ -328,10 +329,9 @@ class ReasoningGRPOTrainer(GRPOTrainer):
     def _check_sampling(self) -> None:
         """The sampling request as `generate` resolves it (the model's generation_config fills unset fields)
         must be the masked softmax at the trainer's temperature, which is what the loss scores."""
-        resolved = resolve_generation_config(self.model, self.generation_config)
-        changes = distribution_changes(resolved)
-        if resolved.temperature != self.temperature:
-            changes.append(f"temperature={resolved.temperature}")
+        changes = training_changes(
+            resolve_generation_config(self.model, self.generation_config), self.temperature
+        )
         if changes:
             raise InputError(
                 f"sampling would use {', '.join(changes)} (from the model's generation_config or the GRPO "

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlvr.errors import InputError
 from rlvr.presets import PRESETS, build_preset
@@ -120,12 +126,34 @@ def _load_base(source: str, directory: Path | None, dtype: torch.dtype, device, 
                 f"model {source!r} is a model directory{where} whose files do not load ({reason}); it is "
                 "incomplete or corrupt: copy or save it again, or pass an intact checkpoint."
             ) from error
-        raise ModelSourceError(
-            f"model {source!r} is not a preset ({', '.join(sorted(PRESETS))}), a local model directory, an "
-            f"MLflow model URI or a reachable hub id ({reason}). Fix the name, or download the model where "
-            "the hub is reachable and pass its directory."
-        ) from error
+        raise _unknown(source, reason) from error
     return model.to(device) if device is not None else model, tokenizer
+
+
+def _unknown(source: str, reason: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"model {source!r} is not a preset ({', '.join(sorted(PRESETS))}), a local model directory, an "
+        f"MLflow model URI or a reachable hub id ({reason}). Fix the name, or download the model where "
+        "the hub is reachable and pass its directory."
+    )
+
+
+def locate_model(source: str) -> str:
+    """Where `source` loads from, checked without loading it: a preset's name, a local model directory (an
+    MLflow model's artifacts downloaded), or a hub id whose config the hub serves. A job that names several
+    models checks them all before it starts on the first."""
+    if source in PRESETS:
+        return source
+    directory = resolve_model_dir(source)
+    if directory is not None:
+        return str(directory)
+    try:
+        AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise _unknown(
+            source, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+    return source
 
 
 def load_model(

@@ -32,6 +32,32 @@ BOXED = "\\boxed{"
 DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
+def answer_groups(
+    spans: Sequence[str | None], correct: Sequence[bool]
+) -> tuple[list[int | None], int | None]:
+    """Each sample's answer group for a majority vote, from its answer span, and the group of the right
+    answer (None: no sample has it). Equal answers share a group: the correct ones all equal the solution
+    (group 0); a wrong one joins the first group whose first answer math-verify finds equal to it, else opens
+    one. A sample without a boxed answer has no group (None). Every reading is bounded (`rlvr.answers`)."""
+    groups: list[int | None] = []
+    firsts: list[tuple[int, str]] = []  # (group, first answer span) of the wrong groups
+    by_text: dict[str, int | None] = {}
+    for text, is_right in zip(spans, correct, strict=True):
+        if is_right:
+            groups.append(0)
+            continue
+        if text not in by_text:
+            found = None
+            if answers.has_answer(text):
+                found = next((g for g, first in firsts if answers.same_answer(text, first)), None)
+                if found is None:
+                    found = len(firsts) + 1
+                    firsts.append((found, text))
+            by_text[text] = found
+        groups.append(by_text[text])
+    return groups, 0 if any(correct) else None
+
+
 def answer_text(
     structure: thoughts.Structure, ids: Sequence[int], tokenizer: PreTrainedTokenizerBase
 ) -> str | None:

@@ -44,6 +44,7 @@ from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel, Pre
 
 from rlvr import thoughts
 from rlvr.decoding import faithful_class
+from rlvr.sampling import plain_request
 from rlvr.vocab import CONFIG_BASE, CONFIG_SIZE, TOKEN_MAP_FILE, ReasoningVocab, ReasoningVocabError
 
 
@@ -133,8 +134,6 @@ def resolve_generation_config(model: PreTrainedModel, config: GenerationConfig |
 
 def _generate(self, *args, **kwargs):
     """`generate` that serves plain sampling requests from the fast path and records sampling log-probs."""
-    from rlvr.rollout import plain_request
-
     self.sampling_logprobs = None
     fast = getattr(self, "fast_rollout", None)
     if fast is not None and not args:

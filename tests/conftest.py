@@ -18,6 +18,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from rlvr import thoughts
+from rlvr.evaluation import Scored
+from rlvr.generation import Generated
 from rlvr.presets.qwen3 import qwen3_tokenizer
 from rlvr.vocab import ReasoningVocab
 
@@ -306,3 +309,23 @@ def remote_code(directory: Path) -> None:
     config = json.loads((directory / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (directory / "config.json").write_text(json.dumps(config))
+
+
+def scored(
+    correct: bool, thought: int = 2, reasoning: int = 1, answer: int = 3, truncated: bool = False
+) -> Scored:
+    ids = list(range(thought + answer))
+    structure = thoughts.Structure(
+        in_thought=(True,) * thought + (False,) * answer,
+        thoughts=1,
+        closed=True,
+        ends_inside=False,
+        prefix=slice(0, 0),
+        answer=slice(thought, thought + answer),
+        reasoning_in_thought=reasoning,
+        reasoning_in_answer=0,
+    )
+    generated = Generated(
+        ids, "", [], "", "", closed=True, well_formed=correct, reasoning_tokens=reasoning, structure=structure
+    )
+    return Scored(generated, correct, generated.well_formed, truncated, 0 if correct else None)

@@ -343,3 +343,43 @@ def test_a_launcher_precision_other_than_the_bf16_parameter_is_refused(launcher,
     else:
         with pytest.raises(InputError, match=f"asks for mixed_precision={launcher}"):
             bf16_enabled(bf16)
+
+
+def test_two_cpu_processes_evaluate_as_one(tracking_uri, tmp_path, monkeypatch):
+    """`accelerate launch --num_processes 2` of `evaluate`: each process samples half of the problems, the
+    main one gathers them into one run, whose metrics and completions equal one process's (each sample's
+    noise is keyed by its problem and index, not by the process or batch that draws it)."""
+    common = ["--model", "micro", "--data", "synthetic:count=9", "--num_samples", "3",
+              "--max_new_tokens", "24", "--temperature", "1.0", "--top_p", "0.9", "--batch_size", "4",
+              "--instruction", ""]  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/ddp.yaml",
+               "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "entrypoints.evaluate",
+               *common]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env["MLFLOW_EXPERIMENT_NAME"] = "evaluate-two-processes"
+    launched = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert launched.returncode == 0, launched.stderr[-5000:]
+    assert launched.stdout.count("micro on synthetic:count=9: avg@3") == 1  # the main process reports
+
+    from rlvr.evaluation import EvalSettings, evaluate
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-one-process")
+    settings = {arg.lstrip("-"): value for arg, value in zip(common[::2], common[1::2], strict=True)}
+    single = evaluate(EvalSettings(**{k: type(getattr(EvalSettings, k))(v) for k, v in settings.items()}))
+
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("evaluate-two-processes").experiment_id])
+    assert run.info.status == "FINISHED"
+    logged = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    assert logged == {
+        f"eval/synthetic/{k}": v for k, v in single.metrics["micro"]["synthetic:count=9"].items()
+    }
+    tables = []
+    for run_id in (run.info.run_id, single.run_id):
+        table = mlflow.artifacts.load_dict(f"runs:/{run_id}/samples.json")
+        frame = pd.DataFrame(table["data"], columns=table["columns"])
+        tables.append(frame.sort_values(["id", "sample"]).reset_index(drop=True))
+    assert len(tables[0]) == 9 * 3
+    pd.testing.assert_frame_equal(tables[0], tables[1])

@@ -9,35 +9,38 @@ import sys
 from fractions import Fraction
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT
+from conftest import ROOT, scored
 from mlflow import MlflowClient
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from entrypoints.evaluate import main
-from rlvr import load_model, save_model, thoughts, tracking
+from rlvr import load_model, save_model, tracking
 from rlvr.dataset import load_split
 from rlvr.decoding import TokenSpan
 from rlvr.evaluation import (
     EvalSettings,
+    ProblemScores,
     Scored,
     data_items,
     dataset_metrics,
     evaluate,
+    length_bins,
     link_model,
-    pass_at_k,
-    wilson_interval,
+    metric_label,
+    model_label,
 )
-from rlvr.generation import Generated
 from rlvr.preprocess import Options, preprocess
 from rlvr.presets.task import micro_tokenizer
+from rlvr.protocols import pass_at_k, wilson_interval
 from rlvr.rendering import PageEntry, colour_for, completions_page, segments
 
-FAST = {"num_samples": 2, "temperature": 1.0, "max_new_tokens": 16, "batch_size": 8}
+FAST = {"num_samples": 2, "temperature": 1.0, "max_new_tokens": 16, "batch_size": "8"}
 
 
 # --- pass@k and the interval --------------------------------------------------------------------------------
@@ -77,34 +80,50 @@ def test_wilson_interval_matches_the_textbook_and_stays_open_at_the_extremes():
     assert high == 1.0 and low == pytest.approx(4 / (4 + 1.959963984540054**2))
 
 
-def scored(correct: bool, thought: int = 2, reasoning: int = 1, answer: int = 3) -> Scored:
-    ids = list(range(thought + answer))
-    structure = thoughts.Structure(
-        in_thought=(True,) * thought + (False,) * answer,
-        thoughts=1,
-        closed=True,
-        ends_inside=False,
-        prefix=slice(0, 0),
-        answer=slice(thought, thought + answer),
-        reasoning_in_thought=reasoning,
-        reasoning_in_answer=0,
-    )
-    generated = Generated(
-        ids, "", [], "", "", closed=True, well_formed=correct, reasoning_tokens=reasoning, structure=structure
-    )
-    return Scored(generated, correct, well_formed=generated.well_formed)
+def problem(*samples: Scored) -> ProblemScores:
+    return ProblemScores(list(samples), 0 if any(s.correct for s in samples) else None)
 
 
 def test_dataset_metrics_average_samples_and_problems():
     metrics = dataset_metrics(
-        [[scored(True), scored(False)], [scored(False), scored(False, thought=6, reasoning=0)]]
+        [
+            problem(scored(True), scored(False, truncated=True)),
+            problem(scored(False), scored(False, thought=6, reasoning=0)),
+        ],
+        ks=[1, 2],
     )
-    assert metrics["problems"] == 2 and metrics["accuracy"] == 0.25 and metrics["pass_at_1"] == 0.25
+    assert metrics["problems"] == 2 and metrics["samples"] == 2
+    assert metrics["accuracy"] == 0.25 and metrics["pass_at_1"] == 0.25
     assert metrics["pass_at_2"] == 0.5  # one problem of two was solved by some sample
-    assert metrics["format_rate"] == 0.25
+    assert metrics["maj_at_1"] == 0.25  # one vote each: the correct one half of the time in problem 1
+    assert metrics["maj_at_2"] == 0.5  # the wrong samples cast no vote (no answer): the correct one wins
+    assert metrics["format_rate"] == 0.25 and metrics["truncation_rate"] == 0.25
     assert metrics["thought_length"] == 3.0 and metrics["answer_length"] == 3.0
     assert metrics["reasoning_share"] == 3 / 12
-    assert metrics["accuracy_ci_low"] < 0.25 < metrics["accuracy_ci_high"]
+    for name in ("accuracy", "pass_at_2", "maj_at_2"):
+        assert metrics[f"{name}_ci_low"] < metrics[name] < metrics[f"{name}_ci_high"]
+
+
+@pytest.mark.parametrize(
+    "name, label",
+    [
+        ("HuggingFaceH4/MATH-500/test", "math500"),
+        ("HuggingFaceH4/aime_2024/train", "aime24"),
+        ("math-ai/amc23/test", "amc23"),
+        ("AIME-2025", "aime25"),
+        ("sevens.jsonl", "sevens"),
+        ("synthetic:count=6000,digits=1,errors=0.3/test", "synthetic"),
+        ("gsm8k:main/test", "gsm8k_main"),
+    ],
+)
+def test_benchmarks_get_short_labels(name, label, tmp_path):
+    split = name.rsplit("/", 1)[1] if name.endswith(("/test", "/train")) else "test"
+    assert metric_label(SimpleNamespace(name=name, split=split)) == label
+
+
+def test_thought_length_bins_double_up_to_the_budget():
+    assert length_bins(1024) == [0, 16, 32, 64, 128, 256, 512, 1025]
+    assert length_bins(48) == [0, 16, 32, 49]
 
 
 def test_data_items_keep_synthetic_options_together_and_refuse_repeats():
@@ -188,14 +207,13 @@ def test_html_page_without_reasoning_tokens_has_no_marks():
 
 
 # --- real evaluations ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def answer_7_model(tmp_path_factory) -> Path:
-    """A real Qwen3 on the micro tokenizer that answers every chat prompt with `<think>7</think>\\boxed{7}`.
+def answer_model(root: Path, digit: str) -> Path:
+    """A real Qwen3 on the micro tokenizer that answers every chat prompt with `<think>D</think>\\boxed{D}`.
 
     Its layers add nothing to the residual stream (zero output projections), so each next token depends on the
     last token alone; one-hot embeddings and an lm_head that maps each chain token to the next make a bigram
-    chain from the generation prompt's final newline through that answer to <|im_end|>. The thought's "7" is a
-    reasoning copy (one row appended), so the chain's ids are all distinct and the thought holds a reasoning
+    chain from the generation prompt's final newline through that answer to <|im_end|>. The thought's digit is
+    a reasoning copy (one row appended), so the chain's ids are all distinct and the thought holds a reasoning
     token.
     """
     tokenizer = micro_tokenizer()
@@ -214,14 +232,13 @@ def answer_7_model(tmp_path_factory) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    root = tmp_path_factory.mktemp("answer-7")
     save_model(Qwen3ForCausalLM(config), tokenizer, root / "base")
-    seven = tokenizer.convert_tokens_to_ids("7")
-    model, tokenizer = load_model(str(root / "base"), reasoning_vocab_size=1, standard_token_ids=[seven])
-    reasoning_seven = model.reasoning_vocab.base_vocab_size
+    answer = tokenizer.convert_tokens_to_ids(digit)
+    model, tokenizer = load_model(str(root / "base"), reasoning_vocab_size=1, standard_token_ids=[answer])
+    reasoning_copy = model.reasoning_vocab.base_vocab_size
     ids = tokenizer.convert_tokens_to_ids
-    chain = [ids("Ċ"), ids("<think>"), reasoning_seven, ids("</think>"), *ids(["\\", "boxed", "{", "7", "}"]),
-             tokenizer.eos_token_id]  # fmt: skip
+    boxed = ids(["\\", "boxed", "{", digit, "}"])
+    chain = [ids("Ċ"), ids("<think>"), reasoning_copy, ids("</think>"), *boxed, tokenizer.eos_token_id]
     assert len(set(chain)) == len(chain) == chain_length
     with torch.no_grad():
         for layer in model.model.layers:
@@ -234,6 +251,16 @@ def answer_7_model(tmp_path_factory) -> Path:
             embeddings[token, state] = 1.0
             head[following, state] = 50.0
     return save_model(model, tokenizer, root / "model")
+
+
+@pytest.fixture(scope="module")
+def answer_7_model(tmp_path_factory) -> Path:
+    return answer_model(tmp_path_factory.mktemp("answer-7"), "7")
+
+
+@pytest.fixture(scope="module")
+def answer_8_model(tmp_path_factory) -> Path:
+    return answer_model(tmp_path_factory.mktemp("answer-8"), "8")
 
 
 def write_problems(path: Path, answer: str) -> Path:
@@ -256,47 +283,80 @@ def eights(tmp_path_factory) -> Path:
     return root / "data"
 
 
+@pytest.mark.parametrize("fast", ["true", "false"])
 def test_evaluate_scores_a_right_and_a_wrong_dataset(
-    tracking_uri, answer_7_model, sevens, eights, monkeypatch
+    tracking_uri, answer_7_model, sevens, eights, monkeypatch, fast, capfd
 ):
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-in-process")
-    results = evaluate(EvalSettings(model=str(answer_7_model), data=f"{sevens},{eights}", **FAST))
-    assert list(results) == [str(sevens), str(eights)]
+    experiment = f"evaluate-in-process-{fast}"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+    settings = EvalSettings(model=str(answer_7_model), data=f"{sevens},{eights}", fast_decoding=fast, **FAST)
+    evaluation = evaluate(settings)
+    results = evaluation.metrics[str(answer_7_model)]
+    assert list(results) == [str(sevens), str(eights)] and evaluation.comparisons == {}
     right, wrong = results[str(sevens)], results[str(eights)]
-    assert right["problems"] == 3 and wrong["problems"] == 2
-    assert right["accuracy"] == right["pass_at_1"] == right["pass_at_2"] == 1.0
-    assert wrong["accuracy"] == wrong["pass_at_1"] == wrong["pass_at_2"] == 0.0
-    assert right["accuracy_ci_low"] < 1.0 == right["accuracy_ci_high"]
-    assert wrong["accuracy_ci_low"] == 0.0 < wrong["accuracy_ci_high"]
+    assert right["problems"] == 3 and wrong["problems"] == 2 and right["samples"] == 2
+    for name in ("accuracy", "pass_at_1", "pass_at_2", "maj_at_1", "maj_at_2"):
+        assert right[name] == 1.0 and wrong[name] == 0.0, name
+        assert right[f"{name}_ci_low"] < 1.0 == right[f"{name}_ci_high"]
+        assert wrong[f"{name}_ci_low"] == 0.0 < wrong[f"{name}_ci_high"]
     for metrics in (right, wrong):
-        assert metrics["format_rate"] == 1.0
+        assert metrics["format_rate"] == 1.0 and metrics["truncation_rate"] == 0.0
         assert (
             metrics["thought_length"] == 3 and metrics["answer_length"] == 5
         )  # <think>, 7*, </think> | \boxed{7}
         assert metrics["reasoning_share"] == pytest.approx(1 / 3)
+    progress = capfd.readouterr().err
+    assert "5/5" in progress and "problem" in progress and "tok/s" in progress  # the bar, on stderr
 
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("evaluate-in-process")
-    (run,) = client.search_runs([experiment.experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.run_id == evaluation.run_id
     assert run.info.status == "FINISHED" and run.data.tags["rlvr.model"] == str(answer_7_model)
-    assert (
-        run.data.metrics["eval/sevens.jsonl/accuracy"] == 1.0
-        and run.data.metrics["eval/eights.jsonl/accuracy"] == 0.0
-    )
+    assert run.data.metrics["eval/sevens/accuracy"] == 1.0 and run.data.metrics["eval/eights/accuracy"] == 0.0
     assert run.data.params["num_samples"] == "2" and run.data.params["reasoning_vocab_size"] == "1"
+    done = client.get_metric_history(run.info.run_id, "progress/problems_done")
+    assert len(done) >= 2 and done[0].value == 0 and max(m.value for m in done) == 5  # logged while it works
     test_split = load_split(str(eights), "test")
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
     assert inputs["eights.jsonl/test"].dataset.digest == test_split.digest  # as preprocess logged it
     assert json.loads(inputs["sevens.jsonl"].dataset.source)["uri"] == (
-        f"runs:/{run.info.run_id}/data/sevens.jsonl.parquet"  # the normalised raw source, kept in the run
+        f"runs:/{run.info.run_id}/data/sevens.parquet"  # the normalised raw source, kept in the run
     )
     assert {i.tags[0].value for i in inputs.values()} == {"eval"}
     table = mlflow.load_table("samples.json", run_ids=[run.info.run_id])
     assert len(table) == (3 + 2) * 2 and set(table["completion"]) == {"<think>⟦7⟧</think>\\boxed{7}"}
-    assert table.groupby("dataset")["correct"].all().to_dict() == {
-        "eights.jsonl": False,
-        "sevens.jsonl": True,
+    assert table.groupby("dataset")["correct"].all().to_dict() == {"eights": False, "sevens": True}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "lengths")}
+    assert artifacts == {"lengths/accuracy_by_thought_length.png", "lengths/accuracy_by_thought_length.csv"}
+
+
+def test_several_models_are_scored_on_the_same_problems_and_compared_pairwise(
+    tracking_uri, answer_7_model, answer_8_model, sevens, eights, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-paired")
+    sources = [str(answer_7_model), str(answer_8_model)]
+    evaluation = evaluate(EvalSettings(model=",".join(sources), data=f"{sevens},{eights}", **FAST))
+    assert evaluation.metrics[sources[0]][str(sevens)]["accuracy"] == 1.0
+    assert evaluation.metrics[sources[1]][str(sevens)]["accuracy"] == 0.0
+    assert evaluation.metrics[sources[1]][str(eights)]["accuracy"] == 1.0
+    on_sevens, on_eights = (evaluation.comparisons[str(d)][sources[1]] for d in (sevens, eights))
+    assert (on_sevens.diff, on_sevens.units, on_eights.diff, on_eights.units) == (-1.0, 3, 1.0, 2)
+    assert on_sevens.p_value == 0.25  # all 2^3 sign patterns, two as extreme
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("evaluate-paired").experiment_id])
+    (parent,) = [r for r in runs if r.info.run_id == evaluation.run_id]
+    children = {
+        r.data.tags["rlvr.model"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
+    assert set(children) == set(sources)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert children[sources[1]].data.metrics["eval/eights/accuracy"] == 1.0  # the same keys as one model's
+    key = f"compare/sevens/{model_label(sources[1])}_vs_{model_label(sources[0])}"
+    assert parent.data.metrics[key] == -1.0 and parent.data.metrics[f"{key}_ci_high"] == -1.0
+    assert "comparison.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_uri, answer_7_model, sevens):
@@ -315,27 +375,24 @@ def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_ur
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    assert (
-        run.data.metrics["eval/sevens.jsonl/accuracy"] == 1.0
-        and run.data.metrics["eval/sevens.jsonl/problems"] == 2
-    )
-    assert run.data.metrics["eval/sevens.jsonl/pass_at_2"] == 1.0
+    assert run.data.metrics["eval/sevens/accuracy"] == 1.0 and run.data.metrics["eval/sevens/problems"] == 2
+    assert run.data.metrics["eval/sevens/pass_at_2"] == 1.0
     tags = run.data.tags
     assert (tags["rlvr.model_name"], tags["rlvr.model_version"]) == ("answer-7", "1")
     assert tags["rlvr.model_run_id"] == training.info.run_id
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "sevens.jsonl"
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"samples.json", "samples.html", "data"} <= artifacts
+    assert {"samples.json", "samples.html", "data", "lengths"} <= artifacts
     page = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples.html")).read_text()
     assert page.count('<span class="reasoning" data-multiplicity="1"') == 2 * 2
     # the registry lists the evaluation, and the logged model carries its metrics
     version = client.get_model_version("answer-7", "1")
-    assert version.tags[f"rlvr.eval.{run_id}"] == "sevens.jsonl: accuracy 1"
+    assert version.tags[f"rlvr.eval.{run_id}"] == "sevens: accuracy 1"
     model_id = mlflow.models.get_model_info(uri).model_id
     assert [i.model_id for i in client.get_run(run_id).inputs.model_inputs] == [model_id]
     linked = {m.key: m.value for m in client.get_logged_model(model_id).metrics if m.run_id == run_id}
-    assert linked["eval/sevens.jsonl/accuracy"] == 1.0
+    assert linked["eval/sevens/accuracy"] == 1.0
     # a runs:/ URI links to the training run and the same logged model
     link = link_model(f"runs:/{training.info.run_id}/model")
     assert link.tags["rlvr.model_run_id"] == training.info.run_id and link.model_id == model_id
@@ -350,8 +407,16 @@ def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_ur
         (["--temperature", "-1"], "temperature=-1.0 is negative"),
         (["--temperature", "0"], "num_samples=1 or a positive temperature"),
         (["--top_p", "0"], "top_p=0.0 is not in (0, 1]"),
+        (["--top_p", "1.5"], "top_p=1.5 is not in (0, 1]"),
+        (
+            ["--num_samples", "4", "--k_values", "1,8"],
+            "k=8, but pass@k and maj@k need 1 <= k <= num_samples=4",
+        ),
+        (["--batch_size", "many"], "batch_size='many' is neither auto nor a whole number"),
         (["--data", "/no/such/dir"], "data '/no/such/dir' is no preprocess output"),
         (["--model", "no-such-org/no-such-model"], "not a preset"),
+        (["--model", "micro,no-such-org/no-such-model"], "model 'no-such-org/no-such-model' is not a preset"),
+        (["--max_examples", "1", "--split", "test,train"], "names 2 splits for 1 datasets"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line(tracking_uri, sevens, args, message, monkeypatch):
@@ -363,6 +428,19 @@ def test_bad_input_fails_with_one_clear_line(tracking_uri, sevens, args, message
     assert (
         result.output.startswith("Error: ") and message in result.output and "Traceback" not in result.output
     )
+    (line,) = [line for line in result.output.splitlines() if "Error" in line]  # MLflow adds its run links
+    assert message in line
     experiment = mlflow.get_experiment_by_name("evaluate-bad-input")
     if experiment is not None:  # checks that need no model or data fail before any run starts
         assert all(r.info.status == "FAILED" for r in MlflowClient().search_runs([experiment.experiment_id]))
+
+
+def test_an_empty_benchmark_is_refused_naming_it(tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-empty")
+    data = tmp_path / "data"
+    preprocess(str(write_problems(tmp_path / "few.jsonl", "7")), data, Options(test_size=0))  # test: no rows
+    result = CliRunner().invoke(main, ["--model", "micro", "--data", str(data), "--max_new_tokens", "4"])
+    assert result.exit_code == 1 and result.output.startswith("Error: ")
+    assert f"data {str(data)!r} has no rows in its 'test' split" in result.output
+    experiment = mlflow.get_experiment_by_name("evaluate-empty")
+    assert all(r.info.status == "FAILED" for r in MlflowClient().search_runs([experiment.experiment_id]))

@@ -12,9 +12,11 @@ from rlvr import load_model, thoughts
 from rlvr.rollout import (
     DECODE_ATTENTION,
     INDUCTOR_CACHE_ENV,
-    _choose,
+    Rule,
+    choose,
     decode_attention,
     keep_compiled_kernels,
+    sequence_keys,
 )
 from rlvr.surgery import enable_fast_rollouts
 from rlvr.vocab import ReasoningVocab
@@ -76,18 +78,17 @@ def test_the_sampler_draws_from_the_masked_softmax_at_its_temperature(qwen_tok):
     logits = torch.tensor([0.5, 1.0, 2.0, -1.0, 0.0, 3.0, 0.7, 1.5, 2.5])
     draws = 40_000
     inside = torch.ones(draws, dtype=torch.bool)
-    torch.manual_seed(0)
-    tokens, _, _, _ = _choose(
+    rows = torch.arange(draws)
+    tokens, accepted, _ = choose(
         logits.expand(draws, -1).clone(),
         inside,
-        torch.zeros(draws, dtype=torch.bool),
         vocab.forbidden_table("cpu"),
-        torch.tensor([99]),
-        0,
         torch.tensor(1 / 0.7),
-        False,
-        vocab,
+        sequence_keys(0, rows, torch.zeros_like(rows)),  # one key per row: independent draws
+        torch.zeros(draws, dtype=torch.bool),
+        Rule(greedy=False, top_k=0, top_p=1.0, proposals=1),
     )
+    assert accepted.all()
     expected = torch.softmax(vocab.mask_logits(logits / 0.7, torch.tensor(True)), -1)
     observed = torch.bincount(tokens, minlength=9).float() / draws
     assert observed[5] == 0 and observed[8] == 0  # the padding row and the copy of a control token
@@ -146,9 +147,8 @@ def test_rollouts_decode_under_packed_attention_and_restore_the_models_own(fast_
         **prompts(tokenizer, 2), generation_config=GenerationConfig(do_sample=False, max_new_tokens=3, **STOP)
     )
 
-    assert (
-        len(seen) == 2 * model.config.num_hidden_layers
-    )  # each decode step after the prefill, in every layer
+    # each of the three decode steps (the first forwards the prompt's last token), in every layer
+    assert len(seen) == 3 * model.config.num_hidden_layers
     assert set(seen) == {DECODE_ATTENTION}
     assert model.config._attn_implementation == original
 

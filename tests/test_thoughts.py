@@ -226,11 +226,11 @@ def test_training_metrics_equal_evaluation_metrics_on_the_same_completions(tmp_p
     """One counting of thought, answer and EOS: the `reasoning/*` numbers GRPO logs for a rollout are the
     numbers evaluation reports for the same completions, the EOS being neither thought nor answer in both."""
     from rlvr.dataset import load_split
-    from rlvr.evaluation import Scored, dataset_metrics
+    from rlvr.evaluation import dataset_metrics, score_problem
     from rlvr.generation import stop_token_ids
     from rlvr.grpo import ReasoningGRPOTrainer, TrainSettings, _prompt_dataset, grpo_config
     from rlvr.preprocess import Options, preprocess
-    from rlvr.rewards import answer_is_correct, reward_functions
+    from rlvr.rewards import reward_functions
 
     preprocess("synthetic:count=8", tmp_path / "data", Options(test_size=0, instruction=""))
     model, tokenizer = load_model("micro", reasoning_vocab_size=MICRO_N)
@@ -261,11 +261,10 @@ def test_training_metrics_equal_evaluation_metrics_on_the_same_completions(tmp_p
     generated = [
         describe(until_stop(ids[mask].tolist(), stops), tokenizer, vocab, s) for ids, mask, s in rows
     ]
-    scored = [
-        Scored(g, answer_is_correct(g.answer, e["solution"]), g.well_formed)
-        for g, e in zip(generated, batch, strict=True)
+    problems = [
+        score_problem(generated[i : i + 4], [False] * 4, batch[i]["solution"]) for i in range(0, 16, 4)
     ]
-    evaluated = dataset_metrics([scored[i : i + 4] for i in range(0, 16, 4)])
+    evaluated = dataset_metrics(problems, ks=[1])
 
     assert logged["reasoning/thought_length"] == evaluated["thought_length"]
     assert logged["reasoning/answer_length"] == evaluated["answer_length"]

@@ -37,10 +37,11 @@ from rlvr.analysis.entropy import teacher_forced, thought_entropy
 from rlvr.analysis.families import Family, family_texts, token_families, token_items, token_label
 from rlvr.analysis.runs import KEY, TrainingRun, held_out, resolve_run
 from rlvr.analysis.usage import logged_shares, usage
-from rlvr.errors import InputError, check_sampling, require_at_least_one
+from rlvr.errors import InputError, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
 from rlvr.models import load_model
 from rlvr.rendering import latex_completion, markdown_completion
+from rlvr.sampling import check_sampling
 from rlvr.settings import param
 from rlvr.surgery import make_faithful
 from rlvr.vocab import ReasoningVocab
