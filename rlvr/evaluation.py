@@ -7,6 +7,8 @@ these metrics, logged as `eval/<label>/<metric>` and returned by `evaluate` unde
 
 - `accuracy`: the share of correct samples (pass@1 averaged over problems);
 - `accuracy_ci_low`, `accuracy_ci_high`: its 95% Wilson score interval over problems (see `wilson_interval`);
+- `lenient_accuracy` (with `_ci_low`, `_ci_high`): the share of samples whose answer is right by its final
+  number, boxed or not (`rewards.lenient_is_correct`), for models that answer without `\\boxed{}`;
 - `pass_at_1` and `pass_at_<k>` for k = num_samples: the unbiased pass@k estimate averaged over problems;
 - `format_rate`: the share of well-formed samples (one closed thought, then one boxed answer);
 - `thought_length`, `answer_length`: mean tokens per sample inside and after the thought;
@@ -45,10 +47,11 @@ from rlvr.dataset import DATA_ARTIFACT_PATH, Split, load_split
 from rlvr.errors import InputError, check_sampling, flag, require_at_least_one
 from rlvr.generation import Generated, as_messages, generate
 from rlvr.guards import require_finite_weights
+from rlvr.gym_source import PREFIX as REASONING_GYM
 from rlvr.models import load_model
 from rlvr.preprocess import SYNTHETIC, Options, preprocess
 from rlvr.rendering import PageEntry, completions_page, marked_text
-from rlvr.rewards import DEFAULT_INSTRUCTION, answer_is_correct
+from rlvr.rewards import DEFAULT_INSTRUCTION, answer_is_correct, lenient_is_correct
 from rlvr.settings import bf16_enabled, param
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,9 @@ SAMPLES_PAGE = "samples.html"
 VERSION_TAG_PREFIX = "rlvr.eval."  # + run id: the registry's record of each evaluation of a version
 Z_95 = 1.959963984540054
 
-_SYNTHETIC_OPTION = re.compile(r"^\w+=[^/]*$")
+# sources whose options follow them after commas, and what one such option looks like
+_SOURCES_WITH_OPTIONS = (SYNTHETIC + ":", REASONING_GYM + ":")
+_SOURCE_OPTION = re.compile(r"^[\w.]+=[^/]*$")
 _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
 
 
@@ -75,7 +80,7 @@ class EvalSettings:
     data: str = param(
         "outputs/data",
         "comma-separated datasets: preprocess outputs (output_dir or runs:/ URI) or "
-        "sources (hub id, local file, synthetic[:options]) normalised as preprocess does",
+        "sources (hub id, local file, synthetic[:options], reasoning_gym:...) normalised as preprocess does",
     )
     split: str = param(
         "test", "split to evaluate: of a preprocess output (train or test), or of a hub dataset"
@@ -113,11 +118,13 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Scored:
-    """One completion with its verdicts."""
+    """One completion with its verdicts: strict (`correct`, the boxed answer) and lenient (its final
+    number)."""
 
     generated: Generated
     correct: bool
     well_formed: bool
+    lenient: bool
 
 
 @dataclass(frozen=True)
@@ -149,10 +156,11 @@ def validate(settings: EvalSettings) -> None:
 
 
 def data_items(data: str) -> list[str]:
-    """The comma-separated datasets of `data`; a synthetic source keeps its own comma-separated options."""
+    """The comma-separated datasets of `data`; a synthetic or reasoning-gym source keeps its own
+    comma-separated options."""
     items: list[str] = []
     for piece in (p.strip() for p in data.split(",")):
-        if items and items[-1].startswith(SYNTHETIC + ":") and _SYNTHETIC_OPTION.match(piece):
+        if items and items[-1].startswith(_SOURCES_WITH_OPTIONS) and _SOURCE_OPTION.match(piece):
             items[-1] += f",{piece}"
         elif piece:
             items.append(piece)
@@ -279,16 +287,27 @@ def wilson_interval(mean: float, count: int, z: float = Z_95) -> tuple[float, fl
 def sample_and_score(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: pd.DataFrame, settings: EvalSettings
 ) -> list[list[Scored]]:
-    """`num_samples` constrained completions per problem, each judged by math-verify and the format check."""
+    """`num_samples` constrained completions per problem, each judged by math-verify (strictly and leniently)
+    and the format check."""
     generated = generate(
         model, tokenizer, [list(p) for p in problems["prompt"]], max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature, top_p=settings.top_p, num_samples=settings.num_samples,
         batch_size=settings.batch_size, seed=settings.seed,
     )  # fmt: skip
     return [
-        [Scored(g, answer_is_correct(g.answer, solution), g.well_formed) for g in samples]
+        [_scored(g, solution) for g in samples]
         for samples, solution in zip(generated, problems["solution"], strict=True)
     ]
+
+
+def _scored(generated: Generated, solution: str) -> Scored:
+    answer = generated.answer
+    return Scored(
+        generated,
+        answer_is_correct(answer, solution),
+        generated.well_formed,
+        lenient_is_correct(answer, solution),
+    )
 
 
 def dataset_metrics(scored: Sequence[Sequence[Scored]]) -> dict[str, float]:
@@ -298,12 +317,17 @@ def dataset_metrics(scored: Sequence[Sequence[Scored]]) -> dict[str, float]:
     correct = [sum(s.correct for s in samples) for samples in scored]
     accuracy = sum(correct) / len(flat)
     low, high = wilson_interval(accuracy, len(scored))
+    lenient = sum(s.lenient for s in flat) / len(flat)
+    lenient_low, lenient_high = wilson_interval(lenient, len(scored))
     thought = sum(s.generated.thought_tokens for s in flat)
     metrics = {
         "problems": float(len(scored)),
         "accuracy": accuracy,
         "accuracy_ci_low": low,
         "accuracy_ci_high": high,
+        "lenient_accuracy": lenient,
+        "lenient_accuracy_ci_low": lenient_low,
+        "lenient_accuracy_ci_high": lenient_high,
     }
     for j in sorted({1, k}):
         metrics[f"pass_at_{j}"] = sum(pass_at_k(k, c, j) for c in correct) / len(scored)
@@ -418,6 +442,7 @@ def samples_table(evaluated: Sequence[tuple[EvalSet, list[list[Scored]]]]) -> pd
                 "solution": row.solution,
                 "completion": marked_text(s.generated.text, s.generated.spans),
                 "correct": s.correct,
+                "lenient_correct": s.lenient,
                 "well_formed": s.well_formed,
                 "thought_tokens": s.generated.thought_tokens,
                 "reasoning_tokens": s.generated.reasoning_tokens,

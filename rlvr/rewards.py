@@ -1,4 +1,5 @@
-"""Verifiable rewards, read from token ids: math-verify accuracy of the boxed answer, and format.
+"""Verifiable rewards, read from token ids: math-verify accuracy of the boxed answer, a lenient accuracy of
+the answer's final number, and format.
 
 The answer is the completion's span after its thought as the ids define it (`rlvr.thoughts`): a `</think>`
 spelled out in ordinary tokens closes nothing, and a completion that ends inside a thought has no answer, so
@@ -37,6 +38,8 @@ MAX_ANSWER_CHARS = 1000  # longer final answers are not parsed: they score 0 rat
 MAX_BRACE_DEPTH = 12  # nesting deeper than this is not a final answer a problem here asks for
 MAX_TOWER = 2  # nor a power of a power (`9^{9^{9}}` has 370 million digits), nor a 5-digit exponent
 _HUGE_EXPONENT = re.compile(r"\^\s*\{?\s*\d{5,}")
+# a plain decimal number, optionally signed, with or without thousands separators (12,345.5)
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 # math-verify times out with SIGALRM, which only the main thread may use; elsewhere the caps above bound the
 # cost
 PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S = 1, 1
@@ -102,6 +105,30 @@ def answer_is_correct(answer: str, solution: str) -> bool:
     return bool(gold and predicted and verify(gold, predicted, timeout_seconds=verify_timeout))
 
 
+def final_number(answer: str) -> str | None:
+    """The last plain number written in `answer` (thousands separators dropped), or None."""
+    numbers = _NUMBER.findall(answer or "")
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def lenient_is_correct(answer: str, solution: str) -> bool:
+    """Whether `answer` is right by a lenient reading: its boxed answer is correct (`answer_is_correct`), or
+    its final number equals `solution` (math-verify), boxed or not.
+
+    A chat model that was never asked for `\\boxed{}` answers `... = 12.`: strict accuracy scores it 0, so a
+    policy that merely learns the format would look like one that learns the task. This reading separates the
+    two; it can also credit a number that was not meant as the answer, so it is a lower bar, not a better one.
+    """
+    if answer_is_correct(answer, solution):
+        return True
+    number = final_number(answer)
+    if number is None:
+        return False
+    _, verify_timeout = _timeouts()
+    gold, predicted = parse_answer(solution), parse_answer(number)
+    return bool(gold and predicted and verify(gold, predicted, timeout_seconds=verify_timeout))
+
+
 def answer_text(
     structure: thoughts.Structure, ids: Sequence[int], tokenizer: PreTrainedTokenizerBase
 ) -> str | None:
@@ -143,6 +170,11 @@ def accuracy(completion: Completion) -> float:
     return float(answer_is_correct(completion.answer or "", completion.columns["solution"]))
 
 
+def lenient(completion: Completion) -> float:
+    """1.0 when the answer after the thought is right by `lenient_is_correct` (its final number), else 0.0."""
+    return float(lenient_is_correct(completion.answer or "", completion.columns["solution"]))
+
+
 def format_(completion: Completion) -> float:
     """1.0 for one closed thought followed by one boxed answer, else 0.0."""
     return float(well_formed(completion.structure, completion.ids, completion.tokenizer))
@@ -150,6 +182,7 @@ def format_(completion: Completion) -> float:
 
 REWARDS: dict[str, Callable[[Completion], float]] = {
     "accuracy": accuracy,
+    "lenient": lenient,
     "format": format_,
 }
 
