@@ -85,6 +85,11 @@ def parse_spec(source: str) -> GymSpec:
     return GymSpec(weights, count, configs)
 
 
+def short_name(source: str) -> str:
+    """The source named by its generators only, e.g. `reasoning_gym:basic_arithmetic+chain_sum`."""
+    return f"{PREFIX}:{'+'.join(parse_spec(source).weights)}"
+
+
 def _reasoning_gym():
     try:
         import reasoning_gym

@@ -199,9 +199,13 @@ def _synthetic_table(source: str, seed: int) -> Table:
 
 
 def _gym_table(source: str, seed: int) -> Table:
+    """Named by its generators alone (`reasoning_gym:basic_arithmetic+chain_sum`), a name short enough for
+    metric keys; the whole source, weights and fields included, is the run's `source` parameter."""
     rows = gym_source.generate_rows(source, seed)
     tags = {"rlvr.reasoning_gym_version": gym_source.version()}
-    return Table(source, ["id", "problem", "answer", "reference"], lambda columns: rows, tags)
+    return Table(
+        gym_source.short_name(source), ["id", "problem", "answer", "reference"], lambda _: rows, tags
+    )
 
 
 def _file_table(path: Path) -> Table:
