@@ -176,7 +176,10 @@ def data_items(data: str) -> list[str]:
 
 
 def is_preprocess_output(item: str) -> bool:
-    """A directory or URI holds preprocess output; anything else (hub id, file, synthetic) is a raw source."""
+    """A directory or URI holds preprocess output; anything else (hub id, file, synthetic, reasoning_gym) is a
+    raw source. A generated source is not looked up as a path: its options can be longer than a file name."""
+    if item.startswith(_SOURCES_WITH_OPTIONS):
+        return False
     return tracking.is_mlflow_uri(item) or Path(item).expanduser().is_dir()
 
 
