@@ -20,8 +20,8 @@ On a tokenizer (`make_faithful`): its class becomes a subclass with `rlvr.decodi
 `reasoning_vocab` is set.
 On a model whose tokenizer lacks the thought tags (`rlvr.thought_tags.add_thought_tags`, at load): the tags
 become added tokens, the embeddings grow where padding rows do not suffice, the new rows are set, and an
-`enable_thinking=False` clause is appended to the chat template. These are edits of the model's data (saved with
-it), not of its behaviour.
+`enable_thinking=False` clause is appended to the chat template. These edit the model's data (saved with it),
+not its behaviour.
 
 Private names of the libraries relied on (pinned by `pyproject.toml`; tests exercise each):
 - transformers: `GenerationMixin._get_logits_processor` (the seam for the constraint),
