@@ -284,7 +284,9 @@ CASES = [
     case("analyze-tokens-not-json", "--training_run {work} --tokens '[1,'", "tokens='[1,'",
          "write e.g. tokens="),
     # main
-    case("main-unknown-scale", "--scale huge", "scale='huge'", "one of demo, gpu, ci"),
+    case("main-unknown-scale", "--scale huge", "scale='huge'",
+         "one of demo, gpu, pretrained, ci, pretrained-ci"),
+    case("main-negative-grpo-steps", "--grpo_steps -1", "grpo_steps=-1", "pass 0 for the scale's own"),
     case("main-seeds-not-integers", "--seeds a,b", "seeds='a,b'", "e.g. seeds=0,1,2"),
     case("main-repeated-seeds", "--seeds 1,1", "seeds='1,1'", "each once"),
     case("main-negative-reasoning-vocab-size", "--reasoning_vocab_size -5", "reasoning_vocab_size=-5",
