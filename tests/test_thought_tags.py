@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -18,6 +19,7 @@ from transformers import (
 
 from rlvr import ReasoningVocabError, load_model, save_model, thoughts
 from rlvr.presets.qwen3 import CHATML_TEMPLATE
+from rlvr.surgery import enable_fast_rollouts
 from rlvr.thought_tags import add_thought_tags, missing_thought_tags
 from rlvr.thoughts import THINK_END, THINK_START
 from rlvr.vocab import TOKEN_MAP_FILE
@@ -201,3 +203,26 @@ def test_a_tokenizer_with_both_tags_is_left_alone():
     size, template = len(tokenizer), tokenizer.chat_template
     assert add_thought_tags(model, tokenizer) == () and model.reasoning_vocab.added_token_ids == ()
     assert len(tokenizer) == size and tokenizer.chat_template == template == CHATML_TEMPLATE
+
+
+def test_the_fast_rollout_path_decodes_a_tag_added_llama_as_generate_does(untied_llama):
+    model, tokenizer = load_model(str(untied_llama), reasoning_vocab_size=5)
+    enable_fast_rollouts(model, compile=False)
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "1+1?" * n}], tokenize=False, add_generation_prompt=True
+        )
+        for n in (1, 3)
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    config = GenerationConfig(
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    served = model.fast_rollout.calls
+    fast = model.eval().generate(**batch, generation_config=config)
+    assert model.fast_rollout.calls == served + 1
+    assert torch.equal(fast, type(model).generate(model, **batch, generation_config=config))
