@@ -1,4 +1,4 @@
-"""reasoning-gym's problem generators as a preprocess source: seeded problems nobody here wrote, offline.
+"""reasoning-gym's problem generators as a preprocess source: seeded problems from outside the project.
 
 A source names one generator or a weighted mix, then options, as `synthetic:` does:
 
