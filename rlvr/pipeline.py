@@ -145,7 +145,7 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
             "num_generations": 8,
             "max_completion_length": 96,
             "temperature": 0.7,
-            "save_steps": 100,
+            "save_steps": 40,  # where a run cut short (a 10-minute GPU call) resumes
             "log_completions_steps": 40,
             "rewards": "lenient:1,accuracy:0.5",
             "fast_rollouts": "true",
