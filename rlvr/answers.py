@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# a plain decimal number, optionally signed, with or without thousands separators (12,345.5)
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 MAX_ANSWER_CHARS = 1000  # longer final answers are not read: they score 0 rather than stall a training step
 MAX_BRACE_DEPTH = 12  # nesting deeper than this is not a final answer a problem asks for
 MAX_DIGITS = 20_000  # digits of any number an answer denotes (2^{66000}: 5 ms; 1000000!: 5.5 million digits)
@@ -436,6 +438,28 @@ def answer_is_correct(answer: str, solution: str) -> bool:
     return _pool().ask([CPU_LIMIT_S, "correct", answer, solution])
 
 
+def final_number(answer: str) -> str | None:
+    """The last plain number written in `answer` (thousands separators dropped), or None."""
+    numbers = _NUMBER.findall(answer or "")
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def lenient_is_correct(answer: str, solution: str) -> bool:
+    """Whether `answer` is right by a lenient reading: its boxed answer is correct (`answer_is_correct`), or
+    its final number equals `solution` (math-verify), boxed or not; at a bounded cost.
+
+    A chat model that was never asked for `\\boxed{}` answers `... = 12.`: strict accuracy scores it 0, so a
+    policy that merely learns the format would look like one that learns the task. This reading separates the
+    two; it can also credit a number that was not meant as the answer, so it is a lower bar, not a better one.
+    """
+    if answer_is_correct(answer, solution):
+        return True
+    number = final_number(answer)
+    if number is None or too_costly(number) or too_costly(solution):
+        return False
+    return _pool().ask([CPU_LIMIT_S, "number", number, solution])
+
+
 def has_answer(answer: str | None) -> bool:
     """Whether a completion's answer span states a boxed answer math-verify reads (at a bounded cost)."""
     if not answer or too_costly(answer):
@@ -511,7 +535,8 @@ def _read_stated(answer: str) -> tuple:
 
 def _verdict(kind: str, answer: str, other: str) -> bool:
     """`readable`: `answer` read boxed is a value; `answered`: the span `answer` states one; `same`: the spans
-    `answer` and `other` state equal ones; `correct`: the span `answer` states the solution `other`."""
+    `answer` and `other` state equal ones; `correct`: the span `answer` states the solution `other`;
+    `number`: the number `answer`, read boxed, equals the solution `other`."""
     from math_verify import verify
 
     try:
@@ -520,7 +545,7 @@ def _verdict(kind: str, answer: str, other: str) -> bool:
         if kind == "answered":
             return bool(_read_stated(answer))
         gold = _read_stated(other) if kind == "same" else _read_boxed(other)
-        predicted = _read_stated(answer)
+        predicted = _read_boxed(answer) if kind == "number" else _read_stated(answer)
         if not gold or not predicted:
             return False
         return bool(verify(list(gold), list(predicted), timeout_seconds=None))

@@ -7,6 +7,8 @@ benchmark with a short label (`math500`, `aime24`, a file's stem, `synthetic`) a
 `eval/<label>/<metric>` (`rlvr.protocols` defines the estimators; intervals are 95% over problems):
 
 - `accuracy`, `accuracy_ci_low`, `accuracy_ci_high`: avg@n, the share of correct samples;
+- `lenient_accuracy` (with `_ci_low`, `_ci_high`): the share of samples whose answer is right by its final
+  number, boxed or not (`rewards.lenient_is_correct`), for models that answer without `\\boxed{}`;
 - `pass_at_<k>` and `maj_at_<k>` (each with `_ci_low`, `_ci_high`) for k = 1, 2, 4, ... up to n, or the
   `k_values` asked for: unbiased pass@k, and majority vote over k answers grouped by math-verify;
 - `format_rate` (one closed thought, then one boxed answer), `truncation_rate` (samples that ran out of
@@ -59,12 +61,13 @@ from rlvr.dataset import DATA_ARTIFACT_PATH, Split, load_split
 from rlvr.errors import InputError, flag, require_at_least_one
 from rlvr.generation import Generated, describe_all, prompt_ids, sample
 from rlvr.guards import require_finite_weights
+from rlvr.gym_source import PREFIX as REASONING_GYM
 from rlvr.job import end_with_launcher, process_state
 from rlvr.models import load_model, locate_model
 from rlvr.preprocess import SYNTHETIC, Options, preprocess
 from rlvr.progress import Progress
 from rlvr.rendering import PageEntry, completions_page, marked_text
-from rlvr.rewards import DEFAULT_INSTRUCTION, answer_groups, answer_is_correct
+from rlvr.rewards import DEFAULT_INSTRUCTION, answer_groups, answer_is_correct, lenient_is_correct
 from rlvr.rollout import FastRollout, Sampled
 from rlvr.sampling import Sampling
 from rlvr.settings import bf16_enabled, param
@@ -83,7 +86,9 @@ VERSION_TAG_PREFIX = "rlvr.eval."  # + run id: the registry's record of each eva
 FAST_ON_CPU = True
 _LENGTH_BIN_START = 16  # thought-length bins: [0, 16), [16, 32), [32, 64), ... doubling up to the budget
 
-_SYNTHETIC_OPTION = re.compile(r"^\w+=[^/]*$")
+# sources whose options follow them after commas, and what one such option looks like
+_SOURCES_WITH_OPTIONS = (SYNTHETIC + ":", REASONING_GYM + ":")
+_SOURCE_OPTION = re.compile(r"^[\w.]+=[^/]*$")
 _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
 _CONTEST_YEAR = re.compile(r"(aime|amc|hmmt)[_-]?(?:20)?(\d{2})(?!\d)")
 _FILE_SUFFIX = re.compile(r"\.(jsonl|json|parquet|csv)$")
@@ -102,7 +107,7 @@ class EvalSettings:
     data: str = param(
         "outputs/data",
         "comma-separated datasets: preprocess outputs (output_dir or runs:/ URI) or "
-        "sources (hub id, local file, synthetic[:options]) normalised as preprocess does",
+        "sources (hub id, local file, synthetic[:options], reasoning_gym:...) normalised as preprocess does",
     )
     split: str = param(
         "test",
@@ -156,13 +161,15 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Scored:
-    """One completion with its verdicts: `vote` is its answer group for majority voting (None: no answer)."""
+    """One completion with its verdicts: strict (`correct`, the boxed answer) and `lenient` (its final
+    number); `vote` is its answer group for majority voting (None: no answer)."""
 
     generated: Generated
     correct: bool
     well_formed: bool
     truncated: bool = False
     vote: int | None = None
+    lenient: bool = False
 
 
 @dataclass(frozen=True)
@@ -266,10 +273,11 @@ def model_items(model: str) -> list[str]:
 
 
 def data_items(data: str) -> list[str]:
-    """The comma-separated datasets of `data`; a synthetic source keeps its own comma-separated options."""
+    """The comma-separated datasets of `data`; a synthetic or reasoning-gym source keeps its own
+    comma-separated options."""
     items: list[str] = []
     for piece in (p.strip() for p in data.split(",")):
-        if items and items[-1].startswith(SYNTHETIC + ":") and _SYNTHETIC_OPTION.match(piece):
+        if items and items[-1].startswith(_SOURCES_WITH_OPTIONS) and _SOURCE_OPTION.match(piece):
             items[-1] += f",{piece}"
         elif piece:
             items.append(piece)
@@ -298,7 +306,10 @@ def splits_for(split: str, items: Sequence[str]) -> list[str]:
 
 
 def is_preprocess_output(item: str) -> bool:
-    """A directory or URI holds preprocess output; anything else (hub id, file, synthetic) is a raw source."""
+    """A directory or URI holds preprocess output; anything else (hub id, file, synthetic, reasoning_gym) is a
+    raw source. A generated source is not looked up as a path: its options can be longer than a file name."""
+    if item.startswith(_SOURCES_WITH_OPTIONS):
+        return False
     return tracking.is_mlflow_uri(item) or Path(item).expanduser().is_dir()
 
 
@@ -397,7 +408,7 @@ def score_problem(generated: Sequence[Generated], truncated: Sequence[bool], sol
     correct = [answer_is_correct(g.answer, solution) for g in generated]
     votes, right = answer_groups([g.answer for g in generated], correct)
     samples = [
-        Scored(g, c, g.well_formed, t, v)
+        Scored(g, c, g.well_formed, t, v, c or lenient_is_correct(g.answer, solution))
         for g, c, t, v in zip(generated, correct, truncated, votes, strict=True)
     ]
     return ProblemScores(samples, right)
@@ -411,6 +422,8 @@ def dataset_metrics(problems: Sequence[ProblemScores], ks: Sequence[int]) -> dic
     counted = thoughts.Counts.of(s.generated.structure for s in flat)
     metrics = {"problems": float(len(problems)), "samples": float(n)}
     metrics |= protocols.with_interval("accuracy", [c / n for c in correct])
+    lenient = [sum(s.lenient for s in p.samples) / n for p in problems]
+    metrics |= protocols.with_interval("lenient_accuracy", lenient)
     for k in ks:
         metrics |= protocols.with_interval(f"pass_at_{k}", [protocols.pass_at_k(n, c, k) for c in correct])
     for k in ks:
@@ -616,6 +629,7 @@ def samples_table(evaluated: Sequence[tuple[EvalSet, list[ProblemScores]]]) -> p
                 "solution": row.solution,
                 "completion": marked_text(s.generated.text, s.generated.spans),
                 "correct": s.correct,
+                "lenient_correct": s.lenient,
                 "well_formed": s.well_formed,
                 "truncated": s.truncated,
                 "vote": s.vote,

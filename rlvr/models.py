@@ -4,7 +4,8 @@ A model is named by an offline preset, a local Hugging Face directory, an MLflow
 `models:/name@alias`, ...) or a hub id, all through `load_model`. A directory that carries
 `reasoning_token_map.json` restores its constraint, once the map is checked against the tokenizer and the
 model; an expanded model without its map is refused (config.json records the expansion, and more rows than
-the tokenizer plus padding betray one that does not); any other model gets the `N` rows asked for.
+the tokenizer plus padding betray one that does not); any other model gets the `N` rows asked for, and the
+thought tags first where its tokenizer lacks them (`rlvr.thought_tags`).
 
 Loading never runs code from the model: no `trust_remote_code`, weights from safetensors only, and a directory
 whose config names code (`auto_map`) or whose weights are pickles only is refused.
@@ -28,8 +29,9 @@ from transformers import (
 )
 
 from rlvr.errors import InputError
-from rlvr.presets import PRESETS, build_preset
+from rlvr.presets import DIRECTORY_PRESETS, PRESET_NAMES, PRESETS, build_preset
 from rlvr.surgery import attach, expand_model, make_faithful
+from rlvr.thought_tags import add_thought_tags, missing_thought_tags
 from rlvr.tracking import is_mlflow_uri, refuse_deleted_run
 from rlvr.vocab import (
     CONFIG_BASE,
@@ -51,6 +53,8 @@ class ModelSourceError(InputError):
 def resolve_model_dir(source: str) -> Path | None:
     """The local Hugging Face directory behind `source` (downloading MLflow artifacts), or None for
     presets/hub ids."""
+    if source in DIRECTORY_PRESETS:
+        return DIRECTORY_PRESETS[source]()
     if is_mlflow_uri(source):
         import mlflow
 
@@ -132,7 +136,7 @@ def _load_base(source: str, directory: Path | None, dtype: torch.dtype, device, 
 
 def _unknown(source: str, reason: str) -> ModelSourceError:
     return ModelSourceError(
-        f"model {source!r} is not a preset ({', '.join(sorted(PRESETS))}), a local model directory, an "
+        f"model {source!r} is not a preset ({', '.join(sorted(PRESET_NAMES))}), a local model directory, an "
         f"MLflow model URI or a reachable hub id ({reason}). Fix the name, or download the model where "
         "the hub is reachable and pass its directory."
     )
@@ -184,13 +188,24 @@ def load_model(
             vocab = attach(model, saved).reasoning_vocab
         else:
             # a plain model, or a baseline (N = 0) that grows a reasoning vocabulary now, e.g. a warm start
+            added = add_thought_tags(model, tokenizer) or (saved.added_token_ids if saved else ())
             rows = model.get_input_embeddings().weight.shape[0]
             size = reasoning_vocab_size or 0
-            vocab = ReasoningVocab.for_tokenizer(tokenizer, rows, size, standard_token_ids)
+            vocab = ReasoningVocab.for_tokenizer(tokenizer, rows, size, standard_token_ids, added)
             expand_model(model, vocab)
     except ReasoningVocabError as error:  # say which model: several are named in one pipeline
         raise ReasoningVocabError(f"model {source!r}: {error}") from error
     return model, make_faithful(tokenizer, vocab)
+
+
+def tokenizer_size(source: str) -> int:
+    """How many token ids the model named `source` has once `load_model` has loaded it (thought tags it
+    adds included), read from its tokenizer alone."""
+    if source in PRESETS:
+        return len(PRESETS[source]()[1])
+    directory = resolve_model_dir(source)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory) if directory is not None else source)
+    return len(tokenizer) + len(missing_thought_tags(tokenizer))
 
 
 def saved_vocab(

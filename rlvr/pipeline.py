@@ -2,7 +2,8 @@
 
 preprocess (synthetic) -> warmstart (micro) -> train_baseline and train_reasoning from the warm start ->
 evaluate the warm start and both arms on the held-out split -> a comparison table -> the better arm gets the
-registry alias `champion`. Steps pass each other MLflow URIs (`runs:/<id>/data`, `models:/<name>/<version>`),
+registry alias `champion`. A scale without a warm start (`pretrained`) trains both arms from a named model,
+`start`, instead. Steps pass each other MLflow URIs (`runs:/<id>/data`, `models:/<name>/<version>`),
 so the lineage is in the tracking server, not on one disk. A step whose identical run (same entry point,
 parameters and code) already finished is reused, not rerun.
 """
@@ -34,9 +35,18 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
 EXPERIMENT = "rlvr-demo"  # where `main` runs unless the user names an experiment
 
+# The pretrained scales' problems: two reasoning-gym generators at a difficulty that a 135M chat model partly
+# solves (2 terms of 1-2 digits added or subtracted; sums of 2-3 such terms).
+PRETRAINED_PROBLEMS = (
+    "reasoning_gym:basic_arithmetic=0.6+chain_sum=0.4,basic_arithmetic.max_terms=2,"
+    "basic_arithmetic.max_digits=2,basic_arithmetic.operators=+-,basic_arithmetic.allow_parentheses=false,"
+    "basic_arithmetic.allow_negation=false,chain_sum.max_terms=3,chain_sum.max_digits=2"
+)
+PRETRAINED_INSTRUCTION = "Put the final answer in \\boxed{}."
+
 # Per scale: the parameters of every step. `demo` is the experiment (10 minutes on 2 CPU cores); `gpu` a
-# larger
-# one (about 10 minutes on one H200); `ci` the same pipeline shrunk to a smoke run.
+# larger one (about 10 minutes on one H200); `pretrained` a real pretrained model on one GPU; `ci` and
+# `pretrained-ci` the same pipelines shrunk to smoke runs.
 SCALES: dict[str, dict[str, dict[str, object]]] = {
     # The warm start imitates a noisy teacher (30% of its worked solutions have one wrong step, `errors=0.3`),
     # as
@@ -113,6 +123,40 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
             "max_examples": 500,
         },
     },
+    # A real pretrained chat model (SmolLM2-135M-Instruct, 4-bit-dequantized) on reasoning-gym arithmetic,
+    # without a warm start: GRPO from the instruct model itself. It rarely writes \boxed{}, so it is asked to,
+    # and rewarded on the lenient reading (its final number) with a bonus for the boxed one; both accuracies
+    # are reported. The instruct model on 40 of these problems (CPU, README): lenient accuracy 0.43 greedy,
+    # 0.26 at this evaluation's T = 0.7; strict 0 either way. main's `grpo_steps` sets other GRPO steps.
+    "pretrained": {
+        "preprocess": {
+            "source": PRETRAINED_PROBLEMS + ",count=8000",
+            "test_size": 500,
+            "instruction": PRETRAINED_INSTRUCTION,
+        },
+        "start": {"model": "smollm2-135m-instruct"},
+        "train": {
+            "max_steps": 120,
+            "learning_rate": 1e-5,
+            "per_device_train_batch_size": 64,
+            "gradient_accumulation_steps": 2,
+            "num_generations": 8,
+            "max_completion_length": 96,
+            "temperature": 0.7,
+            "save_steps": 40,  # where a run cut short (a 10-minute GPU call) resumes
+            "log_completions_steps": 40,
+            "rewards": "lenient:1,accuracy:0.5",
+            "fast_rollouts": "true",
+        },
+        "evaluate": {
+            "num_samples": 4,
+            "temperature": 0.7,
+            "top_p": 1.0,
+            "max_new_tokens": 96,
+            "batch_size": 500,
+            "max_examples": 500,
+        },
+    },
     "ci": {
         "preprocess": {"source": "synthetic:count=300,errors=0.3", "test_size": 20, "instruction": ""},
         "warmstart": {
@@ -140,6 +184,35 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
             "max_examples": 10,
         },
     },
+    # the pretrained path shrunk to a smoke run on a CPU: the real model and generators, a few tokens
+    "pretrained-ci": {
+        "preprocess": {
+            "source": PRETRAINED_PROBLEMS + ",count=40",
+            "test_size": 4,
+            "instruction": PRETRAINED_INSTRUCTION,
+        },
+        "start": {"model": "smollm2-135m-instruct"},
+        "train": {
+            "max_steps": 1,
+            "learning_rate": 1e-5,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "num_generations": 2,
+            "max_completion_length": 8,
+            "temperature": 0.7,
+            "save_steps": 10,  # no checkpoint but checkpoint-0: a 135M model's optimizer state is 1 GB
+            "log_completions_steps": 1,
+            "rewards": "lenient:1,accuracy:0.5",
+        },
+        "evaluate": {
+            "num_samples": 1,
+            "temperature": 0.7,
+            "top_p": 1.0,
+            "max_new_tokens": 8,
+            "batch_size": 4,
+            "max_examples": 4,
+        },
+    },
 }
 
 
@@ -150,7 +223,8 @@ class PipelineSettings:
     scale: str = param(
         "demo",
         "demo (the offline experiment, minutes on 2 CPU cores), gpu (a larger one, minutes on one "
-        "GPU) or ci (a smoke run)",
+        "GPU), pretrained (SmolLM2-135M-Instruct on reasoning-gym problems, one GPU), or ci and "
+        "pretrained-ci (smoke runs)",
     )
     reasoning_vocab_size: int = param(
         0, "N of the reasoning arm (0: every token id of the scale's tokenizer)"
@@ -160,6 +234,7 @@ class PipelineSettings:
     )
     output_dir: str = param("outputs/main", "checkpoints and data of the steps go under this directory")
     seeds: str = param("0", "comma-separated seeds; each runs its own warm start, arms and evaluations")
+    grpo_steps: int = param(0, "GRPO steps of each arm (0: the scale's own)")
 
 
 def _code_version() -> str:
@@ -292,13 +367,35 @@ class Outcome:
     )  # with several seeds
 
 
-STEP_OF = {"warmstart": "warmstart", "baseline": "train_baseline", "reasoning": "train_reasoning"}
-METRICS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "pass_at_1", "format_rate", "reasoning_share")
-# (metric prefix, model A, model B): B minus A, paired by (seed, problem)
+START = "start"  # the label of the model both arms train from, where a scale has no warm start
+STEP_OF = {
+    "warmstart": "warmstart",
+    START: START,
+    "baseline": "train_baseline",
+    "reasoning": "train_reasoning",
+}
+METRICS = (
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "lenient_accuracy",
+    "lenient_accuracy_ci_low",
+    "lenient_accuracy_ci_high",
+    "pass_at_1",
+    "format_rate",
+    "reasoning_share",
+)
+# Per verdict, the samples-table column that judges a sample and the metric of its accuracy
+VERDICTS = {"correct": "accuracy", "lenient_correct": "lenient_accuracy"}
+# (metric prefix, model A, model B, verdict): B minus A, paired by (seed, problem); None as A is the starting
+# model (the warm start, or the model the scale names)
 COMPARISONS = (
-    ("baseline/gain", "warmstart", "baseline"),
-    ("reasoning/gain", "warmstart", "reasoning"),
-    ("reasoning_vs_baseline/diff", "baseline", "reasoning"),
+    ("baseline/gain", None, "baseline", "correct"),
+    ("reasoning/gain", None, "reasoning", "correct"),
+    ("reasoning_vs_baseline/diff", "baseline", "reasoning", "correct"),
+    ("baseline/lenient_gain", None, "baseline", "lenient_correct"),
+    ("reasoning/lenient_gain", None, "reasoning", "lenient_correct"),
+    ("reasoning_vs_baseline/lenient_diff", "baseline", "reasoning", "lenient_correct"),
 )
 
 
@@ -307,18 +404,23 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
     champion."""
     if settings.scale not in SCALES:
         raise InputError(f"scale={settings.scale!r} is not one of {', '.join(SCALES)}.")
-    from rlvr.presets import PRESETS
+    if settings.grpo_steps < 0:
+        raise InputError(f"grpo_steps={settings.grpo_steps} is negative; pass 0 for the scale's own.")
+    from rlvr.models import tokenizer_size
 
     seeds = parse_seeds(settings.seeds)
     plan = SCALES[settings.scale]
+    if settings.grpo_steps:
+        plan = {**plan, "train": {**plan["train"], "max_steps": settings.grpo_steps}}
     name = settings.registered_model_name
     if not name.strip():
         raise InputError("registered_model_name is empty; both arms register under it: pass e.g. rlvr-demo.")
-    token_ids = len(PRESETS[plan["warmstart"]["model"]]()[1])
+    base_model = plan.get("warmstart", plan.get(START))["model"]
+    token_ids = tokenizer_size(base_model)
     if not 0 <= settings.reasoning_vocab_size <= token_ids:
         raise InputError(
             f"reasoning_vocab_size={settings.reasoning_vocab_size} is not in 0..{token_ids}, the token ids "
-            f"of the {plan['warmstart']['model']} model at scale {settings.scale}; pass 0 to copy every one."
+            f"of the {base_model} model at scale {settings.scale}; pass 0 to copy every one."
         )
     size = settings.reasoning_vocab_size or token_ids
     with tracking.entrypoint_run(
@@ -333,6 +435,7 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
                 "registered_model_name": name,
                 "output_dir": settings.output_dir,
                 "seeds": ",".join(map(str, seeds)),
+                "grpo_steps": plan["train"]["max_steps"],
             }
         )
         pipeline = Pipeline(settings)
@@ -356,7 +459,8 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
                     "model": model,
                 }
                 table = mlflow.load_table(SAMPLES_TABLE, run_ids=[run])
-                problems[seed, label] = statistics.per_problem_accuracy(table)
+                for verdict in VERDICTS:
+                    problems[seed, label, verdict] = statistics.per_problem_accuracy(table, verdict)
         outcome = _outcome(per_seed, problems, seeds)
         version = models[seeds[0]][outcome.champion].rsplit("/", 1)[1]
         pipeline.client.set_registered_model_alias(name, CHAMPION, version)
@@ -369,20 +473,23 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
 def _train_arms(
     pipeline: Pipeline, plan: dict, data: str, seed: int, name: str, size: int, suffix: str
 ) -> dict[str, str]:
-    """The warm start and both GRPO arms of one seed, as registered model URIs (child runs named with
-    `suffix`)."""
-    warm_run = pipeline.step(
-        "warmstart",
-        {**plan["warmstart"], "data": data, "seed": seed, "registered_model_name": f"{name}-warmstart"},
-        name=f"warmstart{suffix}",
-    )
-    models = {
-        "warmstart": f"models:/{name}-warmstart/{pipeline.registered_version(warm_run, f'{name}-warmstart')}"
-    }
+    """The starting model (the warm start, or the scale's `start` model as named) and both GRPO arms of one
+    seed: registered model URIs (child runs named with `suffix`), the starting model first."""
+    if "warmstart" in plan:
+        warm_name = f"{name}-warmstart"
+        warm_run = pipeline.step(
+            "warmstart",
+            {**plan["warmstart"], "data": data, "seed": seed, "registered_model_name": warm_name},
+            name=f"warmstart{suffix}",
+        )
+        models = {"warmstart": f"models:/{warm_name}/{pipeline.registered_version(warm_run, warm_name)}"}
+    else:
+        models = {START: plan[START]["model"]}
+    start = next(iter(models.values()))
     for arm, n in (("baseline", 0), ("reasoning", size)):
         parameters = {
             **plan["train"],
-            "model": models["warmstart"],
+            "model": start,
             "data": data,
             "seed": seed,
             "registered_model_name": name,
@@ -403,32 +510,45 @@ def _outcome(per_seed: dict[int, dict[str, dict]], problems: dict, seeds: list[i
     """Accuracy pooled over seeds, and paired comparisons of the models on the same problems
     (`rlvr.statistics`)."""
 
-    def pooled(label: str) -> pd.Series:
-        return pd.concat({seed: problems[seed, label] for seed in seeds}, names=["seed"])
+    def pooled(label: str, verdict: str) -> pd.Series:
+        return pd.concat({seed: problems[seed, label, verdict] for seed in seeds}, names=["seed"])
 
     results = {}
     for label in per_seed[seeds[0]]:
         results[label] = {m: sum(per_seed[s][label][m] for s in seeds) / len(seeds) for m in METRICS}
         if len(seeds) > 1:  # over seeds: the pooled mean, with an interval that resamples problems
-            results[label]["accuracy"] = float(pooled(label).mean())
-            results[label]["accuracy_ci_low"], results[label]["accuracy_ci_high"] = statistics.mean_interval(
-                pooled(label)
-            )
+            for verdict, metric in VERDICTS.items():
+                results[label][metric] = float(pooled(label, verdict).mean())
+                low, high = statistics.mean_interval(pooled(label, verdict))
+                results[label][f"{metric}_ci_low"], results[label][f"{metric}_ci_high"] = low, high
         results[label]["model"] = per_seed[seeds[0]][label]["model"]
-    comparisons = {prefix: statistics.paired(pooled(a), pooled(b)) for prefix, a, b in COMPARISONS}
+    comparisons = {
+        prefix: statistics.paired(pooled(a, verdict), pooled(b, verdict))
+        for prefix, a, b, verdict in _comparisons(per_seed[seeds[0]])
+    }
     by_seed = (
         {
             seed: {
-                prefix: statistics.paired(problems[seed, a], problems[seed, b])
-                for prefix, a, b in COMPARISONS
+                prefix: statistics.paired(problems[seed, a, verdict], problems[seed, b, verdict])
+                for prefix, a, b, verdict in _comparisons(per_seed[seeds[0]])
             }
             for seed in seeds
         }
         if len(seeds) > 1
         else {}
     )
-    champion = max(("baseline", "reasoning"), key=lambda arm: results[arm]["accuracy"])
+    # strict accuracy decides; where it ties (a model that never boxes its answer), the lenient one
+    champion = max(
+        ("baseline", "reasoning"),
+        key=lambda arm: (results[arm]["accuracy"], results[arm]["lenient_accuracy"]),
+    )
     return Outcome(results, per_seed, comparisons, champion, by_seed)
+
+
+def _comparisons(models: dict) -> list[tuple[str, str, str, str]]:
+    """`COMPARISONS` with the starting model (the first of `models`) in place of None."""
+    start = next(iter(models))
+    return [(prefix, a or start, b, verdict) for prefix, a, b, verdict in COMPARISONS]
 
 
 def _log_outcome(outcome: Outcome, seeds: list[int]) -> None:
@@ -448,8 +568,8 @@ def _log_outcome(outcome: Outcome, seeds: list[int]) -> None:
 
 
 def comparison_table(outcome: Outcome) -> str:
-    """Markdown: each model's held-out metrics (pooled over seeds), per-seed accuracy, and the paired
-    comparisons."""
+    """Markdown: each model's held-out metrics (pooled over seeds), per-seed accuracies (strict and lenient),
+    and the paired comparisons of both."""
     lines = ["| model | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
     for label, values in outcome.results.items():
         mark = f"{label} ({CHAMPION})" if label == outcome.champion else label
@@ -457,15 +577,12 @@ def comparison_table(outcome: Outcome) -> str:
     if len(outcome.per_seed) > 1:
         lines += [
             "",
-            "| seed | " + " | ".join(outcome.results) + " |",
+            "| seed | " + " | ".join(f"{label} accuracy / lenient" for label in outcome.results) + " |",
             "|" + "---|" * (len(outcome.results) + 1),
         ]
         for seed, results in outcome.per_seed.items():
-            lines.append(
-                f"| {seed} | "
-                + " | ".join(f"{results[label]['accuracy']:.3f}" for label in outcome.results)
-                + " |"
-            )
+            cells = [f"{results[m]['accuracy']:.3f} / {results[m]['lenient_accuracy']:.3f}" for m in results]
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| paired comparison (B - A) | difference | 95% interval | p-value | problems |",
@@ -473,7 +590,7 @@ def comparison_table(outcome: Outcome) -> str:
     ]
     rows = [("", outcome.comparisons)] + [(f", seed {s}", c) for s, c in outcome.seed_comparisons.items()]
     for suffix, comparisons in rows:
-        for prefix, a, b in COMPARISONS:
+        for prefix, a, b, _ in _comparisons(outcome.results):
             c = comparisons[prefix]
             lines.append(
                 f"| {prefix}{suffix}: {b} - {a} | {c.diff:+.3f} | [{c.ci_low:+.3f}, {c.ci_high:+.3f}] | "

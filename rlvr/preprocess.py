@@ -1,7 +1,8 @@
 """Sources -> normalised parquet that training and evaluation read (`rlvr.dataset` holds that parquet's
 schema and reads it back), and the preprocess entry point's job: the same, logged to an MLflow run.
 
-A source is a hub dataset, a local `.jsonl`/`.json`/`.parquet`/`.csv` file, or `synthetic`. Each row becomes
+A source is a hub dataset, a local `.jsonl`/`.json`/`.parquet`/`.csv` file, `synthetic`, or reasoning-gym's
+generators (`reasoning_gym:...`, `rlvr.gym_source`). Each row becomes
 one problem, its ground-truth final answer (`solution`, the string the reward checks) and, where the source
 has one, a worked solution (`reference`). The columns holding them are detected from the names that the usual
 datasets use (DeepScaleR, DeepMath-103K, RLVR-GSM, GSM8K, MATH, MATH-500, AIME, TRL's conversational
@@ -35,7 +36,7 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlvr import synthetic
+from rlvr import gym_source, synthetic
 from rlvr.answers import readable_answer
 from rlvr.dataset import DATA_ARTIFACT_PATH, load_split, schema_for
 from rlvr.errors import InputError
@@ -123,8 +124,10 @@ class PreprocessSettings:
 
     source: str = param(
         DEFAULT_SOURCE,
-        f"A hub dataset id, a local {'/'.join(FILE_FORMATS)} file, or 'synthetic' with optional knobs, e.g. "
-        "synthetic:count=20000,digits=3,max_ops=3 (also min_ops, operations, factor_digits, negative).",
+        f"A hub dataset id, a local {'/'.join(FILE_FORMATS)} file, 'synthetic' with optional knobs, e.g. "
+        "synthetic:count=20000,digits=3,max_ops=3 (also min_ops, operations, factor_digits, negative), or "
+        "reasoning-gym generators, e.g. reasoning_gym:basic_arithmetic=0.7+chain_sum=0.3,count=5000 (also "
+        "<generator>.<config field>=<value>).",
     )
     split: str = _option("split")
     config: str = _option("config")
@@ -149,17 +152,22 @@ class PreprocessSettings:
 # --- reading sources ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Table:
-    """A source's column names, and its rows restricted to the columns asked for (large sources stay lazy)."""
+    """A source's column names, its rows restricted to the columns asked for (large sources stay lazy), and
+    the run tags that record what else the rows depend on (a generator's version)."""
 
     name: str
     columns: list[str]
     rows: Callable[[Sequence[str]], list[dict]]
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def read_source(source: str, options: Options = Options()) -> Table:
-    """The table behind `source`: `synthetic[:key=value,...]`, a local file, or a hub dataset id."""
+    """The table behind `source`: `synthetic[:key=value,...]`, `reasoning_gym:...`, a local file, or a hub
+    dataset id."""
     if source == SYNTHETIC or source.startswith(SYNTHETIC + ":"):
         return _synthetic_table(source, options.seed)
+    if gym_source.is_gym_source(source):
+        return _gym_table(source, options.seed)
     path = Path(source).expanduser()
     if path.is_file():
         return _file_table(path)
@@ -189,6 +197,16 @@ def _synthetic_table(source: str, seed: int) -> Table:
     problems = synthetic.generate(int(count), seed, synthetic.Difficulty.from_options(options))
     rows = [{"problem": p.question, "answer": p.solution, "reference": p.reference} for p in problems]
     return Table(source, ["problem", "answer", "reference"], lambda columns: rows)
+
+
+def _gym_table(source: str, seed: int) -> Table:
+    """Named by its generators alone (`reasoning_gym:basic_arithmetic+chain_sum`), a name short enough for
+    metric keys; the whole source, weights and fields included, is the run's `source` parameter."""
+    rows = gym_source.generate_rows(source, seed)
+    tags = {"rlvr.reasoning_gym_version": gym_source.version()}
+    return Table(
+        gym_source.short_name(source), ["id", "problem", "answer", "reference"], lambda _: rows, tags
+    )
 
 
 def _file_table(path: Path) -> Table:
@@ -587,6 +605,7 @@ class PreprocessResult:
     output_dir: Path
     paths: dict[str, Path]
     report: Report
+    tags: dict[str, str] = field(default_factory=dict)  # the source's lineage beyond its name (`Table.tags`)
 
 
 def preprocess(source: str, output_dir: str | os.PathLike, options: Options = Options()) -> PreprocessResult:
@@ -605,7 +624,7 @@ def preprocess(source: str, output_dir: str | os.PathLike, options: Options = Op
     tables = {split: to_arrow(rows, name, split, options) for split, rows in splits.items()}
     paths = _write_atomically(tables, Path(output_dir))
     logger.info("preprocessed %s: %s", source, report.summary())
-    return PreprocessResult(Path(output_dir), paths, report)
+    return PreprocessResult(Path(output_dir), paths, report, table.tags)
 
 
 def log_preprocess(result: PreprocessResult, params: dict[str, Any]) -> str:
@@ -624,7 +643,7 @@ def log_preprocess(result: PreprocessResult, params: dict[str, Any]) -> str:
             load_split(str(result.output_dir), split), source_uri=f"{data_uri}/{split}.parquet"
         )
         mlflow.log_input(logged_split.mlflow_dataset(), context=split)
-    mlflow.set_tag("rlvr.data_uri", data_uri)
+    mlflow.set_tags({**result.tags, "rlvr.data_uri": data_uri})
     return data_uri
 
 

@@ -1,4 +1,5 @@
-"""Verifiable rewards, read from token ids: math-verify accuracy of the boxed answer, and format.
+"""Verifiable rewards, read from token ids: math-verify accuracy of the boxed answer, a lenient accuracy of
+the answer's final number, and format.
 
 The answer is the completion's span after its thought as the ids define it (`rlvr.thoughts`): a `</think>`
 spelled out in ordinary tokens closes nothing, and a completion that ends inside a thought has no answer, so
@@ -24,7 +25,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from rlvr import answers, thoughts
-from rlvr.answers import answer_is_correct
+from rlvr.answers import answer_is_correct, lenient_is_correct
 from rlvr.errors import InputError
 
 BOXED = "\\boxed{"
@@ -99,6 +100,11 @@ def accuracy(completion: Completion) -> float:
     return float(answer_is_correct(completion.answer or "", completion.columns["solution"]))
 
 
+def lenient(completion: Completion) -> float:
+    """1.0 when the answer after the thought is right by `lenient_is_correct` (its final number), else 0.0."""
+    return float(lenient_is_correct(completion.answer or "", completion.columns["solution"]))
+
+
 def format_(completion: Completion) -> float:
     """1.0 for one closed thought followed by one boxed answer, else 0.0."""
     return float(well_formed(completion.structure, completion.ids, completion.tokenizer))
@@ -106,6 +112,7 @@ def format_(completion: Completion) -> float:
 
 REWARDS: dict[str, Callable[[Completion], float]] = {
     "accuracy": accuracy,
+    "lenient": lenient,
     "format": format_,
 }
 

@@ -41,9 +41,10 @@ class Paired:
         }
 
 
-def per_problem_accuracy(samples: pd.DataFrame) -> pd.Series:
-    """Share of correct samples per problem, indexed by (dataset, id), from an evaluation's samples table."""
-    return samples.groupby(["dataset", "id"])["correct"].mean()
+def per_problem_accuracy(samples: pd.DataFrame, verdict: str = "correct") -> pd.Series:
+    """Share of correct samples per problem, indexed by (dataset, id), from an evaluation's samples table;
+    `verdict` names the column that judges a sample (`correct`, or `lenient_correct`)."""
+    return samples.groupby(["dataset", "id"])[verdict].mean()
 
 
 def paired(a: pd.Series, b: pd.Series, seed: int = 0, resamples: int = RESAMPLES) -> Paired:

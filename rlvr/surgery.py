@@ -20,6 +20,10 @@ Attributes set on a model (`attach`, `enable_fast_rollouts`):
 - `fast_rollout`: the `rlvr.rollout.FastRollout` serving plain sampling requests.
 On a tokenizer (`make_faithful`): its class becomes a subclass with `rlvr.decoding.FaithfulDecodeMixin`, and
 `reasoning_vocab` is set.
+On a model whose tokenizer lacks the thought tags (`rlvr.thought_tags.add_thought_tags`, at load): the tags
+become added tokens, the embeddings grow where padding rows do not suffice, the new rows are set, and an
+`enable_thinking=False` clause is appended to the chat template. These edit the model's data (saved with it),
+not its behaviour.
 
 Private names of the libraries relied on (pinned by `pyproject.toml`; tests exercise each):
 - transformers: `GenerationMixin._get_logits_processor` (the seam for the constraint),

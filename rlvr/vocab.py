@@ -49,6 +49,13 @@ class TokenMapMismatch(ReasoningVocabError):
         )
 
 
+def thought_tag_ids(tokenizer: PreTrainedTokenizerBase) -> list[int | None]:
+    """The ids of `<think>` and `</think>` in `tokenizer`, None for a tag that is no token of it."""
+    unk = tokenizer.unk_token_id
+    ids = tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
+    return [None if i is None or (unk is not None and i == unk) else i for i in ids]
+
+
 @dataclass(frozen=True)
 class ReasoningVocab:
     """The token map of a model with `N = len(standard_token_ids)` reasoning rows appended after
@@ -56,7 +63,8 @@ class ReasoningVocab:
 
     `tokenizer_size` is the number of real token ids; rows `tokenizer_size .. base_vocab_size - 1` are
     padding. `control_token_ids` are the tokenizer's added/special ids, whose reasoning copies are never
-    sampled.
+    sampled. `added_token_ids` are the thought tags the base model lacked and rlvr added
+    (`rlvr.thought_tags`).
     """
 
     base_vocab_size: int
@@ -65,6 +73,7 @@ class ReasoningVocab:
     think_end_id: int
     standard_token_ids: tuple[int, ...] = ()
     control_token_ids: tuple[int, ...] = ()
+    added_token_ids: tuple[int, ...] = ()
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +100,9 @@ class ReasoningVocab:
                 )
         if len(set(self.control_token_ids)) != len(self.control_token_ids):
             return "control_token_ids repeats ids"
+        strays = sorted(set(self.added_token_ids) - set(tags.values()))
+        if strays:
+            return f"added_token_ids holds {strays[:3]}, which are not its thought tags"
         return None
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -122,9 +134,10 @@ class ReasoningVocab:
         base_vocab_size: int,
         size: int,
         standard_token_ids: Sequence[int] | None = None,
+        added_token_ids: Sequence[int] = (),
     ) -> ReasoningVocab:
         """Validate a request for `size` reasoning rows copied from `standard_token_ids` (default:
-        0..size-1)."""
+        0..size-1); `added_token_ids`: the thought tags rlvr added to the tokenizer (`rlvr.thought_tags`)."""
         tokenizer_size = len(tokenizer)
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ReasoningVocabError(
@@ -164,6 +177,7 @@ class ReasoningVocab:
             think_end_id=think_ids[1],
             standard_token_ids=standard_token_ids,
             control_token_ids=control,
+            added_token_ids=tuple(int(i) for i in added_token_ids),
         )
 
     # --- sizes and the map -------------------------------------------------------------------------------
@@ -243,6 +257,7 @@ class ReasoningVocab:
             "think_start_id": self.think_start_id,
             "think_end_id": self.think_end_id,
             "control_token_ids": list(self.control_token_ids),
+            "added_token_ids": list(self.added_token_ids),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -265,6 +280,7 @@ class ReasoningVocab:
                 name: tuple(_whole(i) for i in data[name])
                 for name in ("standard_token_ids", "control_token_ids")
             }
+            ids["added_token_ids"] = tuple(_whole(i) for i in data.get("added_token_ids", ()))
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ReasoningVocabError(
                 f"{path} is not a readable reasoning token map ({type(error).__name__}: {error}); copy it "
@@ -290,9 +306,8 @@ def _whole(value) -> int:
 
 def _tokenizer_facts(tokenizer: PreTrainedTokenizerBase) -> tuple[int, tuple[int, int], tuple[int, ...]]:
     """What a map records of its tokenizer: its size, its thought tags' ids, and its special and added ids."""
-    think_ids = tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
-    unk = tokenizer.unk_token_id
-    if any(i is None or (unk is not None and i == unk) for i in think_ids):
+    think_ids = thought_tag_ids(tokenizer)
+    if None in think_ids:
         raise ReasoningVocabError(
             f"the tokenizer has no single-token {THINK_START!r}/{THINK_END!r}, by which rlvr reads "
             "thoughts; add both as tokens (and resize the model) before training or evaluating it."

@@ -34,6 +34,20 @@ def qwen_tok():
 
 
 @pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """A cache directory holding the smollm2-135m-instruct preset, converted once per session from the
+    installed package's GGUF; tests point `RLVR_CACHE` at it."""
+    from rlvr.cache import CACHE_ENV
+    from rlvr.presets.smollm2 import smollm2_directory
+
+    root = tmp_path_factory.mktemp("smollm2-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(root))
+        smollm2_directory()
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_factory(qwen_tok):
     """An untied Llama whose embedding has exactly the tokenizer's rows (no padding rows)."""
 
@@ -312,7 +326,12 @@ def remote_code(directory: Path) -> None:
 
 
 def scored(
-    correct: bool, thought: int = 2, reasoning: int = 1, answer: int = 3, truncated: bool = False
+    correct: bool,
+    thought: int = 2,
+    reasoning: int = 1,
+    answer: int = 3,
+    truncated: bool = False,
+    lenient: bool | None = None,
 ) -> Scored:
     ids = list(range(thought + answer))
     structure = thoughts.Structure(
@@ -328,4 +347,5 @@ def scored(
     generated = Generated(
         ids, "", [], "", "", closed=True, well_formed=correct, reasoning_tokens=reasoning, structure=structure
     )
-    return Scored(generated, correct, generated.well_formed, truncated, 0 if correct else None)
+    lenient = correct if lenient is None else lenient
+    return Scored(generated, correct, generated.well_formed, truncated, 0 if correct else None, lenient)

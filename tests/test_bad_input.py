@@ -32,13 +32,10 @@ from click.testing import CliRunner
 from conftest import MAP, MICRO_N, ROOT, TOKEN_MAP_CHANGES, pickled_weights, remote_code
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from rlvr.dataset import SCHEMA
 from rlvr.models import load_model, save_model
 from rlvr.preprocess import Options, preprocess
-from rlvr.presets.qwen3 import CHATML_TEMPLATE
 
 EXPERIMENT = "bad-input"
 PROCESS = "process"  # run this case as `python -m entrypoints.<entry point>`
@@ -180,6 +177,15 @@ CASES = [
     case("preprocess-bad-source-keeps-earlier-output", "--source {work}/text.jsonl",
          "'text.jsonl' has no problem column", "pass problem_field=<column>",
          together(file("text.jsonl", NO_PROBLEM), existing_output("train.parquet", "test.parquet"))),
+    case("preprocess-unknown-reasoning-gym-generator", "--source reasoning_gym:basic_arithmetc",
+         "'basic_arithmetc' is not a reasoning-gym generator", "did you mean basic_arithmetic"),
+    case("preprocess-reasoning-gym-seed-in-source", "--source reasoning_gym:chain_sum,seed=3",
+         "option 'seed=3'", "-P seed=..."),
+    case("preprocess-reasoning-gym-unknown-field", "--source reasoning_gym:chain_sum,chain_sum.max_ops=2",
+         "chain_sum has no settable config field 'max_ops'", "its fields are"),
+    case("preprocess-reasoning-gym-refused-config",
+         "--source reasoning_gym:chain_sum,chain_sum.min_terms=5,chain_sum.max_terms=2",
+         "reasoning-gym refused the configuration", "change the generator fields"),
     # warmstart
     case("warmstart-missing-data-dir", "--data {work}/nodata", "{work}/nodata",
          "pass the output_dir of a finished preprocess run"),
@@ -192,8 +198,6 @@ CASES = [
     case("warmstart-negative-max-length", "--max_length -5", "max_length=-5", "must be at least 1"),
     case("warmstart-truncated-safetensors", "--model {truncated}", "{truncated}",
          "copy or save it again, or pass an intact checkpoint"),
-    case("warmstart-tokenizer-without-think", "--model {no_think}", "model '{no_think}'",
-         "add both as tokens"),
     case("warmstart-data-without-worked-solutions", "--data {no_references}",
          "data '{no_references}' has no worked solutions", "warm-start on a source with references"),
     case("warmstart-data-without-prompt-column", "--data {work}/noprompt", "{work}/noprompt/train.parquet",
@@ -219,8 +223,6 @@ CASES = [
          "grpo_config {work}/grpo.yaml", "pass the path of a YAML mapping"),
     case("train_baseline-prompts-longer-than-max-prompt-length", "--max_prompt_length 2",
          "max_prompt_length=2", "raise max_prompt_length"),
-    case("train_baseline-tokenizer-without-think", "--model {no_think}", "model '{no_think}'",
-         "add both as tokens"),
     case("train_baseline-data-answers-are-numbers", "--data {work}/ints", "{work}/ints/train.parquet",
          "run the preprocess entry point", data_dir("ints", WRONG_TYPES)),
     case("train_baseline-empty-train-split", "--data {work}/empty",
@@ -253,8 +255,6 @@ CASES = [
     case("evaluate-truncated-safetensors", "--model {truncated}", "{truncated}", "pass an intact checkpoint"),
     case("evaluate-nan-weights", "--model {nan_weights}", "{nan_weights}",
          "use one of its earlier checkpoints"),
-    case("evaluate-tokenizer-without-think", "--model {no_think}", "model '{no_think}'",
-         "add both as tokens"),
     case("evaluate-model-of-a-deleted-run", "--model runs:/{deleted}/model", "model='runs:/{deleted}/model'",
          DELETED_NOTE),
     case("evaluate-unknown-registered-model", "--model models:/bad-input-missing/1",
@@ -284,7 +284,9 @@ CASES = [
     case("analyze-tokens-not-json", "--training_run {work} --tokens '[1,'", "tokens='[1,'",
          "write e.g. tokens="),
     # main
-    case("main-unknown-scale", "--scale huge", "scale='huge'", "one of demo, gpu, ci"),
+    case("main-unknown-scale", "--scale huge", "scale='huge'",
+         "one of demo, gpu, pretrained, ci, pretrained-ci"),
+    case("main-negative-grpo-steps", "--grpo_steps -1", "grpo_steps=-1", "pass 0 for the scale's own"),
     case("main-seeds-not-integers", "--seeds a,b", "seeds='a,b'", "e.g. seeds=0,1,2"),
     case("main-repeated-seeds", "--seeds 1,1", "seeds='1,1'", "each once"),
     case("main-negative-reasoning-vocab-size", "--reasoning_vocab_size -5", "reasoning_vocab_size=-5",
@@ -348,26 +350,10 @@ def _truncate(directory: Path) -> None:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
-def _tokenizer_without_think() -> PreTrainedTokenizerFast:
-    """A byte-level BPE with ChatML control tokens but no <think>/</think>."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    backend.train_from_iterator(["What is 1+1? 2"], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=CHATML_TEMPLATE)
-    control = [AddedToken(t, special=True, normalized=False) for t in ("<|endoftext|>", "<|im_end|>")]
-    tokenizer.add_tokens(control, special_tokens=True)
-    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def inputs(mlflow_server, tmp_path_factory) -> dict[str, str]:
     """What the cases name: a good preprocess output and micro model, broken copies of that model, a micro
-    reasoning model with altered token maps, unsafe copies of it, a model whose tokenizer lacks <think>, data
+    reasoning model with altered token maps, unsafe copies of it, data
     without worked solutions, and a deleted run."""
     root = tmp_path_factory.mktemp("bad-input")
     data = root / "data"
@@ -380,14 +366,6 @@ def inputs(mlflow_server, tmp_path_factory) -> dict[str, str]:
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     nan_weights = save_model(model, tokenizer, root / "nan-weights")
-    plain = _tokenizer_without_think()
-    no_think = root / "no-think"
-    Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(plain), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=plain.pad_token_id,
-        eos_token_id=plain.eos_token_id,
-    )).save_pretrained(no_think)  # fmt: skip
-    plain.save_pretrained(no_think)
     reasoning = save_model(*load_model("micro", reasoning_vocab_size=MICRO_N), root / "micro-reasoning")
     altered = {
         f"map_{name}": str(_copy_with(reasoning, root / f"map-{name}", alter))
@@ -403,7 +381,6 @@ def inputs(mlflow_server, tmp_path_factory) -> dict[str, str]:
         "no_references": str(no_references),
         "micro": str(micro),
         "nan_weights": str(nan_weights),
-        "no_think": str(no_think),
         "truncated": str(_copy_with(micro, root / "truncated", _truncate)),
         "bad_config": str(_copy_with(micro, root / "bad-config", _overwrite("config.json", "{oops"))),
         "bad_map": str(_copy_with(micro, root / "bad-map", _overwrite("reasoning_token_map.json", "{}"))),

@@ -87,7 +87,7 @@ def problem(*samples: Scored) -> ProblemScores:
 def test_dataset_metrics_average_samples_and_problems():
     metrics = dataset_metrics(
         [
-            problem(scored(True), scored(False, truncated=True)),
+            problem(scored(True), scored(False, truncated=True, lenient=True)),
             problem(scored(False), scored(False, thought=6, reasoning=0)),
         ],
         ks=[1, 2],
@@ -102,6 +102,8 @@ def test_dataset_metrics_average_samples_and_problems():
     assert metrics["reasoning_share"] == 3 / 12
     for name in ("accuracy", "pass_at_2", "maj_at_2"):
         assert metrics[f"{name}_ci_low"] < metrics[name] < metrics[f"{name}_ci_high"]
+    assert metrics["lenient_accuracy"] == 0.5  # the strict hit, and a final number right without a box
+    assert metrics["lenient_accuracy_ci_low"] < 0.5 < metrics["lenient_accuracy_ci_high"]
 
 
 @pytest.mark.parametrize(
@@ -299,6 +301,7 @@ def test_evaluate_scores_a_right_and_a_wrong_dataset(
         assert right[name] == 1.0 and wrong[name] == 0.0, name
         assert right[f"{name}_ci_low"] < 1.0 == right[f"{name}_ci_high"]
         assert wrong[f"{name}_ci_low"] == 0.0 < wrong[f"{name}_ci_high"]
+    assert right["lenient_accuracy"] == 1.0 and wrong["lenient_accuracy"] == 0.0
     for metrics in (right, wrong):
         assert metrics["format_rate"] == 1.0 and metrics["truncation_rate"] == 0.0
         assert (
@@ -326,6 +329,7 @@ def test_evaluate_scores_a_right_and_a_wrong_dataset(
     table = mlflow.load_table("samples.json", run_ids=[run.info.run_id])
     assert len(table) == (3 + 2) * 2 and set(table["completion"]) == {"<think>⟦7⟧</think>\\boxed{7}"}
     assert table.groupby("dataset")["correct"].all().to_dict() == {"eights": False, "sevens": True}
+    assert (table["lenient_correct"] == table["correct"]).all()  # a boxed answer: both readings agree
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "lengths")}
     assert artifacts == {"lengths/accuracy_by_thought_length.png", "lengths/accuracy_by_thought_length.csv"}
 

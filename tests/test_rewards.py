@@ -8,10 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from rlvr import answers
+from rlvr.answers import final_number
 from rlvr.errors import InputError
 from rlvr.grpo import TrainSettings, chosen_rewards, grpo_config
 from rlvr.presets.qwen3 import qwen3_tokenizer
-from rlvr.rewards import answer_is_correct, parse_rewards, reward_functions
+from rlvr.rewards import answer_is_correct, lenient_is_correct, parse_rewards, reward_functions
 from rlvr.surgery import make_faithful
 from rlvr.vocab import ReasoningVocab
 
@@ -128,6 +129,36 @@ def test_a_thought_opened_by_the_chat_template_is_closed_by_the_completion(token
 )
 def test_accuracy_checks_the_boxed_answer_after_the_thought(tokenizer, text, solution, correct):
     assert score(tokenizer, [encode(tokenizer, text)], [solution])[0] == [float(correct)]
+
+
+@pytest.mark.parametrize(
+    "answer, solution, number, lenient",
+    [
+        ("So 5 - 3 - 6 = -4.", "-4", "-4", True),
+        ("The answer is $28,080.", "28080", "28080", True),
+        ("x = 3.50", "3.5", "3.50", True),
+        ("\\boxed{\\frac{1}{2}}", "0.5", "2", True),  # the boxed answer is read first
+        ("\\boxed{41}, or rather 42", "42", "42", True),
+        ("It is 12. Step 3 follows.", "12", "3", False),  # the final number, whatever it means
+        ("no number here", "1", None, False),
+        ("1,2,3", "3", "3", True),  # a list, not a thousands separator
+        ("version v1.2", "2", None, False),  # digits inside a word are no number
+        ("", "0", None, False),
+    ],
+)
+def test_the_lenient_reading_checks_the_final_number_boxed_or_not(answer, solution, number, lenient):
+    assert final_number(answer) == number
+    assert lenient_is_correct(answer, solution) is lenient
+    assert not answer_is_correct(answer, solution) or lenient  # strict implies lenient
+
+
+def test_the_lenient_reward_reads_the_answer_after_the_thought(tokenizer):
+    (lenient,) = reward_functions(tokenizer, names=["lenient"])
+    completions = [
+        encode(tokenizer, t) for t in ("<think>it is 7</think> so 6*7 = 42.", "<think>42</think> 7")
+    ]
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    assert lenient(texts, completion_ids=completions, solution=["42", "42"]) == [1.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -275,7 +306,7 @@ def test_rewards_are_chosen_by_name_with_weights_in_order():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("accuracy:1,length:0.5", "unknown reward 'length'; known: accuracy, format"),
+        ("accuracy:1,length:0.5", "unknown reward 'length'; known: accuracy, lenient, format"),
         ("accuracy:1,accuracy:2", "names 'accuracy' twice"),
         ("accuracy:heavy", "'heavy' is not a finite weight"),
         ("format:nan", "'nan' is not a finite weight"),

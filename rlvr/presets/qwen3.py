@@ -8,9 +8,6 @@ Qwen3 shares Qwen2's byte-level BPE: 151,643 ranked byte strings (the `qwen.tikt
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
@@ -18,7 +15,7 @@ from pathlib import Path
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config
 
-from rlvr.cache import cache_dir
+from rlvr.cache import build_once, cache_dir
 from rlvr.thoughts import THINK_END, THINK_START
 
 QWEN3_VOCAB_SIZE = 151669  # tokenizer ids; the model's embedding has 151936 rows
@@ -109,18 +106,9 @@ def qwen3_tokenizer() -> PreTrainedTokenizerBase:
     source = _qwen_tiktoken_path()
     digest = hashlib.sha256(source.read_bytes() + _BUILD_VERSION.encode()).hexdigest()[:16]
     target = cache_dir() / f"qwen3-tokenizer-{digest}"
-    if not (target / "tokenizer.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-        try:
-            _build_qwen3_tokenizer(source).save_pretrained(staging)
-            os.replace(staging, target)
-        except OSError:
-            # Another process finished first; its copy is identical.
-            shutil.rmtree(staging, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    build_once(
+        target, "tokenizer.json", lambda staging: _build_qwen3_tokenizer(source).save_pretrained(staging)
+    )
     return AutoTokenizer.from_pretrained(target)
 
 
