@@ -194,7 +194,7 @@ def test_a_map_whose_added_tags_the_tokenizer_lacks_is_refused(untied_llama, tmp
     vocab = json.loads((tmp_path / TOKEN_MAP_FILE).read_text())
     vocab["added_token_ids"] = [3]  # an ordinary token, not an added thought tag
     (tmp_path / TOKEN_MAP_FILE).write_text(json.dumps(vocab))
-    with pytest.raises(ReasoningVocabError, match=r"added_token_ids holds \[3\], which are not its thought tags"):
+    with pytest.raises(ReasoningVocabError, match=r"added_token_ids holds \[3\], which are not its thought"):
         load_model(str(tmp_path))
 
 
