@@ -153,7 +153,6 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
             "temperature": 0.7,
             "top_p": 1.0,
             "max_new_tokens": 96,
-            "batch_size": 500,
             "max_examples": 500,
         },
     },
