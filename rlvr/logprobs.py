@@ -47,20 +47,23 @@ def _masked(logits, inv_temperature: float, inside, forbidden_inside, forbidden_
 
 
 def _fold(logits, inv_temperature: float, inside, forbidden_inside, forbidden_outside, column, state):
-    """One tile folded into each token's running (max, sum of exp, sum of exp x logit, chosen logit);
-    `column` is each token's label relative to the tile's first row."""
+    """One tile folded into each token's running max m, sum of e = exp(z - m), sum of e (z - m) and chosen
+    logit; `column` is each token's label relative to the tile's first row. Sums relative to m keep the
+    entropy, log(sum e) - sum e (z - m) / sum e, free of the cancellation that large logits would cause."""
     z, forbidden = _masked(logits, inv_temperature, inside, forbidden_inside, forbidden_outside)
-    running_max, sum_exp, sum_exp_z, chosen = state
+    running_max, sum_exp, sum_exp_shift, chosen = state
     new_max = torch.maximum(running_max, z.amax(-1))
     rescale = torch.exp(running_max - new_max)
+    raised = torch.where(sum_exp > 0, (new_max - running_max) * sum_exp, 0.0)
+    shift = z - new_max[:, None]
     # forbidden ids weigh exactly 0, even in a tile where every id is forbidden (then new_max is _MASKED)
-    weights = torch.where(forbidden, 0.0, torch.exp(z - new_max[:, None]))
+    weights = torch.where(forbidden, 0.0, torch.exp(shift))
     hit = (column >= 0) & (column < z.shape[1])
     picked = z.gather(1, column.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
     return (
         new_max,
         sum_exp * rescale + weights.sum(-1),
-        sum_exp_z * rescale + (weights * z).sum(-1),
+        (sum_exp_shift - raised) * rescale + (weights * shift).sum(-1),
         torch.where(hit, picked, chosen),
     )
 
@@ -175,7 +178,7 @@ class ConstrainedLogProbs(torch.autograd.Function):
         chunks = _token_chunks(tokens)
         running_max = torch.full((tokens,), _MASKED, device=device)
         sum_exp = torch.zeros(tokens, device=device)
-        sum_exp_z = torch.zeros(tokens, device=device)
+        sum_exp_shift = torch.zeros(tokens, device=device)
         chosen = torch.full((tokens,), _MASKED, device=device)
         visits = _visits(rows, inside, chunks)
         cast = hidden.to(dtype)
@@ -186,7 +189,7 @@ class ConstrainedLogProbs(torch.autograd.Function):
                 for chunk, visit in zip(chunks, visits[rows_index], strict=True):
                     if not visit:
                         continue
-                    state = (running_max[chunk], sum_exp[chunk], sum_exp_z[chunk], chosen[chunk])
+                    state = (running_max[chunk], sum_exp[chunk], sum_exp_shift[chunk], chosen[chunk])
                     updated = fold(
                         _logits(cast[chunk], w, b),
                         inv_temperature,
@@ -199,7 +202,7 @@ class ConstrainedLogProbs(torch.autograd.Function):
                     for old, new in zip(state, updated, strict=True):
                         old.copy_(new)
         log_z = running_max + sum_exp.log()
-        entropy = log_z - sum_exp_z / sum_exp
+        entropy = sum_exp.log() - sum_exp_shift / sum_exp
         ctx.save_for_backward(hidden, weight, bias, targets, inside, log_z, entropy)
         ctx.rows, ctx.inv_temperature, ctx.dtype, ctx.visits = rows, inv_temperature, dtype, visits
         ctx.gathered = gathered
