@@ -41,9 +41,13 @@ _MASKED = torch.finfo(torch.float32).min  # masked logits: the most negative fin
 
 
 def _masked(logits, inv_temperature: float, inside, forbidden_inside, forbidden_outside):
-    """A tile's tempered fp32 logits, each token's forbidden ids set to `_MASKED`, and that mask."""
+    """A tile's tempered fp32 logits, each token's forbidden ids set to `_MASKED`, and that mask (None for
+    rows that forbid nothing). Later steps work on this tensor in place."""
+    z = logits.float() * inv_temperature
+    if forbidden_inside is None:
+        return z, None
     forbidden = torch.where(inside[:, None], forbidden_inside[None, :], forbidden_outside[None, :])
-    return (logits.float() * inv_temperature).masked_fill(forbidden, _MASKED), forbidden
+    return z.masked_fill_(forbidden, _MASKED), forbidden
 
 
 def _fold(logits, inv_temperature: float, inside, forbidden_inside, forbidden_outside, column, state):
@@ -52,20 +56,18 @@ def _fold(logits, inv_temperature: float, inside, forbidden_inside, forbidden_ou
     entropy, log(sum e) - sum e (z - m) / sum e, free of the cancellation that large logits would cause."""
     z, forbidden = _masked(logits, inv_temperature, inside, forbidden_inside, forbidden_outside)
     running_max, sum_exp, sum_exp_shift, chosen = state
+    hit = (column >= 0) & (column < z.shape[1])
+    chosen = torch.where(hit, z.gather(1, column.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), chosen)
     new_max = torch.maximum(running_max, z.amax(-1))
     rescale = torch.exp(running_max - new_max)
-    raised = torch.where(sum_exp > 0, (new_max - running_max) * sum_exp, 0.0)
-    shift = z - new_max[:, None]
-    # forbidden ids weigh exactly 0, even in a tile where every id is forbidden (then new_max is _MASKED)
-    weights = torch.where(forbidden, 0.0, torch.exp(shift))
-    hit = (column >= 0) & (column < z.shape[1])
-    picked = z.gather(1, column.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
-    return (
-        new_max,
-        sum_exp * rescale + weights.sum(-1),
-        (sum_exp_shift - raised) * rescale + (weights * shift).sum(-1),
-        torch.where(hit, picked, chosen),
-    )
+    raised = (new_max - running_max) * sum_exp  # what moving the sums to the new max takes off their shifts
+    shift = z.sub_(new_max[:, None])
+    weights = shift.exp()
+    if forbidden is not None:  # exactly 0, even where a tile forbids all of a token's ids (m is _MASKED then)
+        weights.masked_fill_(forbidden, 0.0)
+    sum_exp = sum_exp * rescale + weights.sum(-1)
+    sum_exp_shift = (sum_exp_shift - raised) * rescale + weights.mul_(shift).sum(-1)
+    return new_max, sum_exp, sum_exp_shift, chosen
 
 
 def _tile_grad(
@@ -81,15 +83,28 @@ def _tile_grad(
     grad_entropy,
     dtype: torch.dtype,
 ):
-    """The loss's gradient w.r.t. a tile's logits: d log p(label) / dz = onehot - p and
-    dH / dz = -p (log p + H), through the temperature; forbidden ids get exactly 0, as masking does."""
+    """The loss's gradient w.r.t. a tile's logits, through the temperature: g_lp (onehot - p) from the
+    label's log-prob and -g_H p (log p + H) from the entropy (either gradient may be absent); forbidden ids
+    get exactly 0, as masking does."""
     z, forbidden = _masked(logits, inv_temperature, inside, forbidden_inside, forbidden_outside)
-    log_p = z - log_z[:, None]
-    p = torch.where(forbidden, 0.0, torch.exp(log_p))
-    ids = torch.arange(z.shape[1], device=z.device)
-    onehot = ((ids[None, :] == column[:, None]) & ~forbidden).float()
-    grad = grad_logprob[:, None] * (onehot - p) - grad_entropy[:, None] * p * (log_p + entropy[:, None])
-    return (grad * inv_temperature).to(dtype)
+    log_p = z.sub_(log_z[:, None])
+    p = log_p.exp()
+    if grad_entropy is None:
+        grad = p.mul_(-grad_logprob[:, None])
+    else:
+        if forbidden is not None:  # log p is about _MASKED there: keep it from overflowing below
+            log_p.masked_fill_(forbidden, 0.0)
+        grad = log_p.add_(entropy[:, None]).mul_(grad_entropy[:, None])
+        if grad_logprob is not None:
+            grad.add_(grad_logprob[:, None])
+        grad = grad.mul_(p).neg_()
+    if grad_logprob is not None:
+        index = column.clamp(0, z.shape[1] - 1)[:, None]
+        hit = (column >= 0) & (column < z.shape[1])
+        if forbidden is not None:
+            hit &= ~forbidden.gather(1, index).squeeze(1)
+        grad.scatter_add_(1, index, torch.where(hit, grad_logprob, 0.0)[:, None])
+    return grad.mul_(inv_temperature).to(dtype)
 
 
 @functools.cache
@@ -120,29 +135,34 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class _Rows:
-    """One range of unembedding rows the head scores, with its slices of the forbidden table."""
+    """One range of unembedding rows the head scores, with its slices of the forbidden table (None where
+    the range forbids nothing in either state: no mask to apply)."""
 
     start: int
     stop: int
     inside_only: bool
-    forbidden_inside: torch.Tensor
-    forbidden_outside: torch.Tensor
+    forbidden_inside: torch.Tensor | None
+    forbidden_outside: torch.Tensor | None
 
     def chunks(self):
         for start in range(self.start, self.stop, VOCAB_CHUNK):
             stop = min(start + VOCAB_CHUNK, self.stop)
-            offset = slice(start - self.start, stop - self.start)
-            yield start, stop, self.forbidden_inside[offset], self.forbidden_outside[offset]
+            if self.forbidden_inside is None:
+                yield start, stop, None, None
+            else:
+                offset = slice(start - self.start, stop - self.start)
+                yield start, stop, self.forbidden_inside[offset], self.forbidden_outside[offset]
 
 
 def _scored_rows(vocab: ReasoningVocab, device: torch.device) -> list[_Rows]:
-    """The row ranges to score, tokenizer rows first: every token may draw from them, so the first tile
-    already gives each running max a finite value."""
-    table = vocab.forbidden_table(device)
-    return [
-        _Rows(start, stop, inside_only, table[1, start:stop], table[0, start:stop])
-        for start, stop, inside_only in vocab.drawable_rows()
-    ]
+    """The row ranges to score (`vocab.drawable_rows`), each with the forbidden table's columns for it."""
+    table, on_host = vocab.forbidden_table(device), vocab.forbidden_table("cpu")
+    rows = []
+    for start, stop, inside_only in vocab.drawable_rows():
+        masked = bool(on_host[:, start:stop].any())
+        forbidden = (table[1, start:stop], table[0, start:stop]) if masked else (None, None)
+        rows.append(_Rows(start, stop, inside_only, *forbidden))
+    return rows
 
 
 def _token_chunks(tokens: int) -> list[slice]:
