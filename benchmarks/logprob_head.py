@@ -13,11 +13,11 @@ Heads (`--heads`, default all three):
 Inputs as the training forward gives them: fp32 hidden states (T, hidden) and an fp32 unembedding of the
 preset's rows plus `--reasoning-vocab-size` reasoning rows (HF's N(0, 0.02) init), under bf16 autocast on a
 GPU (fp32 on a CPU, where training runs without autocast too). Tokens are sequences of `--sequence`
-positions whose first `--inside` share lies inside a thought; labels are allowed ids drawn uniformly. Per head: one
-warm-up pass (it compiles), then the median of `--repeats` forward + backward passes (a loss on the
-log-probs; the entropy computed, as TRL asks, without a gradient) and of no-grad forwards (the old-policy
-pass); peak memory above the inputs (GPU: allocated bytes; CPU: the resident set's high-water mark, each head
-in a fresh process). Prints one JSON line per head.
+positions whose first `--inside` share lies inside a thought; labels are allowed ids drawn uniformly. Per
+head: one warm-up pass (it compiles), then the median of `--repeats` forward + backward passes (a loss on
+the log-probs; the entropy computed, as TRL asks, without a gradient) and of no-grad forwards (the
+old-policy pass); peak memory above the inputs (GPU: allocated bytes; CPU: the resident set's high-water
+mark, each head in a fresh process). Prints one JSON line per head.
 """
 
 from __future__ import annotations
