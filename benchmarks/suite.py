@@ -1,8 +1,12 @@
 """The GRPO-step benchmarks of the speed issue in one command with a deadline, one compact table as it goes.
 
     source benchmarks/gpu_env.sh && python benchmarks/suite.py --budget 530 --output $OUT/suite.jsonl
-    python benchmarks/suite.py --only reasoning-1024,reasoning-4096 --budget 530      # the long completions
-    python benchmarks/suite.py --toy --budget 1200          # every part at toy size, e.g. on a CPU
+    python benchmarks/suite.py --only baseline,baseline-warm,reasoning-1024,reasoning-4096 --budget 530
+    python benchmarks/suite.py --toy --budget 1500          # every part at toy size, e.g. on a CPU
+
+On a fresh H200 the first command gets through `baseline` to `decode` in about 8 minutes (each first step
+compiles from a cold cache) and skips the rest; the second measures the warm-cache first step and the long
+completions.
 
 Runs, in this order (`--only` picks some), each in a process of its own:
 - `baseline`, `reasoning`: `grpo_step.py` for train_baseline / train_reasoning (N = 151646) with fast
@@ -13,6 +17,7 @@ Runs, in this order (`--only` picks some), each in a process of its own:
 - `baseline-warm`: train_baseline again, its first step now from the kernels the runs above left on disk;
 - `baseline-compiled-layers`: train_baseline with every decoder layer compiled for training
   (`RLVR_COMPILE_LAYERS=1`);
+- `baseline-micro32`: train_baseline with the same 64 completions per step in micro-batches of 32;
 - `reasoning-1024`, `reasoning-4096`: train_reasoning with 1024 and (gradient checkpointing) 4096 completion
   tokens, one measured step each.
 The reference workload (qwen3-0.6b-shape, 8 prompts x 8 generations x 512 tokens, micro-batch 8, accumulation
@@ -58,17 +63,17 @@ def _step(variant: str, extra: str = "", toy_extra: str = "--completion-length 1
 
 
 PARTS = [
-    Part("baseline", *_step("baseline", " ".join(REFERENCE)), 100),
-    Part("reasoning", *_step("reasoning", " ".join(REFERENCE)), 110),
-    Part("plain", *_step("plain", "--steps 1 --warmup 1"), 100),
-    Part("head", "logprob_head.py", "", "--preset tiny-qwen3 --tokens 512 --repeats 1", 50),
+    Part("baseline", *_step("baseline", " ".join(REFERENCE)), 90),
+    Part("reasoning", *_step("reasoning", " ".join(REFERENCE)), 80),
+    Part("plain", *_step("plain", "--steps 1 --warmup 1"), 90),
+    Part("head", "logprob_head.py", "", "--preset tiny-qwen3 --tokens 512 --repeats 1", 45),
     Part(
         "decode",
         "rollout_decode.py",
         "--batch 64,256 --fused both --repeats 1 --reserve 50",
         "--preset tiny-qwen3 --batch 4,8 --fused both --new-tokens 8 --prompt-length 20 --repeats 1 "
         "--reserve 5",
-        110,
+        60,
     ),
     Part("baseline-warm", *_step("baseline", " ".join(REFERENCE)), 60),
     Part(
@@ -76,6 +81,15 @@ PARTS = [
         *_step("baseline", " ".join(REFERENCE)),
         120,
         env=(("RLVR_COMPILE_LAYERS", "1"),),
+    ),
+    Part(
+        "baseline-micro32",
+        *_step(
+            "baseline",
+            " ".join(REFERENCE) + " --micro-batch 32 --grad-accum 2",
+            "--micro-batch 8 --grad-accum 1",
+        ),
+        90,
     ),
     Part(
         "reasoning-1024",
