@@ -18,6 +18,9 @@ Attributes set on a model (`attach`, `enable_fast_rollouts`):
 - `fast_rollout`: the `rlvr.rollout.FastRollout` serving plain sampling requests.
 On a tokenizer (`make_faithful`): its class becomes a subclass with `rlvr.decoding.FaithfulDecodeMixin`, and
 `reasoning_vocab` is set.
+On the low-precision copy fast rollouts decode on (never the model itself; `rlvr.fused_decode`): each known
+attention and MLP module is wrapped in `FusedInputs`, and its q/k/v or gate/up projections become slices of
+one product.
 
 Private names of the libraries relied on (pinned by `pyproject.toml`; tests exercise each):
 - transformers: `GenerationMixin._get_logits_processor` (the seam for the constraint),
