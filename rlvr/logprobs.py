@@ -7,8 +7,8 @@ TRL's GRPO trainer asks the model for per-token log-probs and entropies with
 policy, old-policy and reference log-probs come from exactly the distribution that sampling used
 (invariant 4); every other call goes to the model's own forward.
 
-The head multiplies the final hidden states by the unembedding one tile at a time (up to `TOKEN_CHUNK`
-tokens by `VOCAB_CHUNK` rows), applies the temperature and the thought mask inside the tile, and folds the
+The head multiplies the final hidden states by the unembedding one tile at a time (up to 4096 tokens by
+`VOCAB_CHUNK` rows), applies the temperature and the thought mask inside the tile, and folds the
 tile into a running log-sum-exp, the chosen token's logit and the entropy's sum. The backward pass recomputes
 each tile instead of storing it, so a 303k-row vocabulary costs one tile of memory whatever the batch. Rows no
 token can be drawn from (padding) are never computed, and the reasoning rows are skipped for token chunks
@@ -233,9 +233,8 @@ class ConstrainedLogProbs(torch.autograd.Function):
         hidden, weight, bias, targets, inside, log_z, entropy = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         tokens, dtype = hidden.shape[0], ctx.dtype
-        zeros = torch.zeros(tokens, device=hidden.device)
-        grad_logprob = zeros if grad_logprob is None else grad_logprob.float()
-        grad_entropy = zeros if grad_entropy is None else grad_entropy.float()
+        grad_logprob = None if grad_logprob is None else grad_logprob.float()
+        grad_entropy = None if grad_entropy is None else grad_entropy.float()  # None: only logged
         grad_hidden = torch.zeros(hidden.shape, device=hidden.device) if needs_hidden else None
         _, tile_grad = _kernels(hidden.device.type)
         chunks = _token_chunks(tokens)
@@ -259,8 +258,8 @@ class ConstrainedLogProbs(torch.autograd.Function):
                             targets[chunk] - start,
                             log_z[chunk],
                             entropy[chunk],
-                            grad_logprob[chunk],
-                            grad_entropy[chunk],
+                            None if grad_logprob is None else grad_logprob[chunk],
+                            None if grad_entropy is None else grad_entropy[chunk],
                             dtype,
                         )
                         if grad_hidden is not None:

@@ -51,10 +51,12 @@ def assert_same_gradient(got, want, name=""):
     torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
-def loss_and_grads(log_probs, entropy, params, generator):
-    """A loss that weighs log-probs and entropies differently per token, and its gradients."""
+def loss_and_grads(log_probs, entropy, params, generator, terms=("log_probs", "entropy")):
+    """A loss that weighs log-probs and entropies (those in `terms`) differently per token, and its
+    gradients."""
     weights = torch.randn(2, log_probs.shape[0], generator=generator, dtype=torch.float64)
-    loss = (log_probs.double() * weights[0]).sum() + (entropy.double() * weights[1]).sum()
+    outputs = {"log_probs": log_probs, "entropy": entropy}
+    loss = sum((outputs[name].double() * weights[i]).sum() for i, name in enumerate(outputs) if name in terms)
     return torch.autograd.grad(loss, params)
 
 
@@ -84,6 +86,27 @@ def test_fused_head_equals_the_unfused_head_inside_and_outside_thoughts(small_ti
     for got, want in zip(
         loss_and_grads(*fused, params, seed),
         loss_and_grads(*expected, params, torch.Generator().manual_seed(1)),
+        strict=True,
+    ):
+        assert_same_gradient(got, want)
+
+
+@pytest.mark.parametrize("term", ["log_probs", "entropy"])
+def test_a_loss_of_one_output_gets_the_unfused_heads_gradients(small_tiles, term):
+    """GRPO's loss uses the log-probs and only logs the entropy (an entropy bonus would use both): the
+    gradient of either output alone is right, the other's absent gradient skipped."""
+    generator = torch.Generator().manual_seed(8)
+    hidden = torch.randn(30, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(SMALL.total_size, 16, generator=generator, requires_grad=True)
+    inside = torch.rand(30, generator=generator) < 0.5
+    labels = allowed_labels(SMALL, inside, generator)
+    fused = head.constrained_token_logprobs(hidden, weight, None, labels, SMALL, inside, 0.7)
+    expected = unfused(
+        torch.nn.functional.linear(hidden.double(), weight.double()), labels, inside, SMALL, 0.7
+    )
+    for got, want in zip(
+        loss_and_grads(*fused, [hidden, weight], torch.Generator().manual_seed(9), (term,)),
+        loss_and_grads(*expected, [hidden, weight], torch.Generator().manual_seed(9), (term,)),
         strict=True,
     ):
         assert_same_gradient(got, want)
