@@ -125,8 +125,9 @@ def _inputs(args, device):
     weight = torch.randn(vocab.total_size, config.hidden_size, generator=generator) * 0.02
     position = torch.arange(args.tokens) % args.sequence
     inside = position < args.inside * args.sequence
-    allowed = ~vocab.forbidden_table("cpu")[inside.long()]
-    labels = torch.multinomial(allowed.float(), 1, generator=generator).squeeze(1)
+    allowed = [(~row).nonzero().squeeze(1) for row in vocab.forbidden_table("cpu")]  # per state
+    draws = [ids[torch.randint(len(ids), (args.tokens,), generator=generator)] for ids in allowed]
+    labels = torch.where(inside, draws[1], draws[0])
     advantages = torch.randn(args.tokens, generator=generator)
     hidden, weight = hidden.to(device).requires_grad_(), weight.to(device).requires_grad_()
     return vocab, hidden, weight, labels.to(device), inside.to(device), advantages.to(device)
