@@ -87,7 +87,7 @@ PARTS = [
         *_step(
             "baseline",
             " ".join(REFERENCE) + " --micro-batch 32 --grad-accum 2",
-            "--micro-batch 8 --grad-accum 1",
+            "--completion-length 16 --micro-batch 8 --grad-accum 1",
         ),
         90,
     ),
