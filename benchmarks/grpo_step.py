@@ -339,9 +339,12 @@ def main() -> None:
         "phase_seconds_per_step": phases,
         "completion_tokens_per_second": round(tokens / cycle_seconds, 1),
         "rollout_tokens_per_second": round(tokens / rollout_seconds, 1),
-        "peak_gib": round(max(s["peak_gib"] for steps in measured for s in steps), 2),
-        "rollout_peak_gib": round(max(s["rollout_peak_gib"] for steps in measured for s in steps), 2),
-        "training_peak_gib": round(max(s["training_peak_gib"] for steps in measured for s in steps), 2),
+        **{
+            name: round(max(s[name] for steps in measured for s in steps), 2)
+            if torch.cuda.is_available()
+            else None
+            for name in ("peak_gib", "rollout_peak_gib", "training_peak_gib")
+        },
         "first_cycle_seconds": round(sum(s["seconds"] for s in per_cycle[0]), 2),
         "all_steps": [round(s["seconds"], 2) for s in meter.steps],
         "reward": args.reward,

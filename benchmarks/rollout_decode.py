@@ -1,16 +1,19 @@
 """Milliseconds per decode step of a rollout: the fast path (compiled static-cache step) against HF
-`generate`.
+`generate`, on a decoding copy with fused projections or without.
 
     python benchmarks/rollout_decode.py                       # qwen3-0.6b-shape, 64 x 512 new tokens, N = 0
+    python benchmarks/rollout_decode.py --batch 64,256 --fused both --repeats 1 --budget 300
     python benchmarks/rollout_decode.py --reasoning-vocab-size 151646 --new-tokens 4096
     python benchmarks/rollout_decode.py --attention sdpa      # decode under the model's own SDPA attention
     python benchmarks/rollout_decode.py --profile             # plus kernels of one rollout and the floor
 
 Builds the preset with random weights in fp32 (as training holds it), attaches the reasoning vocabulary and
-turns fast rollouts on with a bf16 decoding copy, exactly as the GRPO trainer does. Random weights never emit
-EOS, so every rollout decodes all `--new-tokens`. Prints one JSON line: per-step milliseconds (median of
-`--repeats` rollouts after a warm-up one that compiles), tokens/s, peak GPU memory, and with `--hf` the same
-for `generate` under bf16 autocast.
+turns fast rollouts on with a bf16 decoding copy, exactly as the GRPO trainer does; `--fused false` keeps the
+copy's projections apart (as before `rlvr.fused_decode`). Random weights never emit EOS, so every rollout
+decodes all `--new-tokens`. Each configuration (batch x fused) gets a fresh copy and compiles its own step;
+`--budget` starts none once less than `--reserve` seconds are left. Prints one JSON line per configuration:
+per-step milliseconds (median of `--repeats` rollouts after a warm-up one that compiles), tokens/s, peak GPU
+memory, and with `--hf` the same for `generate` under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import profiling
 import torch
 from transformers import GenerationConfig
 
-from rlvr import rollout
+from rlvr import fused_decode, rollout
 from rlvr.models import load_model
 from rlvr.surgery import enable_fast_rollouts
 
@@ -48,7 +51,14 @@ def main() -> None:
     )
     parser.add_argument("--preset", default="qwen3-0.6b-shape")
     parser.add_argument("--reasoning-vocab-size", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--batch", default="64", help="sequences per rollout; a comma-separated list runs each"
+    )
+    parser.add_argument(
+        "--fused",
+        default="true",
+        help="decode on a copy with fused QKV and gate/up projections: true, false, or both",
+    )
     parser.add_argument("--prompt-length", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
@@ -71,20 +81,51 @@ def main() -> None:
         help="profile one more rollout: GPU kernel time against wall time, the top kernels, and the floor "
         "set by the bytes a step must move",
     )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=0,
+        help="seconds: start no further configuration once less than --reserve of them is left (0: no limit)",
+    )
+    parser.add_argument(
+        "--reserve", type=float, default=75, help="seconds one configuration is expected to take"
+    )
     args = parser.parse_args()
+    fused_choices = {"true": [True], "false": [False], "both": [True, False]}.get(args.fused)
+    if fused_choices is None:
+        parser.error("--fused must be true, false or both")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU run only checks that the script works
     if args.attention == "sdpa":
         rollout.DECODE_ATTENTION = "sdpa"
     rollout.KV_BUCKET = args.kv_bucket or 1 << 30
+    deadline = time.monotonic() + args.budget if args.budget else None
 
     model, tokenizer = load_model(args.preset, args.reasoning_vocab_size, device=device)
+    fusable = fused_decode.FUSABLE
+    for batch in (int(b) for b in args.batch.split(",")):
+        for fused in fused_choices:
+            if deadline is not None and deadline - time.monotonic() < args.reserve:
+                print(
+                    json.dumps({"skipped": {"batch": batch, "fused": fused}, "reason": "budget"}), flush=True
+                )
+                continue
+            fused_decode.FUSABLE = fusable if fused else {}
+            measure(model, tokenizer, args, batch, fused, device)
+            model.fast_rollout = None  # the next configuration builds its own copy and compiles its own step
+            torch._dynamo.reset()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def measure(model, tokenizer, args, batch: int, fused: bool, device: str) -> None:
+    """One rollout configuration: a fresh decoding copy (fused or not) and its compiled step, timed."""
     enable_fast_rollouts(model, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(
-        0, len(tokenizer) - 1000, (args.batch, args.prompt_length), generator=generator
-    ).to(device)
+    prompt = torch.randint(0, len(tokenizer) - 1000, (batch, args.prompt_length), generator=generator).to(
+        device
+    )
     mask = torch.ones_like(prompt)
-    mask[: args.batch // 2, : args.prompt_length // 4] = 0  # left padding in half the rows, as in a batch
+    mask[: batch // 2, : args.prompt_length // 4] = 0  # left padding in half the rows, as in a batch
     # top_k=0 and top_p=1.0 as TRL passes them: left unset, `generate` would fill in its default top_k=50,
     # and the request would go to HF `generate` instead of the fast path
     config = GenerationConfig(
@@ -112,13 +153,14 @@ def main() -> None:
         "torch": torch.__version__,
         "preset": args.preset,
         "reasoning_vocab_size": args.reasoning_vocab_size,
-        "batch": args.batch,
+        "batch": batch,
+        "fused": fused,
         "new_tokens": args.new_tokens,
         "attention": args.attention,
         "kv_bucket": args.kv_bucket,
         "first_rollout_s": round(compile_seconds, 2),
         "fast_ms_per_step": round(1000 * seconds / args.new_tokens, 3),
-        "fast_tokens_per_s": round(args.batch * args.new_tokens / seconds),
+        "fast_tokens_per_s": round(batch * args.new_tokens / seconds),
         "fast_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
     if args.hf:
@@ -131,21 +173,21 @@ def main() -> None:
         hf = _timed(plain)
         result.update(
             hf_ms_per_step=round(1000 * hf / args.new_tokens, 3),
-            hf_tokens_per_s=round(args.batch * args.new_tokens / hf),
+            hf_tokens_per_s=round(batch * args.new_tokens / hf),
         )
     print(json.dumps(result), flush=True)
 
     if args.profile:
         with profiling.window() as profile:
             fast()
-        floor = decode_floor(model, args)
+        floor = decode_floor(model, args, batch)
         if profile:  # empty on a CPU
             profile["ms_per_step"] = round(1000 * profile["wall_s"] / args.new_tokens, 3)
             profile["kernel_ms_per_step"] = round(1000 * profile["kernel_s"] / args.new_tokens, 3)
-        print(json.dumps({"profile": profile, "floor": floor}), flush=True)
+        print(json.dumps({"profile": profile, "floor": floor, "batch": batch, "fused": fused}), flush=True)
 
 
-def decode_floor(model, args) -> dict:
+def decode_floor(model, args, batch: int) -> dict:
     """The bytes one decode step must move at the least, averaged over the rollout, and the time that takes
     at the measured copy bandwidth: the decoding copy's weights (the tied head read whole once), the cache
     positions in use (rounded up to the KV bucket, as the step reads them), and one write and one read of the
@@ -159,15 +201,15 @@ def decode_floor(model, args) -> dict:
     kv_bucket = args.kv_bucket or 1 << 30
     length = bucket + args.new_tokens
     visible = [min(length, -(-(bucket + t) // kv_bucket) * kv_bucket) for t in range(1, args.new_tokens)]
-    kv = args.batch * per_position * sum(visible) / len(visible)
-    logits = 2 * args.batch * model.get_output_embeddings().weight.shape[0] * 4
+    kv = batch * per_position * sum(visible) / len(visible)
+    logits = 2 * batch * model.get_output_embeddings().weight.shape[0] * 4
     total = weights + kv + logits
     return {
         "weights_gb": round(weights / 1e9, 3),
         "kv_gb": round(kv / 1e9, 3),
         "logits_gb": round(logits / 1e9, 3),
         "floor_ms_per_step": round(1000 * total / profiling.COPY_BYTES_PER_S, 3),
-        "floor_tokens_per_s": round(args.batch * profiling.COPY_BYTES_PER_S / total),
+        "floor_tokens_per_s": round(batch * profiling.COPY_BYTES_PER_S / total),
     }
 
 

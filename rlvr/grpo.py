@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from rlvr.errors import InputError, flag, require_at_least_one, require_finite
 from rlvr.generation import describe
 from rlvr.job import TrainerSetup, process_state, run_job
 from rlvr.rendering import marked_text
-from rlvr.rollout import rollout_weights
+from rlvr.rollout import keep_compiled_kernels, rollout_weights
 from rlvr.sampling import SAMPLING_NEUTRAL, distribution_changes, training_changes
 from rlvr.settings import check_schedule, param, trainer_arguments
 from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
@@ -283,6 +284,19 @@ def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
         raise InputError(f"the GRPO settings are inconsistent: {error}") from error
 
 
+def compile_decoder_layers(model) -> None:
+    """Compile each decoder layer of `model` for the training forward and backward (regional compilation:
+    the layers share one compiled graph, with dynamic sequence lengths), so its norms, rotary embedding,
+    activations and residual adds run fused instead of as one small kernel each. GPU only, and only when
+    `RLVR_COMPILE_LAYERS=1` while its cost and gain are being measured (BENCHMARKS.md)."""
+    layers = getattr(model.base_model, "layers", None)
+    if os.environ.get("RLVR_COMPILE_LAYERS") != "1" or not torch.cuda.is_available() or layers is None:
+        return
+    keep_compiled_kernels()
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 def fast_rollouts_enabled(value: str) -> bool:
     chosen = flag("fast_rollouts", value)
     return torch.cuda.is_available() if chosen is None else chosen
@@ -309,6 +323,9 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         attach(self.model, self.vocab, temperature=self.temperature, head_fp32=head_fp32)
         if self.ref_model is not None:
             attach(self.ref_model, self.vocab, temperature=self.temperature, head_fp32=head_fp32)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                compile_decoder_layers(self.accelerator.unwrap_model(model))
         if fast_rollouts:
             weights = rollout_weights(self.accelerator, self.args.ds3_gather_for_generation)
             fast_rollouts = weights.obstacle is None

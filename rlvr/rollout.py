@@ -54,6 +54,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from rlvr import thoughts
 from rlvr.cache import cache_dir
 from rlvr.errors import InputError
+from rlvr.fused_decode import decode_targets, fuse_projections
 from rlvr.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -616,8 +617,8 @@ class FastRollout:
             for name, buffer in self.model.named_buffers():  # rotary frequencies stay in their own dtype
                 shadow.get_buffer(name).copy_(buffer)
             _require_same_parameters(self.model, shadow)
-            self._shadow = shadow.eval().requires_grad_(False)
-        shadow_parameters = dict(self._shadow.named_parameters())
+            self._shadow = fuse_projections(shadow.eval().requires_grad_(False))
+        shadow_parameters = decode_targets(self._shadow)
         with torch.no_grad():
             for name, parameter in self.model.named_parameters():
                 target = shadow_parameters[name]

@@ -25,13 +25,17 @@ become added tokens, the embeddings grow where padding rows do not suffice, the 
 `enable_thinking=False` clause is appended to the chat template. These edit the model's data (saved with it),
 not its behaviour.
 
+On the low-precision copy fast rollouts decode on (never the model itself; `rlvr.fused_decode`): each known
+attention and MLP module is wrapped in `FusedInputs`, and its q/k/v or gate/up projections become slices of
+one product.
+
 Private names of the libraries relied on (pinned by `pyproject.toml`; tests exercise each):
 - transformers: `GenerationMixin._get_logits_processor` (the seam for the constraint),
   `GenerationMixin._prepare_generation_config` (how `generate` fills unset fields, so the fast path resolves a
   request exactly as `generate` would), `PreTrainedTokenizerBase._decode` (faithful decoding),
   `PretrainedConfig._attn_implementation` (rollouts decode under `rlvr.rollout.DECODE_ATTENTION`).
-- TRL: `trl.kernels.ChunkedLogProbFunction`, `trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE` and
-  `FusedCausalLMOutput` (the fused log-prob contract, `fused_lm_head=True`); in `GRPOTrainer` (see
+- TRL: `trl.trainer.utils.FusedCausalLMOutput` (the fused log-prob contract, `fused_lm_head=True`) and
+  `maybe_gather_lm_head_ctx` (the head's parameters gathered under ZeRO-3); in `GRPOTrainer` (see
   `rlvr.grpo`): `_generate_single_turn`, `_generate` (its first result, the prompt ids), `_calculate_rewards`,
   `_generate_and_score_completions`, `_metrics`, and the `use_vllm` flag that gates its sampling-mismatch
   correction (`vllm_importance_sampling_*`); under DeepSpeed ZeRO-3, that its transformers generation path

@@ -242,6 +242,14 @@ class ReasoningVocab:
             table = self._tables[device] = table.to(device)
         return table
 
+    def drawable_rows(self) -> tuple[tuple[int, int, bool], ...]:
+        """The rows a token can ever be drawn from, as `(start, stop, inside_only)` ranges: the tokenizer's
+        ids, then (N > 0) the reasoning rows, which only a thought draws from. The padding rows between them
+        are forbidden in both states, so a scorer may skip them; which ids of a range are forbidden in which
+        state is still `forbidden_table`'s to say."""
+        rows = ((0, self.tokenizer_size, False),)
+        return rows + ((self.base_vocab_size, self.total_size, True),) if self.size else rows
+
     def mask_logits(self, logits: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         """`logits` (..., E + N) with forbidden ids set to the dtype's most negative finite value."""
         forbidden = self.forbidden_table(logits.device)[inside.long()]

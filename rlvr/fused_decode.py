@@ -1,0 +1,102 @@
+"""A decoding copy of a model whose attention and MLP input projections are one matrix product each.
+
+At small batches a decode step is bound by kernel count, not bytes: each layer's query, key and value
+projections and its gate and up projections are five products too small to fill a GPU. In the copy that
+rollouts decode on (`rlvr.rollout.FastRollout`), each such group becomes one product over the concatenated
+weights, and the original projection modules become slices of its output. The layer's own forward runs
+unchanged around them (norms, rotary embedding, cache, attention), so the copy computes what the model
+computes, in fewer kernels.
+
+The weights are concatenated once, when the copy is built; each rollout then copies the model's current
+weights into their slices (`decode_targets`), as it does for every other parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+# Module classes whose forward uses these projections only as `projection(hidden_states)`, and
+# `hidden_states` itself only for its leading shape: their inputs may be one product, sliced.
+FUSABLE = {
+    ("q_proj", "k_proj", "v_proj"): {
+        "Qwen3Attention",
+        "Qwen2Attention",
+        "LlamaAttention",
+        "MistralAttention",
+    },
+    ("gate_proj", "up_proj"): {"Qwen3MLP", "Qwen2MLP", "LlamaMLP", "MistralMLP"},
+}
+_TARGETS = "_rlvr_decode_targets"
+
+
+class _Slice(nn.Module):
+    """Stands in for one projection: its columns of the fused product."""
+
+    def __init__(self, start: int, stop: int):
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        return fused[..., self.start : self.stop]
+
+
+class FusedInputs(nn.Module):
+    """`inner` with its input projections `names` computed as one product; `inner` then receives that product
+    in place of its input and its projections slice it."""
+
+    def __init__(self, inner: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        projections = [getattr(inner, name) for name in names]
+        self.weight = nn.Parameter(torch.cat([p.weight for p in projections]), requires_grad=False)
+        biases = [p.bias for p in projections]
+        fused_bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        self.bias = None if fused_bias is None else nn.Parameter(fused_bias, requires_grad=False)
+        self.spans: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, projection in zip(names, projections, strict=True):
+            stop = start + projection.weight.shape[0]
+            self.spans[name] = (start, stop)
+            setattr(inner, name, _Slice(start, stop))
+            start = stop
+        self.inner = inner
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return self.inner(F.linear(hidden_states, self.weight, self.bias), *args, **kwargs)
+
+
+def _fusable(module: nn.Module, names: tuple[str, ...]) -> bool:
+    projections = [getattr(module, name, None) for name in names]
+    if type(module).__name__ not in FUSABLE[names] or not all(isinstance(p, nn.Linear) for p in projections):
+        return False
+    return len({p.in_features for p in projections}) == 1 and len({p.bias is None for p in projections}) == 1
+
+
+def fuse_projections(twin: PreTrainedModel) -> PreTrainedModel:
+    """Fuse `twin`'s attention and MLP input projections in place, where its architecture is known; returns
+    it. `decode_targets(twin)` then maps each of the model's parameter names to where its values go."""
+    targets = dict(twin.named_parameters())
+    fused = []
+    for name, module in list(twin.named_modules()):
+        for names in FUSABLE:
+            if _fusable(module, names):
+                fused.append((name, module, names))
+    for name, module, names in fused:
+        parent_name, _, attribute = name.rpartition(".")
+        wrapper = FusedInputs(module, names)
+        setattr(twin.get_submodule(parent_name), attribute, wrapper)
+        for projection, (start, stop) in wrapper.spans.items():
+            prefix = f"{name}.{projection}"
+            targets[f"{prefix}.weight"] = wrapper.weight[start:stop]
+            if wrapper.bias is not None:
+                targets[f"{prefix}.bias"] = wrapper.bias[start:stop]
+    setattr(twin, _TARGETS, targets)
+    return twin
+
+
+def decode_targets(twin: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Where each parameter of the model goes in its decoding copy, by the model's parameter names: the
+    copy's own parameter, or a fused projection's slice of its concatenated weight."""
+    return getattr(twin, _TARGETS, None) or dict(twin.named_parameters())
