@@ -366,8 +366,8 @@ _COMPILED_STEP = None
 
 
 def _compiled_step():
-    """The decode step compiled once per process: static shapes, except the length of the visible cache
-    (marked dynamic), so one compilation per cache shape and one CUDA graph recorded per KV_BUCKET."""
+    """The decode step compiled once per process, with static shapes (the whole cache is visible to it): one
+    compilation and one CUDA graph per cache shape."""
     global _COMPILED_STEP
     if _COMPILED_STEP is None:
         keep_compiled_kernels()
@@ -496,12 +496,15 @@ class _Batch:
         column = self.written % self.length
         self.cache.column.fill_(column)
         self.attention[:, column] = True
-        seen = self.length if self.written >= self.length else min(self.length, _round_up(self.written + 1))
-        # a fresh contiguous mask: a view of `attention` would turn contiguous at the last bucket, a new guard
-        visible = self.attention[:, None, None, :seen].clone()
         if self.fast.compile:
-            torch._dynamo.mark_dynamic(visible, 3)
+            # the compiled step sees the whole cache (masked): one shape, one graph. transformers' masking
+            # specialises the visible length, so a dynamic one would compile again for every bucket; once
+            # refilled slots have wrapped around the cache, every step sees all of it anyway
+            visible = self.attention[:, None, None, :]
             torch.compiler.cudagraph_mark_step_begin()
+        else:  # eagerly, a step reads only the cache columns in use so far
+            seen = self.length if self.written >= self.length else _round_up(self.written + 1)
+            visible = self.attention[:, None, None, : min(self.length, seen)]
         live = self.live
         state = self.step_fn(
             self.runner,
@@ -640,8 +643,7 @@ class FastRollout:
             if only:
                 self._release()
             device = next(runner.parameters()).device
-            # one spare column: the visible part of the cache is then always a strict slice, never the whole
-            # (contiguous) tensor, so the compiled step's guards hold for every bucket
+            # one spare column: an eager step's visible part of the cache is then always a strict slice
             self._caches[key] = SlotCache(runner.config, batch, length + 1, runner.dtype, device)
             log.info("fast decoding: a cache of %d slots and %d columns", batch, length)
         return self._caches[key]
