@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # a plain decimal number, optionally signed, with or without thousands separators (12,345.5)
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", re.ASCII)
 MAX_ANSWER_CHARS = 1000  # longer final answers are not read: they score 0 rather than stall a training step
 MAX_BRACE_DEPTH = 12  # nesting deeper than this is not a final answer a problem asks for
 MAX_DIGITS = 20_000  # digits of any number an answer denotes (2^{66000}: 5 ms; 1000000!: 5.5 million digits)
@@ -70,7 +70,8 @@ class _Size:
 
 
 _LOG2 = math.log10(2)
-_TOKEN = re.compile(r"\d+(?:\.\d*)?|\.\d+|\\[a-zA-Z]+|\\.|\S")
+# digits are ASCII ones: another script's digit (`٠`, `⓷`) is a symbol, which `int` may not read
+_TOKEN = re.compile(r"\d+(?:\.\d*)?|\.\d+|\\[a-zA-Z]+|\\.|\S", re.ASCII)
 _OPEN = {"{", "(", "[", "\\{", "\\lbrace", "\\lfloor", "\\lceil", "\\langle", "\\lvert"}
 _CLOSE = {"}", ")", "]", "\\}", "\\rbrace", "\\rfloor", "\\rceil", "\\rangle", "\\rvert"}
 _IGNORED = {"\\left", "\\right", "\\big", "\\Big", "\\bigg", "\\Bigg", "\\bigl", "\\bigr", "\\Bigl",
@@ -281,7 +282,7 @@ class _Estimate:
         if token in _OPEN:
             return self.nested(self.group)
         self.take()
-        if token[0].isdigit() or token[0] == ".":
+        if token[0] in "0123456789.":  # ASCII digits, as `_TOKEN` reads numbers
             return _number(token)
         if token in _FRACTIONS:
             return _multiply(self.argument(), self.argument(), divide=True)

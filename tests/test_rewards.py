@@ -1,5 +1,6 @@
 """Rewards read the thought from token ids, as the sampler does, and judge only the answer after it."""
 
+import random
 import re
 import threading
 import time
@@ -284,6 +285,22 @@ def test_a_reader_stuck_in_one_long_step_is_killed_and_replaced(monkeypatch):
     verdict, seconds = in_a_thread(lambda: answer_is_correct("\\boxed{9^{9^{9}}}", "1"))
     assert not verdict and seconds < answers.WALL_LIMIT_S + 0.1, seconds
     assert answer_is_correct("\\boxed{\\frac{1}{2}}", "0.5") and not answer_is_correct("\\boxed{3}", "4")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_any_text_is_sized_without_an_error(seed):
+    """An untrained model writes anything, other scripts' digits included (`٠`, `⓷`, `፪`): reading its answer
+    never raises, so one odd completion cannot stop a training step or an evaluation."""
+    generator = random.Random(seed)
+    alphabet = (
+        [chr(c) for c in range(0x20, 0x3000)] + list("0123456789^{}()[]!.,+-*/ ") + ["\\frac", "\\binom"]
+    )
+    for _ in range(5000):
+        text = "".join(generator.choice(alphabet) for _ in range(generator.randint(1, 30)))
+        answers.too_costly(text)
+        answers.final_number(text)
+    assert not answers.too_costly("٠") and answers.final_number("x = ٣, so 12") == "12"
+    assert not answer_is_correct("\\boxed{٣}", "3") and not lenient_is_correct("٠٣", "3")
 
 
 def test_answers_checked_from_several_threads_at_once_get_their_own_verdicts():
