@@ -37,20 +37,43 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
+# Driver and runtime calls that say how the host fed the GPU: kernels launched one by one, graphs replayed,
+# copies, and waits.
+RUNTIME_CALLS = ("LaunchKernel", "GraphLaunch", "MemcpyAsync", "MemsetAsync", "Synchronize")
+
+
 @contextlib.contextmanager
-def window():
-    """Profile the GPU kernels of the enclosed block; yields a dict filled with `summary` on exit."""
+def window(host: bool = False):
+    """Profile the GPU kernels of the enclosed block; yields a dict filled with `summary` on exit. With
+    `host` the host's runtime calls are recorded too (`runtime_calls`: how many kernel launches, graph
+    replays, copies and synchronisations), which slows the host a little and so lengthens the window."""
     result: dict = {}
     if not torch.cuda.is_available():
         yield result
         return
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         yield result
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     result.update(summary(prof, wall))
+    if host:
+        result["runtime_calls"] = runtime_calls(prof)
+
+
+def runtime_calls(prof) -> dict[str, int]:
+    """How often each of RUNTIME_CALLS was made in the window (summed over the runtime's and the driver's
+    spellings, e.g. cudaLaunchKernel and cuLaunchKernelEx)."""
+    counts = dict.fromkeys(RUNTIME_CALLS, 0)
+    for event in prof.key_averages():
+        if event.device_type == DeviceType.CUDA or not event.key.startswith("cu"):
+            continue
+        for call in RUNTIME_CALLS:
+            if call in event.key:
+                counts[call] += event.count
+    return counts
 
 
 def summary(prof, wall_s: float, top: int = 12) -> dict:

@@ -175,16 +175,33 @@ def measure(model, tokenizer, args, batch: int, fused: bool, device: str) -> Non
             hf_ms_per_step=round(1000 * hf / args.new_tokens, 3),
             hf_tokens_per_s=round(batch * args.new_tokens / hf),
         )
+    result["compiler"] = compiler_counts()
     print(json.dumps(result), flush=True)
 
     if args.profile:
-        with profiling.window() as profile:
+        with profiling.window(host=True) as profile:
             fast()
         floor = decode_floor(model, args, batch)
         if profile:  # empty on a CPU
             profile["ms_per_step"] = round(1000 * profile["wall_s"] / args.new_tokens, 3)
             profile["kernel_ms_per_step"] = round(1000 * profile["kernel_s"] / args.new_tokens, 3)
+            profile["runtime_calls_per_step"] = {
+                call: round(count / args.new_tokens, 1) for call, count in profile["runtime_calls"].items()
+            }
         print(json.dumps({"profile": profile, "floor": floor, "batch": batch, "fused": fused}), flush=True)
+
+
+def compiler_counts() -> dict:
+    """What the compiler did so far in this process: graphs compiled, graph breaks, recompilations, and
+    compiled graphs that run without a CUDA graph (`TORCH_LOGS=perf_hints` logs why)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "recompiles": counters["recompiles"].get("total", 0) if "recompiles" in counters else 0,
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+    }
 
 
 def decode_floor(model, args, batch: int) -> dict:

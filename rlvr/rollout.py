@@ -62,6 +62,11 @@ log = logging.getLogger(__name__)
 PROMPT_BUCKET = 128  # compiled: prompts are padded up to a multiple of this, so few cache shapes get compiled
 EAGER_GROUP = 64  # eager: prompts whose lengths differ by less than this share a batch
 KV_BUCKET = 64  # a decode step attends over the cache positions in use, rounded up to a multiple of this
+# Columns a cache holds beyond its ring: an eager step's visible part of the cache is then always a strict
+# slice. A whole bucket, so that every row of the cache starts on an aligned address: with a row length not a
+# multiple of 8 (e.g. 641 columns) the attention's batched products on the H200 fell back to unaligned kernels
+# and a decode step took 2.3x longer (BENCHMARKS.md).
+SPARE_COLUMNS = KV_BUCKET
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 DECODE_ATTENTION = "rlvr_decode"  # the attention implementation rollouts run under, registered below
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward at most, which bounds its activations
@@ -415,7 +420,7 @@ class _Batch:
         device = cache.column.device
         batch, length = cache.slot_keys[0].shape[0], cache.slot_keys[0].shape[2]
         self.fast, self.runner, self.cache, self.rule = fast, runner, cache, rule
-        self.prefix, self.length, self.max_new, self.pad = prefix, length - 1, max_new, pad
+        self.prefix, self.length, self.max_new, self.pad = prefix, length - SPARE_COLUMNS, max_new, pad
         vocab = fast.model.reasoning_vocab
         self.tags = Tags(vocab.think_start_id, vocab.think_end_id)
         self.forbidden = vocab.forbidden_table(device)
@@ -557,6 +562,13 @@ def _round_up(value: int, multiple: int = KV_BUCKET) -> int:
     return -(-value // multiple) * multiple
 
 
+def ring_columns(length: int) -> int:
+    """The ring columns of a cache for sequences of up to `length` columns: `length` rounded up to a whole
+    KV bucket, so that every slice a step attends over (the whole ring, or a multiple of KV_BUCKET of it)
+    has an aligned length. The extra columns are never visible before they are written."""
+    return _round_up(max(1, length))
+
+
 def _bucket(length: int, compiled: bool) -> int:
     """The prompt width a cache is built for: a multiple of PROMPT_BUCKET when the step is compiled (few
     shapes), else the width itself (an eager step costs what its cache holds)."""
@@ -636,16 +648,17 @@ class FastRollout:
         return self._shadow
 
     def _cache(self, batch: int, length: int, runner, only: bool = False) -> SlotCache:
-        """The cache for `batch` slots of `length` ring columns; with `only`, the caches of other shapes are
-        freed first (an evaluation holds one at a time, as large as memory allows)."""
-        key = (batch, length)
+        """The cache for `batch` slots of at least `length` ring columns (`ring_columns`); with `only`, the
+        caches of other shapes are freed first (an evaluation holds one at a time, as large as memory
+        allows)."""
+        columns = ring_columns(length)
+        key = (batch, columns)
         if key not in self._caches:
             if only:
                 self._release()
             device = next(runner.parameters()).device
-            # one spare column: an eager step's visible part of the cache is then always a strict slice
-            self._caches[key] = SlotCache(runner.config, batch, length + 1, runner.dtype, device)
-            log.info("fast decoding: a cache of %d slots and %d columns", batch, length)
+            self._caches[key] = SlotCache(runner.config, batch, columns + SPARE_COLUMNS, runner.dtype, device)
+            log.info("fast decoding: a cache of %d slots and %d columns", batch, columns)
         return self._caches[key]
 
     def _release(self) -> None:
@@ -761,7 +774,7 @@ class FastRollout:
         free, _ = torch.cuda.mem_get_info(device)
         vocabulary = runner.get_output_embeddings().weight.shape[0]
         per_slot = (
-            SlotCache.bytes_per_row(runner.config, length + 1, runner.dtype)
+            SlotCache.bytes_per_row(runner.config, ring_columns(length) + SPARE_COLUMNS, runner.dtype)
             + 4 * SAMPLING_COPIES * vocabulary
         )
         fits = int((free * MEMORY_SHARE - MEMORY_RESERVE) // per_slot)

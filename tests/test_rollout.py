@@ -12,10 +12,13 @@ from rlvr import load_model, thoughts
 from rlvr.rollout import (
     DECODE_ATTENTION,
     INDUCTOR_CACHE_ENV,
+    KV_BUCKET,
+    SPARE_COLUMNS,
     Rule,
     choose,
     decode_attention,
     keep_compiled_kernels,
+    ring_columns,
     sequence_keys,
 )
 from rlvr.surgery import enable_fast_rollouts
@@ -226,3 +229,22 @@ def test_compiled_kernels_are_kept_in_the_rlvr_cache_unless_the_user_chose_a_pla
     monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "mine"))
     keep_compiled_kernels()
     assert os.environ[INDUCTOR_CACHE_ENV] == str(tmp_path / "mine")
+
+
+@pytest.mark.parametrize("new_tokens", [5, 24, 61])
+def test_every_cache_row_and_every_attended_span_has_an_aligned_length(fast_model, new_tokens):
+    # a row of 641 columns made the attention's batched products fall back to unaligned GPU kernels
+    model, tokenizer = fast_model
+    batch = prompts(tokenizer, 6)
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, **STOP)
+    fast = model.fast_rollout
+    fast._caches.clear()
+    out = model.generate(**batch, generation_config=config)
+    assert out.shape[1] > batch["input_ids"].shape[1]
+    (cache,) = fast._caches.values()
+    columns = cache.slot_keys[0].shape[2]
+    assert columns % KV_BUCKET == 0 and all(k.shape[2] == columns for k in cache.slot_keys)
+    ring = columns - SPARE_COLUMNS
+    assert ring % KV_BUCKET == 0
+    assert ring >= batch["input_ids"].shape[1] - 1 + new_tokens  # the ring holds every sequence whole
+    assert ring_columns(ring - KV_BUCKET + 1) == ring == ring_columns(ring)
