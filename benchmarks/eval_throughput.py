@@ -52,11 +52,13 @@ def run_row(name: str, model: Path, problems: int, args, env: dict, extra: list[
         "--top_p", "0.95", *extra,
     ]  # fmt: skip
     started = time.perf_counter()
+    # the row's log and progress bar go straight to this process's stderr, so a run stopped by a time limit
+    # still shows how far each row got and at what rate
     done = subprocess.run(command, cwd=ROOT, env={**env, "MLFLOW_EXPERIMENT_NAME": experiment}, check=False,
-                          capture_output=True, text=True)  # fmt: skip
+                          stdout=subprocess.PIPE, text=True)  # fmt: skip
     wall = time.perf_counter() - started
     if done.returncode:
-        raise SystemExit(f"row {name} failed:\n{done.stderr[-4000:]}")
+        raise SystemExit(f"row {name} failed with exit status {done.returncode}: its log is above")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
