@@ -26,7 +26,7 @@ from datasets import Dataset
 from transformers import GenerationConfig
 from trl import GRPOConfig, GRPOTrainer
 
-from rlvr import rewards, thoughts, tracking
+from rlvr import rewards, thoughts
 from rlvr.errors import InputError, flag, require_at_least_one, require_finite
 from rlvr.generation import describe
 from rlvr.job import TrainerSetup, process_state, run_job
@@ -35,6 +35,7 @@ from rlvr.rollout import keep_compiled_kernels, rollout_weights
 from rlvr.sampling import SAMPLING_NEUTRAL, distribution_changes, training_changes
 from rlvr.settings import check_schedule, param, trainer_arguments
 from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
+from rlvr.tracking.metrics import MlflowMetrics
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)
@@ -460,7 +461,7 @@ class ReasoningGRPOTrainer(GRPOTrainer):
             )
         rows = gather_object(rows)  # every process takes part, so the table holds the whole batch
         callbacks = self.callback_handler.callbacks
-        tracker = next((c for c in callbacks if isinstance(c, tracking.MlflowMetrics)), None)
+        tracker = next((c for c in callbacks if isinstance(c, MlflowMetrics)), None)
         if self.accelerator.is_main_process and mlflow.active_run() is not None and tracker is not None:
             tracker.log_table(pd.DataFrame(rows), f"completions/step_{step:06d}.json", step=step + 1)
 

@@ -23,11 +23,14 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from rlvr import statistics, tracking
+from rlvr import statistics
 from rlvr.dataset import DATA_ARTIFACT_PATH
 from rlvr.errors import InputError
 from rlvr.evaluation import SAMPLES_TABLE, metrics_by_label
 from rlvr.settings import param
+from rlvr.tracking import registry
+from rlvr.tracking.params import log_params
+from rlvr.tracking.runs import PROCESS, RESUMED_INTO, STEP_KEY, entrypoint_run, this_process
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +285,7 @@ class Pipeline:
             parameters["output_dir"] = str(self.root / entry_point / key[:12])
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{tracking.STEP_KEY}` = '{key}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.`{STEP_KEY}` = '{key}' and attributes.status = 'FINISHED'",
             max_results=1,
         )
         if found:
@@ -294,9 +297,9 @@ class Pipeline:
             run_name=name or entry_point,
             tags={
                 "mlflow.parentRunId": self.parent.info.run_id,
-                tracking.STEP_KEY: key,
+                STEP_KEY: key,
                 "rlvr.code": self.code,
-                tracking.PROCESS: tracking.this_process(),
+                PROCESS: this_process(),
             },  # until the step's own process takes it over
         )
         log.info("%s: starting run %s", entry_point, child.info.run_id)
@@ -332,13 +335,7 @@ class Pipeline:
                 f"step {entry_point} failed (run {child.info.run_id}); its log is in the run's output above."
             )
         # a training killed earlier resumes into its first run; the new child then only points to it
-        return self.client.get_run(child.info.run_id).data.tags.get(tracking.RESUMED_INTO, child.info.run_id)
-
-    def registered_version(self, run_id: str, name: str) -> str:
-        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        if not versions:
-            raise InputError(f"run {run_id} registered no version of {name}; check its training log.")
-        return max(versions, key=lambda v: int(v.version)).version
+        return self.client.get_run(child.info.run_id).data.tags.get(RESUMED_INTO, child.info.run_id)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -422,12 +419,12 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
             f"of the {base_model} model at scale {settings.scale}; pass 0 to copy every one."
         )
     size = settings.reasoning_vocab_size or token_ids
-    with tracking.entrypoint_run(
+    with entrypoint_run(
         run_name="main",
         tags={"rlvr.step": "main", "rlvr.scale": settings.scale},
         default_experiment=EXPERIMENT,
     ):
-        tracking.log_params(
+        log_params(
             {
                 "scale": settings.scale,
                 "reasoning_vocab_size": size,
@@ -462,7 +459,7 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
                     problems[seed, label, verdict] = statistics.per_problem_accuracy(table, verdict)
         outcome = _outcome(per_seed, problems, seeds)
         version = models[seeds[0]][outcome.champion].rsplit("/", 1)[1]
-        pipeline.client.set_registered_model_alias(name, CHAMPION, version)
+        registry.set_alias(name, CHAMPION, version)
         _log_outcome(outcome, seeds)
         mlflow.set_tags({"rlvr.champion": f"models:/{name}/{version}"})
         mlflow.log_text(comparison_table(outcome), "comparison.md")
@@ -481,7 +478,7 @@ def _train_arms(
             {**plan["warmstart"], "data": data, "seed": seed, "registered_model_name": warm_name},
             name=f"warmstart{suffix}",
         )
-        models = {"warmstart": f"models:/{warm_name}/{pipeline.registered_version(warm_run, warm_name)}"}
+        models = {"warmstart": f"models:/{warm_name}/{registry.version_registered_by(warm_run, warm_name)}"}
     else:
         models = {START: plan[START]["model"]}
     start = next(iter(models.values()))
@@ -496,7 +493,7 @@ def _train_arms(
         if arm == "reasoning":
             parameters["reasoning_vocab_size"] = n
         run = pipeline.step(f"train_{arm}", parameters, name=f"train_{arm}{suffix}")
-        models[arm] = f"models:/{name}/{pipeline.registered_version(run, name)}"
+        models[arm] = f"models:/{name}/{registry.version_registered_by(run, name)}"
     return models
 
 
