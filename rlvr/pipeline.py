@@ -52,10 +52,8 @@ PRETRAINED_INSTRUCTION = "Put the final answer in \\boxed{}."
 # `pretrained-ci` the same pipelines shrunk to smoke runs.
 SCALES: dict[str, dict[str, dict[str, object]]] = {
     # The warm start imitates a noisy teacher (30% of its worked solutions have one wrong step, `errors=0.3`),
-    # as
-    # distilled traces do; GRPO's verifiable reward then has something to correct. Clean data left GRPO +2-4
-    # points in the budget; lr 2e-4 degrades; an 800-step warm start left one seed in four unable to learn
-    # (BENCHMARKS.md records each try).
+    # as distilled traces do, so GRPO's verifiable reward has something to correct. BENCHMARKS.md records the
+    # settings tried before these and what each gave.
     "demo": {
         "preprocess": {
             "source": "synthetic:count=6000,digits=1,errors=0.3",
@@ -69,7 +67,7 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
             "per_device_train_batch_size": 16,
             "save_steps": 400,
         },
-        # 16 prompts x 4 completions a step: more prompts make a steadier gradient than larger groups
+        # 16 prompts x 4 completions a step: more prompts make a steadier gradient than larger groups.
         "train": {
             "max_steps": 150,
             "learning_rate": 1e-4,
@@ -91,7 +89,7 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
         },
     },
     # The ~25M-parameter `small` preset on 2-3 step problems over 1-2 digit numbers (results up to 4 digits),
-    # with the same noisy teacher; fast rollouts (BENCHMARKS.md: +25 points over the warm start)
+    # with the same noisy teacher and fast rollouts; BENCHMARKS.md has what it gains.
     "gpu": {
         "preprocess": {
             "source": "synthetic:count=40000,digits=2,min_ops=2,max_ops=3,errors=0.3",
@@ -129,8 +127,7 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
     # A real pretrained chat model (SmolLM2-135M-Instruct, 4-bit-dequantized) on reasoning-gym arithmetic,
     # without a warm start: GRPO from the instruct model itself. It rarely writes \boxed{}, so it is asked to,
     # and rewarded on the lenient reading (its final number) with a bonus for the boxed one; both accuracies
-    # are reported. The instruct model on 40 of these problems (CPU, README): lenient accuracy 0.43 greedy,
-    # 0.26 at this evaluation's T = 0.7; strict 0 either way. main's `grpo_steps` sets other GRPO steps.
+    # are reported (README has where the instruct model starts). main's `grpo_steps` sets other GRPO steps.
     "pretrained": {
         "preprocess": {
             "source": PRETRAINED_PROBLEMS + ",count=8000",
@@ -186,7 +183,7 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
             "max_examples": 10,
         },
     },
-    # the pretrained path shrunk to a smoke run on a CPU: the real model and generators, a few tokens
+    # The pretrained path shrunk to a smoke run on a CPU: the real model and generators, a few tokens.
     "pretrained-ci": {
         "preprocess": {
             "source": PRETRAINED_PROBLEMS + ",count=40",
@@ -292,6 +289,7 @@ class Pipeline:
             log.info("%s: reusing finished run %s", entry_point, found[0].info.run_id)
             self.client.set_tag(found[0].info.run_id, f"rlvr.reused_by.{self.parent.info.run_id}", "true")
             return found[0].info.run_id
+        # The child carries this process until the step's own process takes it over.
         child = self.client.create_run(
             self.experiment_id,
             run_name=name or entry_point,
@@ -300,14 +298,13 @@ class Pipeline:
                 STEP_KEY: key,
                 "rlvr.code": self.code,
                 PROCESS: this_process(),
-            },  # until the step's own process takes it over
+            },
         )
         log.info("%s: starting run %s", entry_point, child.info.run_id)
-        # `mlflow run` as a plain child, in main's process group (mlflow.projects.run would start it in a
-        # session
-        # of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main. The
-        # experiment
-        # is passed as an id only: with MLFLOW_EXPERIMENT_NAME also set, `mlflow run` would refuse the pair.
+        # `mlflow run` runs as a plain child, in main's process group (mlflow.projects.run would start it in a
+        # session of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main. The
+        # experiment is passed as an id only: with MLFLOW_EXPERIMENT_NAME also set, `mlflow run` would refuse
+        # the pair.
         command = [
             sys.executable,
             "-m",
@@ -358,9 +355,8 @@ class Outcome:
     per_seed: dict[int, dict[str, dict]]
     comparisons: dict[str, statistics.Paired]
     champion: str
-    seed_comparisons: dict[int, dict[str, statistics.Paired]] = field(
-        default_factory=dict
-    )  # with several seeds
+    # Per seed, the same comparisons; empty for one seed.
+    seed_comparisons: dict[int, dict[str, statistics.Paired]] = field(default_factory=dict)
 
 
 START = "start"  # the label of the model both arms train from, where a scale has no warm start
