@@ -1,9 +1,11 @@
-"""The MLflow pyfunc of a trained model: prompts in, constrained completions out, and how it is logged.
+"""The served model: what it takes and gives (prompts in, constrained completions out), and how a trained
+model is logged and registered as one.
 
-Logged as "models from code" (`log_model`): `rlvr/pyfunc_model.py` names this class, the Hugging Face
-directory (with its token map) travels as the artifact `model`, and loading goes through `rlvr.load_model`,
-so a served model samples under exactly the constraint it was trained with. The signature logged with it is
-read from the same columns and defaults that `ReasoningLM.predict` uses.
+A model is logged as "models from code" (`log_model`): MLflow runs `rlvr/pyfunc_model.py`, which defines the
+pyfunc `ReasoningLM`; the Hugging Face directory (with its token map) travels as the artifact `model`, and
+loading goes through `rlvr.load_model`, so a served model samples under exactly the constraint it was trained
+with. The signature logged with it is read from the same columns and defaults that `ReasoningLM.predict`
+uses, which this module holds.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from rlvr.tracking import registry
@@ -50,7 +54,8 @@ SERVED_PACKAGES = (
 )
 
 
-def _prompts(model_input: Any) -> list:
+def prompts(model_input: Any) -> list:
+    """The prompts of a request: a list, one string, or a DataFrame's `prompt` column (else its first)."""
     if isinstance(model_input, pd.DataFrame):  # MLflow turns a plain list into a one-column frame
         column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
         return list(model_input[column])
@@ -59,12 +64,9 @@ def _prompts(model_input: Any) -> list:
     return list(model_input)
 
 
-def _check_options(options: dict) -> None:
+def check_options(options: dict) -> None:
     """A request's sampling options, refused with a message (the scoring server answers 400) when out of
     range."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
     problems = []
     if int(options["max_new_tokens"]) < 1:
         problems.append(f"max_new_tokens={options['max_new_tokens']} must be at least 1")
@@ -74,37 +76,6 @@ def _check_options(options: dict) -> None:
         problems.append(f"top_p={options['top_p']} must be in (0, 1]")
     if problems:
         raise MlflowException("; ".join(problems) + ".", error_code=INVALID_PARAMETER_VALUE)
-
-
-class ReasoningLM(mlflow.pyfunc.PythonModel):
-    """Input: a list of prompts (strings or chat messages) or a DataFrame with a `prompt` column.
-    Output: one row per prompt with `completion`, `thought`, `answer` and `reasoning_tokens`."""
-
-    def load_context(self, context) -> None:
-        import torch
-
-        from rlvr.models import load_model
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_model(context.artifacts["model"], device=device)
-        self.model.eval()
-
-    def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
-        from rlvr.generation import generate
-
-        options = {**GENERATION_DEFAULTS, **(params or {})}
-        _check_options(options)
-        completions = generate(
-            self.model,
-            self.tokenizer,
-            _prompts(model_input),
-            max_new_tokens=int(options["max_new_tokens"]),
-            temperature=float(options["temperature"]),
-            top_p=float(options["top_p"]),
-            seed=int(options["seed"]),
-        )
-        rows = [(c.text, c.thought, c.answer, c.reasoning_tokens) for (c,) in completions]
-        return pd.DataFrame(rows, columns=[*TEXT_COLUMNS, COUNT_COLUMN])
 
 
 def signature() -> ModelSignature:

@@ -180,9 +180,9 @@ def test_there_is_no_import_cycle():
 
 def test_the_graph_sees_imports_inside_functions():
     """The checks above would be blind to an upward import inside a function if the reader missed those:
-    `serving` imports `models` only in `ReasoningLM.load_context`, `surgery` imports `rollout` only in
+    `pipeline` imports `models` only in `run_pipeline`, `surgery` imports `rollout` only in
     `enable_fast_rollouts`."""
-    assert "models" in imports_of("serving")
+    assert "models" in imports_of("pipeline")
     assert "rollout" in imports_of("surgery")
 
 
