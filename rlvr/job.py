@@ -75,7 +75,7 @@ class OutputDir:
 
     @property
     def finished(self) -> bool:
-        """Whether `final/` holds a finished training (its token map is written last)."""
+        """Whether `final/` holds a trained model: a job removes it when the model could not be logged."""
         return (self.final / TOKEN_MAP_FILE).exists()
 
     @property
