@@ -1,4 +1,5 @@
-"""Shared behaviour of the click entry points: one clear line and a non-zero exit for bad input."""
+"""Shared behaviour of the click entry points: one clear line and a non-zero exit for an error the user can
+act on."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from collections.abc import Callable
 
 import click
 
-from rlvr.errors import InputError
+from rlvr.errors import UserFacingError
 
 
 def friendly_errors(command: Callable) -> Callable:
-    """Turn `InputError` into click's `Error: <message>` with exit code 1 instead of a traceback.
+    """Turn a `UserFacingError` into click's `Error: <message>` with exit code 1 instead of a traceback.
 
     Put it outside the `mlflow.start_run()` block: the exception first leaves the run (MLflow marks it
     FAILED), then reaches the user as one sentence.
@@ -27,7 +28,7 @@ def friendly_errors(command: Callable) -> Callable:
         )
         try:
             return command(*args, **kwargs)
-        except InputError as error:
+        except UserFacingError as error:
             raise click.ClickException(str(error)) from error
 
     return wrapper

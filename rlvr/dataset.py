@@ -29,7 +29,7 @@ from mlflow.data.dataset_source_registry import register_dataset_source
 from mlflow.data.pandas_dataset import PandasDataset
 
 from rlvr.errors import InputError
-from rlvr.tracking import is_mlflow_uri, refuse_deleted_run
+from rlvr.tracking.uris import is_mlflow_uri, refuse_deleted_run
 
 DATA_ARTIFACT_PATH = "data"  # where preprocess (and evaluate, for a raw source) logs parquet files in its run
 

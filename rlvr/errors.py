@@ -1,11 +1,21 @@
-"""The one exception type for bad input: its message names the input and the fix, and entry points print
-it."""
+"""The errors an entry point reports to the user as one line instead of a traceback, and the checks of input
+that raise them.
+
+`UserFacingError` is every such error: its message is one sentence that says what happened and what to do,
+and `rlvr.cli` prints it with a non-zero exit. `InputError` is the one for bad input, whose message names the
+input and the fix; a tracking server that stops answering mid-job and a training that diverges are reported
+the same way without being bad input, so they derive from `UserFacingError` alone.
+"""
 
 import dataclasses
 import math
 
 
-class InputError(ValueError):
+class UserFacingError(Exception):
+    """An error whose message is one sentence for the user, printed without a traceback."""
+
+
+class InputError(UserFacingError, ValueError):
     """Input that cannot be used as given (a parameter, file, model name, URI); the message says how to fix
     it."""
 

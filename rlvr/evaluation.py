@@ -52,11 +52,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr import protocols, statistics, thoughts, tracking
+from rlvr import protocols, statistics, thoughts
 from rlvr.dataset import DATA_ARTIFACT_PATH, Split, load_split
 from rlvr.errors import InputError, flag, require_at_least_one
 from rlvr.generation import Generated, describe_all, prompt_ids, sample
@@ -71,6 +69,10 @@ from rlvr.rewards import DEFAULT_INSTRUCTION, answer_groups, answer_is_correct, 
 from rlvr.rollout import FastRollout, Sampled
 from rlvr.sampling import Sampling
 from rlvr.settings import bf16_enabled, param
+from rlvr.tracking import registry
+from rlvr.tracking.params import log_params
+from rlvr.tracking.runs import entrypoint_run
+from rlvr.tracking.uris import is_mlflow_uri, run_id_of
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,6 @@ _LENGTH_BIN_START = 16  # thought-length bins: [0, 16), [16, 32), [32, 64), ... 
 # sources whose options follow them after commas, and what one such option looks like
 _SOURCES_WITH_OPTIONS = (SYNTHETIC + ":", REASONING_GYM + ":")
 _SOURCE_OPTION = re.compile(r"^[\w.]+=[^/]*$")
-_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
 _CONTEST_YEAR = re.compile(r"(aime|amc|hmmt)[_-]?(?:20)?(\d{2})(?!\d)")
 _FILE_SUFFIX = re.compile(r"\.(jsonl|json|parquet|csv)$")
 
@@ -310,7 +311,7 @@ def is_preprocess_output(item: str) -> bool:
     raw source. A generated source is not looked up as a path: its options can be longer than a file name."""
     if item.startswith(_SOURCES_WITH_OPTIONS):
         return False
-    return tracking.is_mlflow_uri(item) or Path(item).expanduser().is_dir()
+    return is_mlflow_uri(item) or Path(item).expanduser().is_dir()
 
 
 def metric_label(split: Split) -> str:
@@ -558,51 +559,24 @@ def check_prompt_lengths(eval_set: EvalSet, model: PreTrainedModel, prompts: Seq
         )
 
 
-def registered_version(source: str) -> ModelVersion | None:
-    """The registry version behind `models:/name@alias`, `models:/name/<N>` or `models:/name/latest`."""
-    match = _REGISTERED.match(source)
-    if match is None:
-        return None
-    client = MlflowClient()
-    if match["alias"]:
-        return client.get_model_version_by_alias(match["name"], match["alias"])
-    if match["version"].isdigit():
-        return client.get_model_version(match["name"], match["version"])
-    if match["version"].lower() == "latest":
-        return max(client.search_model_versions(f"name='{match['name']}'"), key=lambda v: int(v.version))
-    return None  # a stage name: linked through the logged model only
-
-
-def logged_model_id(source: str) -> str | None:
-    """The MLflow LoggedModel behind an MLflow URI; None for presets, directories and hub ids."""
-    if not tracking.is_mlflow_uri(source):
-        return None
-    try:
-        return mlflow.models.get_model_info(source).model_id
-    except MlflowException:
-        return None  # a plain Hugging Face directory logged as artifacts has no MLmodel
-
-
 def link_model(source: str) -> ModelLink:
     """Everything MLflow knows about `source` that lets a reader go from the evaluation to the model and
     back."""
-    version = registered_version(source)
+    version = registry.version_named_by(source)
     tags = {"rlvr.model": source}
     if version is not None:
         tags |= {"rlvr.model_name": version.name, "rlvr.model_version": str(version.version)}
         if version.run_id:
             tags["rlvr.model_run_id"] = version.run_id
-    elif source.startswith("runs:/"):
-        tags["rlvr.model_run_id"] = source.removeprefix("runs:/").split("/", 1)[0]
-    return ModelLink(tags, logged_model_id(source), version)
+    elif run_id := run_id_of(source):
+        tags["rlvr.model_run_id"] = run_id
+    return ModelLink(tags, registry.logged_model_id(source), version)
 
 
 def record_on_version(version: ModelVersion, run_id: str, results: dict[str, dict[str, float]]) -> None:
     """Tag the registered version with this run, so the registry lists the evaluations of each version."""
     summary = "; ".join(f"{label}: accuracy {m['accuracy']:.4g}" for label, m in results.items())
-    MlflowClient().set_model_version_tag(
-        version.name, version.version, f"{VERSION_TAG_PREFIX}{run_id}", summary
-    )
+    registry.tag_version(version, f"{VERSION_TAG_PREFIX}{run_id}", summary)
 
 
 # --- artifacts ----------------------------------------------------------------------------------------------
@@ -765,7 +739,7 @@ def evaluate_model(
         link = link_model(source) if state.is_main_process else None
         if link is not None:
             mlflow.set_tags(link.tags)
-            tracking.log_params(
+            log_params(
                 {
                     **dataclasses.asdict(settings),
                     "model": source,
@@ -876,14 +850,10 @@ def evaluate(settings: EvalSettings) -> Evaluation | None:
     end_with_launcher()
     main = state.is_main_process
     with contextlib.ExitStack() as stack:
-        run = (
-            stack.enter_context(tracking.entrypoint_run("evaluate", {"rlvr.step": "evaluate"}))
-            if main
-            else None
-        )
+        run = stack.enter_context(entrypoint_run("evaluate", {"rlvr.step": "evaluate"})) if main else None
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if main:
-            tracking.log_params(dataclasses.asdict(settings))
+            log_params(dataclasses.asdict(settings))
         sets = load_eval_sets(items, splits, settings, scratch, logged=main)
         locations = [locate_model(source) for source in sources]  # an unknown model fails before sampling
         decoders = Decoders(torch.device(state.device))

@@ -26,7 +26,7 @@ from datasets import Dataset
 from transformers import GenerationConfig
 from trl import GRPOConfig, GRPOTrainer
 
-from rlvr import rewards, thoughts, tracking
+from rlvr import rewards, thoughts
 from rlvr.errors import InputError, flag, require_at_least_one, require_finite
 from rlvr.generation import describe
 from rlvr.job import TrainerSetup, process_state, run_job
@@ -35,15 +35,15 @@ from rlvr.rollout import keep_compiled_kernels, rollout_weights
 from rlvr.sampling import SAMPLING_NEUTRAL, distribution_changes, training_changes
 from rlvr.settings import check_schedule, param, trainer_arguments
 from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
+from rlvr.tracking.metrics import MlflowMetrics
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)
 
-REASONING_VOCAB_SIZE = (
-    151646  # train_reasoning's default: one copy of every Qwen3 token id below <|object_ref_start|>
-)
-# GRPOConfig fields whose value a rollout path needs that cannot apply the constraint
+# train_reasoning's default: one copy of every Qwen3 token id below <|object_ref_start|>.
+REASONING_VOCAB_SIZE = 151646
 NO_GRAD_TOKENS = 32768  # tokens per forward in log-prob passes without gradients (activations only)
+# GRPOConfig fields that turn on a rollout path which cannot apply the constraint, and why it cannot.
 UNCONSTRAINED_ROLLOUTS = {
     "use_vllm": "vLLM samples outside this process, where the thought mask cannot be applied",
     "use_transformers_continuous_batching": "paged generation (generate_batch) bypasses the thought mask",
@@ -259,9 +259,8 @@ def chosen_rewards(settings: TrainSettings) -> list[tuple[str, float]]:
 
 
 def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
-    report_to = [
-        r for r in extra.pop("report_to", []) or [] if r != "mlflow"
-    ]  # MLflow is logged by rlvr itself
+    # rlvr logs to MLflow itself (`rlvr.tracking.metrics`), so the Trainer's own MLflow callback stays off.
+    report_to = [r for r in extra.pop("report_to", []) or [] if r != "mlflow"]
     kwargs = dict(
         **trainer_arguments(settings, GRPOConfig),
         num_generations=settings.num_generations,
@@ -307,9 +306,10 @@ class ReasoningGRPOTrainer(GRPOTrainer):
     metrics.
 
     TRL installs its own fused log-prob head on both models during `__init__`; attaching the vocabulary
-    afterwards puts the constrained head back, at the trainer's temperature. Sampling is constrained by the
-    model's own `generate`, which TRL calls unchanged; with `fast_rollouts` that `generate` takes the
-    static-cache compiled path of `rlvr.rollout` for TRL's plain sampling requests.
+    afterwards puts the constrained head back. The sampling temperature has one carrier, the request every
+    rollout makes (TRL's generation config, resolved as `generate` resolves it): the heads read theirs from
+    it. Sampling is constrained by the model's own `generate`, which TRL calls unchanged; with `fast_rollouts`
+    that `generate` takes the static-cache compiled path of `rlvr.rollout` for TRL's plain sampling requests.
 
     Where sampling and scoring differ numerically (fast rollouts, bf16), the sampled tokens' log-probs are
     kept and TRL's importance-sampling correction, which it gates on `use_vllm`, corrects the loss: the flag
@@ -319,12 +319,11 @@ class ReasoningGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, completions_every: int = 0, fast_rollouts: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.vocab: ReasoningVocab = self.model.reasoning_vocab
+        request = self._sampling_request()
         head_fp32 = bool(self.args.cast_lm_head_to_fp32)
-        attach(self.model, self.vocab, temperature=self.temperature, head_fp32=head_fp32)
-        if self.ref_model is not None:
-            attach(self.ref_model, self.vocab, temperature=self.temperature, head_fp32=head_fp32)
         for model in (self.model, self.ref_model):
             if model is not None:
+                attach(model, self.vocab, temperature=request.temperature, head_fp32=head_fp32)
                 compile_decoder_layers(self.accelerator.unwrap_model(model))
         if fast_rollouts:
             weights = rollout_weights(self.accelerator, self.args.ds3_gather_for_generation)
@@ -333,7 +332,6 @@ class ReasoningGRPOTrainer(GRPOTrainer):
                 enable_fast_rollouts(
                     self.model, dtype=torch.bfloat16 if self.args.bf16 else None, own_copy=weights.sharded
                 )
-        self._check_sampling()
         self.correct_sampling = bool(
             self.args.vllm_importance_sampling_correction and (fast_rollouts or self.args.bf16)
         )
@@ -343,18 +341,19 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         self._tabled_steps: set[int] = set()
         self._prompt_ids: list[list[int]] = []
 
-    def _check_sampling(self) -> None:
-        """The sampling request as `generate` resolves it (the model's generation_config fills unset fields)
-        must be the masked softmax at the trainer's temperature, which is what the loss scores."""
-        changes = training_changes(
-            resolve_generation_config(self.model, self.generation_config), self.temperature
-        )
+    def _sampling_request(self) -> GenerationConfig:
+        """The request every rollout makes, as `generate` resolves it (the model's generation_config fills
+        unset fields), refused unless it is the masked softmax at the trainer's temperature, the only
+        distribution the loss scores."""
+        request = resolve_generation_config(self.model, self.generation_config)
+        changes = training_changes(request, self.temperature)
         if changes:
             raise InputError(
                 f"sampling would use {', '.join(changes)} (from the model's generation_config or the GRPO "
                 "settings), but the loss scores the masked softmax at temperature; give them neutral values "
                 "in a grpo_config file, e.g. 'generation_kwargs: {top_k: 0, top_p: 1.0}'."
             )
+        return request
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, *args, **kwargs
@@ -460,7 +459,7 @@ class ReasoningGRPOTrainer(GRPOTrainer):
             )
         rows = gather_object(rows)  # every process takes part, so the table holds the whole batch
         callbacks = self.callback_handler.callbacks
-        tracker = next((c for c in callbacks if isinstance(c, tracking.MlflowMetrics)), None)
+        tracker = next((c for c in callbacks if isinstance(c, MlflowMetrics)), None)
         if self.accelerator.is_main_process and mlflow.active_run() is not None and tracker is not None:
             tracker.log_table(pd.DataFrame(rows), f"completions/step_{step:06d}.json", step=step + 1)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from rlvr.errors import InputError
+from rlvr.errors import InputError, UserFacingError
 
 
 def avoid_cudnn_attention_backward() -> None:
@@ -22,8 +22,8 @@ def avoid_cudnn_attention_backward() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-class TrainingDiverged(InputError):
-    """Training produced a non-finite loss or gradient; reported like bad input: one line, the run FAILED."""
+class TrainingDiverged(UserFacingError):
+    """Training produced a non-finite loss or gradient: reported in one line, and the run is FAILED."""
 
 
 def non_finite_parameters(model: torch.nn.Module, limit: int = 3) -> list[str]:

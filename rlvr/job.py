@@ -1,15 +1,17 @@
 """A training job, as GRPO and SFT run it: its output directory and checkpoints, the MLflow run, and the final
 model.
 
-A job owns one `output_dir`: `checkpoint-0` (the starting model, token map included), the Trainer's
-`checkpoint-N`, the id of its MLflow run, and `final/` once done. Only rank 0 talks to MLflow. `run_job` is
-the job's course, the same for both trainers: data, starting model, the trainer's own setup, the run,
-training (resumed where a killed job stopped), the final model.
+A job owns one `output_dir`, whose layout `OutputDir` alone knows (analysis reads a training's directory
+through it too): `checkpoint-0` (the starting model, token map included), the Trainer's `checkpoint-N`, the
+id of its MLflow run, what it could not log during an outage of the tracking server, and `final/` once done.
+Only rank 0 talks to MLflow. `run_job` is the job's course, the same for both trainers: data, starting model,
+the trainer's own setup, the run, training (resumed where a killed job stopped), the final model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -28,32 +30,85 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from rlvr import tracking
 from rlvr.dataset import load_split
 from rlvr.errors import InputError
 from rlvr.guards import StopOnNonFinite, TrainingDiverged, avoid_cudnn_attention_backward
 from rlvr.models import load_model, save_model
+from rlvr.serving import log_model
 from rlvr.settings import TrainerSettings
+from rlvr.tracking import runs, server
+from rlvr.tracking.metrics import MlflowMetrics
+from rlvr.tracking.params import log_params
 from rlvr.vocab import TOKEN_MAP_FILE
 
-FINAL_DIR = "final"
 _WATCHER = "rlvr-launcher-watch"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def checkpoints(output_dir: Path, *needed: str) -> list[tuple[int, Path]]:
-    """`(step, directory)` of every complete checkpoint in `output_dir`, by step.
+@dataclass(frozen=True)
+class OutputDir:
+    """The layout of a training's `output_dir`, the one place that spells it.
 
-    Complete means its token map and each file in `needed` are written: what a reader needs decides, so a
-    resume asks for the Trainer's state (which `checkpoint-0` has none of) and analysis for the model config.
+    `checkpoint-<step>` is a checkpoint as the Trainer names it, `checkpoint-0` being the starting model;
+    `final/` the finished model; `mlflow_run.json` the id of the job's MLflow run, which a resumed job
+    reopens; `mlflow_unlogged.json` what the job could not log while the tracking server was down.
     """
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        match = _CHECKPOINT.match(path.name)
-        if match and all((path / name).exists() for name in (TOKEN_MAP_FILE, *needed)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+
+    root: Path
+
+    FINAL = "final"
+    RUN_RECORD = "mlflow_run.json"
+    UNLOGGED = "mlflow_unlogged.json"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.root / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+    @property
+    def start(self) -> Path:
+        """`checkpoint-0`: the starting model, saved before the first step."""
+        return self.checkpoint(0)
+
+    @property
+    def final(self) -> Path:
+        return self.root / self.FINAL
+
+    @property
+    def finished(self) -> bool:
+        """Whether `final/` holds a trained model: a job removes it when the model could not be logged."""
+        return (self.final / TOKEN_MAP_FILE).exists()
+
+    @property
+    def run_record(self) -> Path:
+        return self.root / self.RUN_RECORD
+
+    @property
+    def unlogged(self) -> Path:
+        return self.root / self.UNLOGGED
+
+    def recorded_run_id(self) -> str:
+        """The run id in `mlflow_run.json`; raises OSError, ValueError, KeyError or TypeError for a file that
+        is missing or holds no run record."""
+        return json.loads(self.run_record.read_text())["run_id"]
+
+    def record_run(self, run_id: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.run_record.write_text(json.dumps({"run_id": run_id}))
+
+    def checkpoints(self, *needed: str) -> list[tuple[int, Path]]:
+        """`(step, directory)` of every complete checkpoint, by step.
+
+        Complete means its token map and each file in `needed` are written: what a reader needs decides, so a
+        resume asks for the Trainer's state (which `checkpoint-0` has none of) and analysis for the model
+        config.
+        """
+        pattern = re.compile(rf"^{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)$")
+        found = []
+        for path in self.root.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            match = pattern.match(path.name)
+            if match and all((path / name).exists() for name in (TOKEN_MAP_FILE, *needed)):
+                found.append((int(match.group(1)), path))
+        return sorted(found)
 
 
 def process_state() -> PartialState:
@@ -95,35 +150,37 @@ class Job:
 
     def __init__(self, output_dir: str, run_name: str, tags: Mapping[str, str]):
         self.output_dir = Path(output_dir)
+        self.outputs = OutputDir(self.output_dir)
         self.run_name = run_name
         self.tags = dict(tags)
         self.state = process_state()
         end_with_launcher()
         self.main = self.state.is_main_process
-        if (self.output_dir / FINAL_DIR / TOKEN_MAP_FILE).exists():
+        if self.outputs.finished:
             raise InputError(
-                f"output_dir {self.output_dir} already holds a finished training ({FINAL_DIR}/); choose a "
-                "new output_dir, or delete it to train again."
+                f"output_dir {self.output_dir} already holds a finished training ({OutputDir.FINAL}/); "
+                "choose a new output_dir, or delete it to train again."
             )
         self.resume_from = self._resumable_checkpoint()
         if self.main:
-            tracking.check_tracking_server()
-
-    @property
-    def start_dir(self) -> Path:
-        return self.output_dir / "checkpoint-0"
+            server.check_tracking_server()
 
     def _resumable_checkpoint(self) -> Path | None:
-        resumable = [path for step, path in checkpoints(self.output_dir, "trainer_state.json") if step > 0]
+        resumable = [path for step, path in self.outputs.checkpoints("trainer_state.json") if step > 0]
         return resumable[-1] if resumable else None
 
     @contextmanager
     def run(self) -> Iterator[None]:
-        """The MLflow run on rank 0 (the resumed one when resuming); nothing on other ranks."""
+        """The MLflow run on rank 0 (the recorded one when resuming); nothing on other ranks."""
         if not self.main:
             yield
             return
-        with tracking.resumable_run(self.output_dir, self.resume_from is not None, self.run_name, self.tags):
+        resumed = None
+        if self.resume_from is not None and self.outputs.run_record.exists():
+            resumed = self.outputs.recorded_run_id()
+        with runs.resumable_run(resumed, self.run_name, self.tags) as run:
+            if resumed is None:
+                self.outputs.record_run(run.info.run_id)
             yield
 
     def starting_model(
@@ -132,7 +189,7 @@ class Job:
         """`load()`'s model, or `checkpoint-0` when resuming. Called before the run starts, so a model that
         cannot be loaded fails with nothing written; `save_start` writes `checkpoint-0` in the run."""
         if self.resume_from is not None:
-            return load_model(str(self.start_dir))
+            return load_model(str(self.outputs.start))
         return load()
 
     def save_start(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -143,10 +200,10 @@ class Job:
         """
         if self.resume_from is None:
             if self.main:
-                shutil.rmtree(self.start_dir, ignore_errors=True)
-                save_model(model, tokenizer, self.start_dir)
+                shutil.rmtree(self.outputs.start, ignore_errors=True)
+                save_model(model, tokenizer, self.outputs.start)
             self.state.wait_for_everyone()
-        model.config._name_or_path = str(self.start_dir)
+        model.config._name_or_path = str(self.outputs.start)
 
     def finish(
         self,
@@ -171,12 +228,12 @@ class Job:
                 f"the trained model in {self.output_dir} has non-finite weights ({', '.join(bad)}); use "
                 "one of its earlier checkpoints instead."
             )
-        final = self.output_dir / FINAL_DIR
+        final = self.outputs.final
         model.save_pretrained(final, state_dict=weights)
         tokenizer.save_pretrained(final)
         try:
             mlflow.set_tags({f"rlvr.{k}": v for k, v in tags.items()})
-            return tracking.log_model(final, registered_model_name or None, tags)
+            return log_model(final, registered_model_name or None, tags)
         except BaseException:
             shutil.rmtree(final)  # unfinished until logged: a rerun resumes from the last checkpoint, retries
             raise
@@ -231,7 +288,7 @@ def run_job(
         if job.main:
             settings_params = dataclasses.asdict(settings)
             config_params = {k: v for k, v in setup.config.to_dict().items() if k not in settings_params}
-            tracking.log_params(
+            log_params(
                 {
                     **settings_params,
                     **setup.params,
@@ -246,7 +303,7 @@ def run_job(
             args=setup.config,
             train_dataset=setup.dataset,
             processing_class=tokenizer,
-            callbacks=[tracking.MlflowMetrics(), StopOnNonFinite()],
+            callbacks=[MlflowMetrics(job.outputs), StopOnNonFinite()],
         )
         trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
         tags = {

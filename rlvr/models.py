@@ -32,7 +32,7 @@ from rlvr.errors import InputError
 from rlvr.presets import DIRECTORY_PRESETS, PRESET_NAMES, PRESETS, build_preset
 from rlvr.surgery import attach, expand_model, make_faithful
 from rlvr.thought_tags import add_thought_tags, missing_thought_tags
-from rlvr.tracking import is_mlflow_uri, refuse_deleted_run
+from rlvr.tracking.uris import is_mlflow_uri, refuse_deleted_run
 from rlvr.vocab import (
     CONFIG_BASE,
     CONFIG_SIZE,

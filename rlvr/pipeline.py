@@ -23,11 +23,14 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from rlvr import statistics, tracking
+from rlvr import statistics
 from rlvr.dataset import DATA_ARTIFACT_PATH
 from rlvr.errors import InputError
 from rlvr.evaluation import SAMPLES_TABLE, metrics_by_label
 from rlvr.settings import param
+from rlvr.tracking import registry
+from rlvr.tracking.params import log_params
+from rlvr.tracking.runs import PROCESS, RESUMED_INTO, STEP_KEY, entrypoint_run, this_process
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,8 @@ PRETRAINED_INSTRUCTION = "Put the final answer in \\boxed{}."
 # `pretrained-ci` the same pipelines shrunk to smoke runs.
 SCALES: dict[str, dict[str, dict[str, object]]] = {
     # The warm start imitates a noisy teacher (30% of its worked solutions have one wrong step, `errors=0.3`),
-    # as
-    # distilled traces do; GRPO's verifiable reward then has something to correct. Clean data left GRPO +2-4
-    # points in the budget; lr 2e-4 degrades; an 800-step warm start left one seed in four unable to learn
-    # (BENCHMARKS.md records each try).
+    # as distilled traces do, so GRPO's verifiable reward has something to correct. BENCHMARKS.md records the
+    # settings tried before these and what each gave.
     "demo": {
         "preprocess": {
             "source": "synthetic:count=6000,digits=1,errors=0.3",
@@ -66,7 +67,7 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
             "per_device_train_batch_size": 16,
             "save_steps": 400,
         },
-        # 16 prompts x 4 completions a step: more prompts make a steadier gradient than larger groups
+        # 16 prompts x 4 completions a step: more prompts make a steadier gradient than larger groups.
         "train": {
             "max_steps": 150,
             "learning_rate": 1e-4,
@@ -88,7 +89,7 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
         },
     },
     # The ~25M-parameter `small` preset on 2-3 step problems over 1-2 digit numbers (results up to 4 digits),
-    # with the same noisy teacher; fast rollouts (BENCHMARKS.md: +25 points over the warm start)
+    # with the same noisy teacher and fast rollouts; BENCHMARKS.md has what it gains.
     "gpu": {
         "preprocess": {
             "source": "synthetic:count=40000,digits=2,min_ops=2,max_ops=3,errors=0.3",
@@ -126,8 +127,7 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
     # A real pretrained chat model (SmolLM2-135M-Instruct, 4-bit-dequantized) on reasoning-gym arithmetic,
     # without a warm start: GRPO from the instruct model itself. It rarely writes \boxed{}, so it is asked to,
     # and rewarded on the lenient reading (its final number) with a bonus for the boxed one; both accuracies
-    # are reported. The instruct model on 40 of these problems (CPU, README): lenient accuracy 0.43 greedy,
-    # 0.26 at this evaluation's T = 0.7; strict 0 either way. main's `grpo_steps` sets other GRPO steps.
+    # are reported (README has where the instruct model starts). main's `grpo_steps` sets other GRPO steps.
     "pretrained": {
         "preprocess": {
             "source": PRETRAINED_PROBLEMS + ",count=8000",
@@ -183,7 +183,7 @@ SCALES: dict[str, dict[str, dict[str, object]]] = {
             "max_examples": 10,
         },
     },
-    # the pretrained path shrunk to a smoke run on a CPU: the real model and generators, a few tokens
+    # The pretrained path shrunk to a smoke run on a CPU: the real model and generators, a few tokens.
     "pretrained-ci": {
         "preprocess": {
             "source": PRETRAINED_PROBLEMS + ",count=40",
@@ -282,29 +282,29 @@ class Pipeline:
             parameters["output_dir"] = str(self.root / entry_point / key[:12])
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{tracking.STEP_KEY}` = '{key}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.`{STEP_KEY}` = '{key}' and attributes.status = 'FINISHED'",
             max_results=1,
         )
         if found:
             log.info("%s: reusing finished run %s", entry_point, found[0].info.run_id)
             self.client.set_tag(found[0].info.run_id, f"rlvr.reused_by.{self.parent.info.run_id}", "true")
             return found[0].info.run_id
+        # The child carries this process until the step's own process takes it over.
         child = self.client.create_run(
             self.experiment_id,
             run_name=name or entry_point,
             tags={
                 "mlflow.parentRunId": self.parent.info.run_id,
-                tracking.STEP_KEY: key,
+                STEP_KEY: key,
                 "rlvr.code": self.code,
-                tracking.PROCESS: tracking.this_process(),
-            },  # until the step's own process takes it over
+                PROCESS: this_process(),
+            },
         )
         log.info("%s: starting run %s", entry_point, child.info.run_id)
-        # `mlflow run` as a plain child, in main's process group (mlflow.projects.run would start it in a
-        # session
-        # of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main. The
-        # experiment
-        # is passed as an id only: with MLFLOW_EXPERIMENT_NAME also set, `mlflow run` would refuse the pair.
+        # `mlflow run` runs as a plain child, in main's process group (mlflow.projects.run would start it in a
+        # session of its own): Ctrl-C, a SIGKILL of the group or a SLURM cancel stops the step with main. The
+        # experiment is passed as an id only: with MLFLOW_EXPERIMENT_NAME also set, `mlflow run` would refuse
+        # the pair.
         command = [
             sys.executable,
             "-m",
@@ -332,13 +332,7 @@ class Pipeline:
                 f"step {entry_point} failed (run {child.info.run_id}); its log is in the run's output above."
             )
         # a training killed earlier resumes into its first run; the new child then only points to it
-        return self.client.get_run(child.info.run_id).data.tags.get(tracking.RESUMED_INTO, child.info.run_id)
-
-    def registered_version(self, run_id: str, name: str) -> str:
-        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        if not versions:
-            raise InputError(f"run {run_id} registered no version of {name}; check its training log.")
-        return max(versions, key=lambda v: int(v.version)).version
+        return self.client.get_run(child.info.run_id).data.tags.get(RESUMED_INTO, child.info.run_id)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -361,9 +355,8 @@ class Outcome:
     per_seed: dict[int, dict[str, dict]]
     comparisons: dict[str, statistics.Paired]
     champion: str
-    seed_comparisons: dict[int, dict[str, statistics.Paired]] = field(
-        default_factory=dict
-    )  # with several seeds
+    # Per seed, the same comparisons; empty for one seed.
+    seed_comparisons: dict[int, dict[str, statistics.Paired]] = field(default_factory=dict)
 
 
 START = "start"  # the label of the model both arms train from, where a scale has no warm start
@@ -422,12 +415,12 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
             f"of the {base_model} model at scale {settings.scale}; pass 0 to copy every one."
         )
     size = settings.reasoning_vocab_size or token_ids
-    with tracking.entrypoint_run(
+    with entrypoint_run(
         run_name="main",
         tags={"rlvr.step": "main", "rlvr.scale": settings.scale},
         default_experiment=EXPERIMENT,
     ):
-        tracking.log_params(
+        log_params(
             {
                 "scale": settings.scale,
                 "reasoning_vocab_size": size,
@@ -462,7 +455,7 @@ def run_pipeline(settings: PipelineSettings) -> Outcome:
                     problems[seed, label, verdict] = statistics.per_problem_accuracy(table, verdict)
         outcome = _outcome(per_seed, problems, seeds)
         version = models[seeds[0]][outcome.champion].rsplit("/", 1)[1]
-        pipeline.client.set_registered_model_alias(name, CHAMPION, version)
+        registry.set_alias(name, CHAMPION, version)
         _log_outcome(outcome, seeds)
         mlflow.set_tags({"rlvr.champion": f"models:/{name}/{version}"})
         mlflow.log_text(comparison_table(outcome), "comparison.md")
@@ -481,7 +474,7 @@ def _train_arms(
             {**plan["warmstart"], "data": data, "seed": seed, "registered_model_name": warm_name},
             name=f"warmstart{suffix}",
         )
-        models = {"warmstart": f"models:/{warm_name}/{pipeline.registered_version(warm_run, warm_name)}"}
+        models = {"warmstart": f"models:/{warm_name}/{registry.version_registered_by(warm_run, warm_name)}"}
     else:
         models = {START: plan[START]["model"]}
     start = next(iter(models.values()))
@@ -496,7 +489,7 @@ def _train_arms(
         if arm == "reasoning":
             parameters["reasoning_vocab_size"] = n
         run = pipeline.step(f"train_{arm}", parameters, name=f"train_{arm}{suffix}")
-        models[arm] = f"models:/{name}/{pipeline.registered_version(run, name)}"
+        models[arm] = f"models:/{name}/{registry.version_registered_by(run, name)}"
     return models
 
 

@@ -42,7 +42,8 @@ from rlvr.dataset import DATA_ARTIFACT_PATH, load_split, schema_for
 from rlvr.errors import InputError
 from rlvr.rewards import DEFAULT_INSTRUCTION
 from rlvr.settings import param
-from rlvr.tracking import entrypoint_run, log_params
+from rlvr.tracking.params import log_params
+from rlvr.tracking.runs import entrypoint_run
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from rlvr.answers import answer_is_correct, lenient_is_correct
 from rlvr.errors import InputError
 
 BOXED = "\\boxed{"
-# appended to each problem: asks for the boxed answer that the rewards and evaluation check
+# Appended to each problem: it asks for the boxed answer that the rewards and evaluation check.
 DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
@@ -148,8 +148,8 @@ def parse_rewards(spec: str) -> list[tuple[str, float]]:
 def _completion_ids(completion_ids) -> list[list[int]]:
     if completion_ids is None:
         raise TypeError(
-            "rlvr's rewards read the thought from token ids: call them with completion_ids=... (TRL passes "
-            "it)."
+            "rlvr's rewards read the thought from token ids: call them with completion_ids=... "
+            "(TRL passes it)."
         )
     return [[int(i) for i in ids] for ids in completion_ids]
 

@@ -152,7 +152,7 @@ def distribution_changes(config: GenerationFields) -> list[str]:
 def training_changes(config: GenerationFields, temperature: float) -> list[str]:
     """What a training rollout would sample differently from what its loss scores at `temperature`: every
     `distribution_changes` entry, and another temperature. The temperature has one value in training, the
-    trainer's, which both the sampler's config and the loss head carry."""
+    trainer's: the rollouts' request carries it, and the loss head reads it from that request."""
     changes = distribution_changes(config)
     if config.temperature != temperature:
         changes.append(f"temperature={config.temperature}")

@@ -7,7 +7,8 @@ Attributes set on a model (`attach`, `enable_fast_rollouts`):
 - `reasoning_vocab`: the `ReasoningVocab` (token map and masks).
 - `config.rlvr_reasoning_vocab_size`, `config.rlvr_base_vocab_size`: N and E, which `save_pretrained` writes
   into config.json, so that a directory without its map is still known to be expanded.
-- `reasoning_temperature`: the temperature the log-prob head scores at (the trainer's sampling temperature).
+- `reasoning_temperature`: the temperature the log-prob head scores at; the GRPO trainer reads it from the
+  request its rollouts sample with, so the two cannot differ.
 - `reasoning_head_fp32`: whether the log-prob head runs its projection in fp32 outside autocast.
 - `record_sampling_logprobs`: when true, `generate` keeps the log-prob of each sampled token under the
   distribution it was drawn from, in `sampling_logprobs` (B, new tokens), for the importance-sampling
@@ -197,7 +198,7 @@ def attach(
     """Make `model` obey `vocab` (in place): in every `generate`, in the training log-prob head, and on save.
 
     Idempotent; call again after anything that replaces `model.forward` (TRL's trainers do) to put the
-    constrained head back, with the trainer's sampling temperature and head precision.
+    constrained head back, with the sampling temperature and the head precision of the trainer.
     """
     from rlvr.logprobs import check_plain_head, constrained_forward
 

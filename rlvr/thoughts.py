@@ -79,8 +79,8 @@ def completion_states(
 ) -> torch.Tensor:
     """`(B, L)` bool: the state before each completion token, given the state at the end of each prompt."""
     opener = torch.full_like(completion_ids[:, :1], tags.think_start_id)
-    # a prompt that leaves the thought open is, for the scan, one `<think>`; one that does not is one
-    # `</think>`
+    # For the scan, a prompt that leaves the thought open is one `<think>`, and one that does not is one
+    # `</think>`.
     opener = opener.masked_fill(~starts_inside.reshape(-1, 1).bool(), tags.think_end_id)
     after = inside_after(tags, torch.cat([opener, completion_ids], 1), completion_start=1)
     return after[:, :-1]

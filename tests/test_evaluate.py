@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from entrypoints.evaluate import main
-from rlvr import load_model, save_model, tracking
+from rlvr import load_model, save_model
 from rlvr.dataset import load_split
 from rlvr.decoding import TokenSpan
 from rlvr.evaluation import (
@@ -39,6 +39,7 @@ from rlvr.preprocess import Options, preprocess
 from rlvr.presets.task import micro_tokenizer
 from rlvr.protocols import pass_at_k, wilson_interval
 from rlvr.rendering import PageEntry, colour_for, completions_page, segments
+from rlvr.serving import log_model
 
 FAST = {"num_samples": 2, "temperature": 1.0, "max_new_tokens": 16, "batch_size": "8"}
 
@@ -365,7 +366,7 @@ def test_several_models_are_scored_on_the_same_problems_and_compared_pairwise(
 
 def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_uri, answer_7_model, sevens):
     with mlflow.start_run(run_name="register-fixture") as training:
-        uri = tracking.log_model(answer_7_model, "answer-7", {"arm": "reasoning"})
+        uri = log_model(answer_7_model, "answer-7", {"arm": "reasoning"})
     client = MlflowClient()
     client.set_registered_model_alias("answer-7", "champion", uri.rsplit("/", 1)[1])
     experiment = "evaluate-mlflow-run"

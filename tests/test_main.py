@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT, kill_when
 from mlflow.tracking import MlflowClient
 
-from rlvr import tracking
 from rlvr.pipeline import EXPERIMENT
+from rlvr.tracking.runs import DEFAULT_EXPERIMENT_ID, MOVED_TO
 
 SEEDS = (0, 1)
 PER_SEED = [
@@ -110,12 +110,12 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
     (parent,) = [r for r in mains if r.info.status == "FINISHED"]
     assert parent.info.run_name == "main"
     # the runs `mlflow run` made in Default before main started stay there as pointers: the killed ones closed
-    pointers = client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], f"tags.`{tracking.MOVED_TO}` LIKE '%'")
-    pointers = [r for r in pointers if r.data.tags[tracking.MOVED_TO] in {m.info.run_id for m in mains}]
+    pointers = client.search_runs([DEFAULT_EXPERIMENT_ID], f"tags.`{MOVED_TO}` LIKE '%'")
+    pointers = [r for r in pointers if r.data.tags[MOVED_TO] in {m.info.run_id for m in mains}]
     assert sorted(r.info.status for r in pointers) == ["FINISHED"] + ["KILLED"] * len(stages)
     assert all(r.info.run_name == f"main (in experiment {EXPERIMENT})" for r in pointers)
     (finished,) = [r for r in pointers if r.info.status == "FINISHED"]
-    assert finished.data.tags[tracking.MOVED_TO] == parent.info.run_id
+    assert finished.data.tags[MOVED_TO] == parent.info.run_id
     by_id = {r.info.run_id: r for r in runs}
     own = [
         by_id[c.data.tags.get("rlvr.resumed_into", c.info.run_id)]
@@ -189,7 +189,7 @@ def test_main_runs_every_step_as_a_child_sets_the_champion_and_reuses_finished_s
         if r.info.run_id != parent.info.run_id
     ]
     assert client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{rerun.info.run_id}'") == []
-    moved = f"tags.`{tracking.MOVED_TO}` = '{rerun.info.run_id}'"
-    assert client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], moved) == []
+    moved = f"tags.`{MOVED_TO}` = '{rerun.info.run_id}'"
+    assert client.search_runs([DEFAULT_EXPERIMENT_ID], moved) == []
     reused = client.search_runs([experiment_id], f"tags.`rlvr.reused_by.{rerun.info.run_id}` = 'true'")
     assert len(reused) == len(STEPS)

@@ -14,7 +14,8 @@ import pytest
 from conftest import _free_port
 from mlflow.tracking import MlflowClient
 
-from rlvr import load_model, save_model, tracking
+from rlvr import load_model, save_model
+from rlvr.serving import log_model
 
 
 def post(url: str, body) -> tuple[int, dict]:
@@ -41,7 +42,7 @@ def served(mlflow_server, tmp_path_factory):
         model, tokenizer = load_model("micro", reasoning_vocab_size=64)
         directory = save_model(model, tokenizer, tmp_path_factory.mktemp("served") / "model")
         with mlflow.start_run(experiment_id=experiment_id):
-            uri = tracking.log_model(directory, "served-micro", {"arm": "reasoning"})
+            uri = log_model(directory, "served-micro", {"arm": "reasoning"})
         port = _free_port()
         log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
         with log_path.open("w") as log:

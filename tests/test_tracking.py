@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
-from rlvr import tracking
 from rlvr.errors import InputError
+from rlvr.tracking import runs
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def launched_by_mlflow_run(client, monkeypatch, experiment_id: str) -> str:
 
 
 def run_main(demo: str) -> mlflow.entities.Run:
-    with tracking.entrypoint_run("main", tags={"rlvr.step": "main"}, default_experiment=demo) as run:
+    with runs.entrypoint_run("main", tags={"rlvr.step": "main"}, default_experiment=demo) as run:
         # fluent calls without an experiment (main's mlflow.load_table) look in the run's experiment
         assert run.info.run_id in {r.info.run_id for r in mlflow.search_runs(output_format="list")}
     assert mlflow.active_run() is None
@@ -56,13 +56,13 @@ def test_a_run_created_by_mlflow_run_takes_the_entry_points_name_but_step_names_
     step = client.create_run(experiment, run_name="evaluate warmstart", tags={"rlvr.step_key": "abc"})
     for run, expected in ((plain, "train_baseline"), (step, "evaluate warmstart")):
         monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
-        with tracking.entrypoint_run("train_baseline", tags={"rlvr.step": "train_baseline"}):
+        with runs.entrypoint_run("train_baseline", tags={"rlvr.step": "train_baseline"}):
             pass
         assert mlflow.active_run() is None
         assert client.get_run(run.info.run_id).info.run_name == expected
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # mlflow pops it once used
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
-    with tracking.entrypoint_run("evaluate") as run:
+    with runs.entrypoint_run("evaluate") as run:
         own = run.info.run_id
     assert client.get_run(own).info.run_name == "evaluate"
 
@@ -90,29 +90,29 @@ def test_a_model_that_could_not_be_registered_leaves_no_finished_looking_output(
 
 def test_main_launched_in_default_moves_to_its_own_experiment_leaving_a_pointer(store, demo, monkeypatch):
     client = store
-    launched = launched_by_mlflow_run(client, monkeypatch, tracking.DEFAULT_EXPERIMENT_ID)
+    launched = launched_by_mlflow_run(client, monkeypatch, runs.DEFAULT_EXPERIMENT_ID)
     real = run_main(demo)
     own = client.get_experiment_by_name(demo).experiment_id
     assert real.info.experiment_id == own and real.info.run_name == "main"
     assert real.info.status == "FINISHED" and real.data.tags["rlvr.step"] == "main"
     assert real.data.tags["mlflow.project.entryPoint"] == "main"  # the project's tags follow the work
     pointer = client.get_run(launched)
-    assert pointer.info.experiment_id == tracking.DEFAULT_EXPERIMENT_ID
+    assert pointer.info.experiment_id == runs.DEFAULT_EXPERIMENT_ID
     assert pointer.info.run_name == f"main (in experiment {demo})"
-    assert pointer.data.tags[tracking.MOVED_TO] == real.info.run_id and "rlvr.step" not in pointer.data.tags
+    assert pointer.data.tags[runs.MOVED_TO] == real.info.run_id and "rlvr.step" not in pointer.data.tags
     assert pointer.info.status == "RUNNING"  # left to `mlflow run`, which closes the run it created
-    assert pointer.data.tags[tracking.PROCESS] == tracking.this_process()
+    assert pointer.data.tags[runs.PROCESS] == runs.this_process()
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pointer whose `mlflow run` and main were killed: RUNNING, its process gone
     orphan = client.create_run(
-        tracking.DEFAULT_EXPERIMENT_ID,
+        runs.DEFAULT_EXPERIMENT_ID,
         run_name=f"main (in experiment {demo})",
-        tags={tracking.MOVED_TO: real.info.run_id, tracking.PROCESS: f"{socket.gethostname()}/{gone.pid}"},
+        tags={runs.MOVED_TO: real.info.run_id, runs.PROCESS: f"{socket.gethostname()}/{gone.pid}"},
     )
-    second = launched_by_mlflow_run(client, monkeypatch, tracking.DEFAULT_EXPERIMENT_ID)
+    second = launched_by_mlflow_run(client, monkeypatch, runs.DEFAULT_EXPERIMENT_ID)
     assert run_main(demo).info.experiment_id == own  # the experiment exists now: reused
-    assert client.get_run(second).data.tags[tracking.MOVED_TO] != real.info.run_id
+    assert client.get_run(second).data.tags[runs.MOVED_TO] != real.info.run_id
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
     assert client.get_run(launched).info.status == "RUNNING"  # its process (this one) is alive
     for pointer_id in (launched, second):
@@ -127,10 +127,10 @@ def test_an_experiment_the_user_names_wins(store, demo, monkeypatch):
     assert client.get_run(launched).info.run_name == "main"
 
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "Default")  # the Default experiment, named on purpose
-    launched = launched_by_mlflow_run(client, monkeypatch, tracking.DEFAULT_EXPERIMENT_ID)
+    launched = launched_by_mlflow_run(client, monkeypatch, runs.DEFAULT_EXPERIMENT_ID)
     run = run_main(demo)
-    assert run.info.run_id == launched and run.info.experiment_id == tracking.DEFAULT_EXPERIMENT_ID
-    assert tracking.MOVED_TO not in run.data.tags
+    assert run.info.run_id == launched and run.info.experiment_id == runs.DEFAULT_EXPERIMENT_ID
+    assert runs.MOVED_TO not in run.data.tags
 
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # python -m entrypoints.main (mlflow popped it)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
@@ -159,8 +159,8 @@ def test_mlflow_run_of_main_in_default_ends_cleanly_with_the_work_in_its_experim
     project.mkdir()
     (project / "MLproject").write_text("name: moved\nentry_points:\n  main:\n    command: python step.py\n")
     (project / "step.py").write_text(
-        "from rlvr import tracking\n"
-        f"with tracking.entrypoint_run('main', default_experiment={demo!r}):\n"
+        "from rlvr.tracking import runs\n"
+        f"with runs.entrypoint_run('main', default_experiment={demo!r}):\n"
         "    pass\n"
     )
     env = {
@@ -179,9 +179,9 @@ def test_mlflow_run_of_main_in_default_ends_cleanly_with_the_work_in_its_experim
     assert done.returncode == 0, done.stderr[-3000:]
     client = store
     (pointer,) = client.search_runs(
-        [tracking.DEFAULT_EXPERIMENT_ID], f"tags.`mlflow.runName` = 'main (in experiment {demo})'"
+        [runs.DEFAULT_EXPERIMENT_ID], f"tags.`mlflow.runName` = 'main (in experiment {demo})'"
     )
     assert pointer.info.status == "FINISHED" and pointer.info.run_name == f"main (in experiment {demo})"
-    real = client.get_run(pointer.data.tags[tracking.MOVED_TO])
+    real = client.get_run(pointer.data.tags[runs.MOVED_TO])
     assert real.info.status == "FINISHED" and real.info.run_name == "main"
     assert real.info.experiment_id == client.get_experiment_by_name(demo).experiment_id

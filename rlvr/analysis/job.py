@@ -23,7 +23,6 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from rlvr import tracking
 from rlvr.analysis import plots
 from rlvr.analysis.drift import (
     QUANTILES,
@@ -44,6 +43,9 @@ from rlvr.rendering import latex_completion, markdown_completion
 from rlvr.sampling import check_sampling
 from rlvr.settings import param
 from rlvr.surgery import make_faithful
+from rlvr.tracking.params import log_params
+from rlvr.tracking.runs import entrypoint_run, experiment_in_environment
+from rlvr.tracking.server import check_tracking_server
 from rlvr.vocab import ReasoningVocab
 
 log = logging.getLogger(__name__)
@@ -307,7 +309,7 @@ def _check_comparable(training: ReasoningVocab, baseline: ReasoningVocab) -> Non
 def analyze(settings: AnalyzeSettings) -> str:
     """Measure the runs as `settings` say and log everything to a new `analyze` run; returns its id."""
     validate(settings)
-    tracking.check_tracking_server()
+    check_tracking_server()
     training = resolve_run(settings.training_run, "training_run", "training", settings.max_checkpoints)
     runs = [training]
     if settings.baseline_run.strip():
@@ -333,13 +335,13 @@ def analyze(settings: AnalyzeSettings) -> str:
         settings=settings,
         device="cuda" if torch.cuda.is_available() else None,
     )
-    if not os.environ.get("MLFLOW_RUN_ID") and not tracking.experiment_in_environment():
+    if not os.environ.get("MLFLOW_RUN_ID") and not experiment_in_environment():
         mlflow.set_experiment(experiment_id=training.run.info.experiment_id)  # analyses sit beside their run
     tags = {"rlvr.step": "analyze", "rlvr.training_run_id": training.run_id}
     if len(runs) > 1:
         tags["rlvr.baseline_run_id"] = runs[1].run_id
-    with tracking.entrypoint_run("analyze", tags) as active, tempfile.TemporaryDirectory() as scratch:
-        tracking.log_params(dataclasses.asdict(settings) | {
+    with entrypoint_run("analyze", tags) as active, tempfile.TemporaryDirectory() as scratch:
+        log_params(dataclasses.asdict(settings) | {
             "training_run_id": training.run_id,
             "training_output_dir": str(training.output_dir.resolve()),
             "baseline_run_id": runs[1].run_id if len(runs) > 1 else "",

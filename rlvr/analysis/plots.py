@@ -345,9 +345,8 @@ def completion(
     probe = Figure(dpi=DPI)
     FigureCanvasAgg(probe)
     sample = probe.text(0, 0, "M" * width, **font)
-    char_width = (
-        sample.get_window_extent(probe.canvas.get_renderer()).width / width / DPI
-    )  # inches per column
+    # Inches per column of text.
+    char_width = sample.get_window_extent(probe.canvas.get_renderer()).width / width / DPI
     line_height, header, footer, margin = 0.19, 0.85, 0.25, 0.3
     rows = len(lines) + (1 if hidden else 0)
     size = (width * char_width + 2 * margin, rows * line_height + header + footer)

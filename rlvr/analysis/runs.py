@@ -7,7 +7,6 @@ complete checkpoints, at most `max_checkpoints` of them, evenly spaced. Every ou
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,10 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from rlvr import tracking
 from rlvr.dataset import Split, load_split
 from rlvr.errors import InputError
-from rlvr.job import checkpoints
+from rlvr.job import OutputDir
+from rlvr.tracking.uris import RUNS_SCHEME, refuse_deleted_run
 
 KEY = ("run", "run_id", "label", "arm", "step")  # the leading columns of every table: whose checkpoint
 
@@ -62,7 +61,7 @@ def _get_run(run_id: str, name: str, reference: str) -> Run:
             f"{name}={reference!r}: MLflow has no run {run_id} ({error.message}); check the id and that "
             "MLFLOW_TRACKING_URI points at the server that holds it."
         ) from error
-    tracking.refuse_deleted_run(name, reference, run_id)
+    refuse_deleted_run(name, reference, run_id)
     return run
 
 
@@ -76,10 +75,10 @@ def evenly_spaced(items: Sequence, limit: int) -> list:
 
 def resolve_run(reference: str, name: str, role: str, max_checkpoints: int = 0) -> TrainingRun:
     """The run behind `runs:/<run_id>` (checkpoints from its recorded output_dir) or behind an output_dir
-    (run id from its mlflow_run.json)."""
+    (run id from its run record)."""
     reference = reference.strip()
-    if reference.startswith("runs:/"):
-        run_id = reference.removeprefix("runs:/").strip("/")
+    if reference.startswith(RUNS_SCHEME):
+        run_id = reference.removeprefix(RUNS_SCHEME).strip("/")
         if not run_id or "/" in run_id:
             raise InputError(
                 f"{name}={reference!r} is not runs:/<run_id>; pass the training run's id alone, no path."
@@ -100,24 +99,26 @@ def resolve_run(reference: str, name: str, role: str, max_checkpoints: int = 0) 
             )
     else:
         output_dir = Path(reference).expanduser()
-        record = output_dir / tracking.RUN_FILE
+        record = OutputDir(output_dir).run_record
         if not record.is_file():
             raise InputError(
                 f"{name}={reference!r} is neither runs:/<run_id> nor a training output_dir (none has "
-                f"{tracking.RUN_FILE}); pass one of those."
+                f"{record.name}); pass one of those."
             )
         try:
-            run_id = json.loads(record.read_text())["run_id"]
+            run_id = OutputDir(output_dir).recorded_run_id()
         except (ValueError, KeyError, TypeError) as error:
             raise InputError(
                 f"{name}={reference!r}: {record} is not a run record ({error}); pass runs:/<run_id> instead."
             ) from error
         run = _get_run(run_id, name, reference)
-    found = checkpoints(output_dir, "config.json")
+    outputs = OutputDir(output_dir)
+    found = outputs.checkpoints("config.json")
     if len(found) < 2:
         raise InputError(
             f"{name}={reference!r}: {output_dir} holds {len(found)} complete checkpoint(s), and change "
-            "over training needs at least checkpoint-0 and one more; train with save_steps below max_steps."
+            f"over training needs at least {outputs.start.name} and one more; train with save_steps below "
+            "max_steps."
         )
     return TrainingRun(role, run, output_dir, tuple(evenly_spaced(found, max_checkpoints)))
 

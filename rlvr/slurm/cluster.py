@@ -19,14 +19,14 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import ExecutionException
 
 from rlvr.cache import cache_dir
-from rlvr.errors import InputError
+from rlvr.errors import UserFacingError
 
 _QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD"}
 _ACTIVE = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED", "RESIZING"}
 _OUTCOMES = {"COMPLETED": RunStatus.FINISHED, "CANCELLED": RunStatus.KILLED}
 
 
-class SlurmError(ExecutionException, InputError):
+class SlurmError(ExecutionException, UserFacingError):
     """SLURM cannot take the job as configured; `mlflow run` prints the message and exits non-zero."""
 
 
