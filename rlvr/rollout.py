@@ -64,8 +64,8 @@ EAGER_GROUP = 64  # eager: prompts whose lengths differ by less than this share 
 KV_BUCKET = 64  # a decode step attends over the cache positions in use, rounded up to a multiple of this
 # Columns a cache holds beyond its ring: an eager step's visible part of the cache is then always a strict
 # slice. A whole bucket, so that every row of the cache starts on an aligned address: with a row length not a
-# multiple of 8 (e.g. 641 columns) the attention's batched products on the H200 fell back to unaligned kernels
-# and a decode step took 2.3x longer (BENCHMARKS.md).
+# multiple of 8 (e.g. 641 columns) the attention's batched products on the H200 ran on unaligned fallback
+# kernels, most of a decode step's time in the profile (BENCHMARKS.md).
 SPARE_COLUMNS = KV_BUCKET
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 DECODE_ATTENTION = "rlvr_decode"  # the attention implementation rollouts run under, registered below
@@ -569,6 +569,11 @@ def ring_columns(length: int) -> int:
     return _round_up(max(1, length))
 
 
+def cache_columns(length: int) -> int:
+    """The columns a cache for sequences of up to `length` columns allocates: its ring and the spare."""
+    return ring_columns(length) + SPARE_COLUMNS
+
+
 def _bucket(length: int, compiled: bool) -> int:
     """The prompt width a cache is built for: a multiple of PROMPT_BUCKET when the step is compiled (few
     shapes), else the width itself (an eager step costs what its cache holds)."""
@@ -657,7 +662,7 @@ class FastRollout:
             if only:
                 self._release()
             device = next(runner.parameters()).device
-            self._caches[key] = SlotCache(runner.config, batch, columns + SPARE_COLUMNS, runner.dtype, device)
+            self._caches[key] = SlotCache(runner.config, batch, cache_columns(length), runner.dtype, device)
             log.info("fast decoding: a cache of %d slots and %d columns", batch, columns)
         return self._caches[key]
 
@@ -774,7 +779,7 @@ class FastRollout:
         free, _ = torch.cuda.mem_get_info(device)
         vocabulary = runner.get_output_embeddings().weight.shape[0]
         per_slot = (
-            SlotCache.bytes_per_row(runner.config, ring_columns(length) + SPARE_COLUMNS, runner.dtype)
+            SlotCache.bytes_per_row(runner.config, cache_columns(length), runner.dtype)
             + 4 * SAMPLING_COPIES * vocabulary
         )
         fits = int((free * MEMORY_SHARE - MEMORY_RESERVE) // per_slot)
