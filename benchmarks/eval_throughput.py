@@ -2,6 +2,7 @@
 included, with the fast constrained decoder against Hugging Face `generate`.
 
     python benchmarks/eval_throughput.py                  # one H200: the workload, about 6 minutes
+    python benchmarks/eval_throughput.py --rows generate,fast-N0           # finish a run a time limit cut
     python benchmarks/eval_throughput.py --device cpu --preset tiny-qwen3 --problems 4 --samples 2 \\
         --new-tokens 16 --baseline-problems 2 --hf-problems 1   # a toy run that checks the script on a CPU
 
@@ -93,7 +94,15 @@ def main() -> None:
     )
     parser.add_argument("--hf-problems", type=int, default=2, help="problems of the generate row (0: none)")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto")
+    parser.add_argument(
+        "--rows", default="fast,generate,fast-N0",
+        help="rows to run, comma-separated, in this order: fast, generate, fast-N0 (e.g. to finish a cut run)",
+    )  # fmt: skip
     args = parser.parse_args()
+    rows_asked = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows_asked) - {"fast", "generate", "fast-N0"})
+    if unknown or not rows_asked:
+        parser.error(f"--rows {args.rows!r}: unknown or no row {unknown}; choose from fast, generate, fast-N0")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -105,12 +114,15 @@ def main() -> None:
         root = Path(scratch)
         env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-        reasoning = save_preset(args.preset, args.reasoning_vocab_size, root / "reasoning", gpu)
-        rows = [run_row("fast", reasoning, args.problems, args, env, [])]
-        if args.hf_problems:
+        rows = []
+        if "fast" in rows_asked or ("generate" in rows_asked and args.hf_problems):
+            reasoning = save_preset(args.preset, args.reasoning_vocab_size, root / "reasoning", gpu)
+        if "fast" in rows_asked:
+            rows.append(run_row("fast", reasoning, args.problems, args, env, []))
+        if "generate" in rows_asked and args.hf_problems:
             batch = ["--batch_size", str(args.hf_problems * args.samples), "--fast_decoding", "false"]
             rows.append(run_row("generate", reasoning, args.hf_problems, args, env, batch))
-        if args.baseline_problems:
+        if "fast-N0" in rows_asked and args.baseline_problems:
             baseline = save_preset(args.preset, 0, root / "baseline", gpu)
             rows.append(run_row("fast N=0", baseline, args.baseline_problems, args, env, []))
     device = torch.cuda.get_device_name() if gpu else "cpu"
