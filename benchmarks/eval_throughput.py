@@ -96,13 +96,15 @@ def main() -> None:
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto")
     parser.add_argument(
         "--rows", default="fast,generate,fast-N0",
-        help="rows to run, comma-separated, in this order: fast, generate, fast-N0 (e.g. to finish a cut run)",
+        help="rows to run (comma-separated), always in the order fast, generate, fast-N0",
     )  # fmt: skip
     args = parser.parse_args()
     rows_asked = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows_asked) - {"fast", "generate", "fast-N0"})
     if unknown or not rows_asked:
-        parser.error(f"--rows {args.rows!r}: unknown or no row {unknown}; choose from fast, generate, fast-N0")
+        parser.error(
+            f"--rows {args.rows!r}: unknown or no row {unknown}; choose among fast, generate, fast-N0"
+        )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
