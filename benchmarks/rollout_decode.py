@@ -59,6 +59,12 @@ def main() -> None:
         default="true",
         help="decode on a copy with fused QKV and gate/up projections: true, false, or both",
     )
+    parser.add_argument(
+        "--blocks",
+        default="true",
+        help="the compiled step attends by cache blocks (rlvr.block_attention): true, false (dense over the "
+        "whole ring), or both",
+    )
     parser.add_argument("--prompt-length", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
@@ -94,6 +100,9 @@ def main() -> None:
     fused_choices = {"true": [True], "false": [False], "both": [True, False]}.get(args.fused)
     if fused_choices is None:
         parser.error("--fused must be true, false or both")
+    block_choices = {"true": [True], "false": [False], "both": [True, False]}.get(args.blocks)
+    if block_choices is None:
+        parser.error("--blocks must be true, false or both")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU run only checks that the script works
     if args.attention == "sdpa":
         rollout.DECODE_ATTENTION = "sdpa"
@@ -103,23 +112,24 @@ def main() -> None:
     model, tokenizer = load_model(args.preset, args.reasoning_vocab_size, device=device)
     fusable = fused_decode.FUSABLE
     for batch in (int(b) for b in args.batch.split(",")):
-        for fused in fused_choices:
+        for fused, blocks in ((f, b) for f in fused_choices for b in block_choices):
             if deadline is not None and deadline - time.monotonic() < args.reserve:
-                print(
-                    json.dumps({"skipped": {"batch": batch, "fused": fused}, "reason": "budget"}), flush=True
-                )
+                skipped = {"batch": batch, "fused": fused, "blocks": blocks}
+                print(json.dumps({"skipped": skipped, "reason": "budget"}), flush=True)
                 continue
             fused_decode.FUSABLE = fusable if fused else {}
-            measure(model, tokenizer, args, batch, fused, device)
+            measure(model, tokenizer, args, batch, fused, blocks, device)
             model.fast_rollout = None  # the next configuration builds its own copy and compiles its own step
             torch._dynamo.reset()
             if device == "cuda":
                 torch.cuda.empty_cache()
 
 
-def measure(model, tokenizer, args, batch: int, fused: bool, device: str) -> None:
-    """One rollout configuration: a fresh decoding copy (fused or not) and its compiled step, timed."""
+def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, device: str) -> None:
+    """One rollout configuration: a fresh decoding copy (fused or not) and its compiled step (attending by
+    blocks or densely), timed."""
     enable_fast_rollouts(model, dtype=torch.bfloat16)
+    model.fast_rollout.blocks = blocks if device == "cuda" else False  # eagerly, a step reads what is in use
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, len(tokenizer) - 1000, (batch, args.prompt_length), generator=generator).to(
         device
@@ -155,6 +165,7 @@ def measure(model, tokenizer, args, batch: int, fused: bool, device: str) -> Non
         "reasoning_vocab_size": args.reasoning_vocab_size,
         "batch": batch,
         "fused": fused,
+        "blocks": bool(model.fast_rollout.blocks),
         "new_tokens": args.new_tokens,
         "attention": args.attention,
         "kv_bucket": args.kv_bucket,
@@ -188,7 +199,8 @@ def measure(model, tokenizer, args, batch: int, fused: bool, device: str) -> Non
             profile["runtime_calls_per_step"] = {
                 call: round(count / args.new_tokens, 1) for call, count in profile["runtime_calls"].items()
             }
-        print(json.dumps({"profile": profile, "floor": floor, "batch": batch, "fused": fused}), flush=True)
+        shape = {"batch": batch, "fused": fused, "blocks": blocks}
+        print(json.dumps({"profile": profile, "floor": floor, **shape}), flush=True)
 
 
 def compiler_counts() -> dict:

@@ -13,7 +13,8 @@ Runs, in this order (`--only` picks some), each in a process of its own:
   rollouts; the first compiles from a cold kernel cache, so its first step states the cold cost;
 - `plain`: plain TRL `GRPOTrainer` on the same workload, for the 10x target;
 - `head`: `logprob_head.py`, the fused log-prob head against the previous and the materialised one;
-- `decode`: `rollout_decode.py`, ms per decode step at 64 and 256 sequences, fused projections and not;
+- `decode`: `rollout_decode.py`, ms per decode step at 64 and 256 sequences (fused projections), attending by
+  cache blocks and densely over the whole ring;
 - `baseline-warm`: train_baseline again, its first step now from the kernels the runs above left on disk;
 - `baseline-compiled-layers`: train_baseline with every decoder layer compiled for training
   (`RLVR_COMPILE_LAYERS=1`);
@@ -70,9 +71,9 @@ PARTS = [
     Part(
         "decode",
         "rollout_decode.py",
-        "--batch 64,256 --fused both --repeats 1 --reserve 50",
-        "--preset tiny-qwen3 --batch 4,8 --fused both --new-tokens 8 --prompt-length 20 --repeats 1 "
-        "--reserve 5",
+        "--batch 64,256 --fused true --blocks both --repeats 1 --reserve 50",
+        "--preset tiny-qwen3 --batch 4,8 --fused true --blocks both --new-tokens 8 --prompt-length 20 "
+        "--repeats 1 --reserve 5",
         60,
     ),
     Part("baseline-warm", *_step("baseline", " ".join(REFERENCE)), 60),
@@ -142,7 +143,8 @@ def row(name: str, result: dict) -> str | None:
         )
     if "fast_ms_per_step" in result:
         return (
-            f"| {name} batch {result['batch']} {'fused' if result['fused'] else 'unfused'} | "
+            f"| {name} batch {result['batch']} {'fused' if result['fused'] else 'unfused'} "
+            f"{'blocks' if result.get('blocks') else 'dense'} | "
             f"{result['fast_ms_per_step']} ms/step | {result['fast_tokens_per_s']} tok/s | first rollout "
             f"{result['first_rollout_s']} s | peak {result['fast_peak_gib']} GiB |"
         )

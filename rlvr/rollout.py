@@ -51,7 +51,7 @@ from transformers import AttentionInterface, GenerationConfig, PreTrainedModel, 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from rlvr import thoughts
+from rlvr import block_attention, thoughts
 from rlvr.cache import cache_dir
 from rlvr.errors import InputError
 from rlvr.fused_decode import decode_targets, fuse_projections
@@ -105,6 +105,8 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     memory traffic). One query token per head instead becomes `groups` query rows of its key/value head, so
     the cache is read once and never copied. Prefill and training shapes go to SDPA unchanged.
     """
+    if isinstance(attention_mask, block_attention.BlockMask):  # a compiled step's mask, as blocks
+        return block_attention.attend(query, key, value, attention_mask, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] == 1 and attention_mask is not None:
         # the rollout's mask covers the positions in use: read only those of the cache
@@ -328,17 +330,20 @@ def _decode_step(
     limits,
     rule: Rule,
     tags: Tags,
+    blocks: bool = False,
 ):
     """One token for every slot: forward the current token of each row (a 4D mask goes to the attention as
-    it is: (batch, 1, 1, visible cache columns)), choose, and advance the rows that emitted.
+    it is: (batch, 1, 1, visible cache columns), or with `blocks` as the block mask of those columns, so that
+    a row reads only the cache blocks it sees), choose, and advance the rows that emitted.
 
     A stalled row (no proposal in the nucleus) feeds the same token at the same position again; finished rows
     emit nothing. `limits` is (max new tokens, stall budget).
     """
+    mask = block_attention.block_mask(visible[:, 0, 0]) if blocks else visible
     logits = (
         runner(
             input_ids=token.unsqueeze(-1),
-            attention_mask=visible,
+            attention_mask=mask,
             position_ids=position.unsqueeze(-1),
             cache_position=cache.column,
             use_cache=True,
@@ -529,6 +534,7 @@ class _Batch:
             self.limits,
             self.rule,
             self.tags,
+            self.fast.blocks,
         )
         # a replay overwrites its outputs in place: keep copies, which the next step reads
         state = [x.clone() for x in state] if self.fast.compile else state
@@ -603,15 +609,25 @@ class FastRollout:
         compile: bool | None = None,
         dtype: torch.dtype | None = None,
         own_copy: bool = False,
+        blocks: bool | None = None,
     ):
         self.model = model
         self._model_class = type(model)  # before sharding, which may swap the class for a wrapper
         self.compile = compile  # None: compile when the first rollout decodes on a GPU
+        # block attention (`rlvr.block_attention`); None: where the step is compiled, unless turned off there
+        self.blocks = blocks
         self.dtype = dtype if dtype is not None and dtype != model.dtype else None
         self.copies = own_copy or self.dtype is not None
         self._shadow: PreTrainedModel | None = None
         self._caches: dict[tuple[int, int], SlotCache] = {}
         self.calls = 0  # rollouts served, for tests and logs
+
+    def _decide(self, device: torch.device) -> None:
+        """Settle what was left to the first rollout: compile on a GPU, and there attend by blocks."""
+        if self.compile is None:
+            self.compile = device.type == "cuda"
+        if self.blocks is None:
+            self.blocks = bool(self.compile) and block_attention.wanted()
 
     def prepare(self) -> None:
         """Check now that the model can be copied, so that a model it cannot copy is refused up front."""
@@ -678,8 +694,7 @@ class FastRollout:
         """`input_ids` followed by up to `max_new_tokens` sampled ids (padding after EOS), as `generate`
         returns, and each sampled token's log-prob (fp32) under the distribution it was drawn from (the masked
         softmax at the temperature: the training requests `rlvr.sampling.plain_request` admits)."""
-        if self.compile is None:
-            self.compile = input_ids.device.type == "cuda"
+        self._decide(input_ids.device)
         runner = self._runner(input_ids.device)
         sampling = Sampling.from_config(config)
         rule = Rule.of(sampling, keyed=False)  # a training batch is what it is: torch's generator draws
@@ -734,8 +749,7 @@ class FastRollout:
         (`auto_batch`). Sample `j` of prompt `i` draws noise keyed by (`seed`, `uids[i]`, `j`), so it is the
         same whatever else is sampled with it. `on_finished(i, j, sampled)` is called as each one ends."""
         device = torch.device(device)
-        if self.compile is None:
-            self.compile = device.type == "cuda"
+        self._decide(device)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         runner = self._runner(device)

@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rlvr import thoughts
 from rlvr.evaluation import Scored
 from rlvr.generation import Generated
+from rlvr.models import load_model as rlvr_load_model
 from rlvr.presets.qwen3 import qwen3_tokenizer
 from rlvr.vocab import ReasoningVocab
 
@@ -204,6 +205,21 @@ def warm_start_micro(
         )
     )
     return output_dir / "final"
+
+
+@pytest.fixture(scope="module")
+def peaked_micro():
+    """micro with a reasoning copy of every id, its head biased so that distributions are neither flat nor
+    one-hot (the nucleus then cuts in the middle) and forbidden rows are tempting."""
+    model, tokenizer = rlvr_load_model("micro", reasoning_vocab_size=325)
+    vocab = model.reasoning_vocab
+    generator = torch.Generator().manual_seed(0)
+    bias = 3.0 * torch.randn(vocab.total_size, generator=generator)
+    never = vocab.forbidden_table("cpu").all(0)
+    bias[never] += 6.0
+    bias[[vocab.think_start_id, vocab.think_end_id]] += 4.0
+    model.get_output_embeddings().bias = torch.nn.Parameter(bias)
+    return model.eval(), tokenizer
 
 
 def bias_towards_forbidden(model, vocab: ReasoningVocab) -> None:

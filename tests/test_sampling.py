@@ -80,21 +80,6 @@ def _fast_warped(logits, vocab: ReasoningVocab, inside, sampling: Sampling) -> t
     return logprobs.softmax(-1)
 
 
-@pytest.fixture(scope="module")
-def peaked_micro():
-    """micro with a reasoning copy of every id, its head biased so that distributions are neither flat nor
-    one-hot (the nucleus then cuts in the middle) and forbidden rows are tempting."""
-    model, tokenizer = load_model("micro", reasoning_vocab_size=325)
-    vocab = model.reasoning_vocab
-    generator = torch.Generator().manual_seed(0)
-    bias = 3.0 * torch.randn(vocab.total_size, generator=generator)
-    never = vocab.forbidden_table("cpu").all(0)
-    bias[never] += 6.0
-    bias[[vocab.think_start_id, vocab.think_end_id]] += 4.0
-    model.get_output_embeddings().bias = torch.nn.Parameter(bias)
-    return model.eval(), tokenizer
-
-
 @pytest.mark.parametrize(
     "sampling",
     [Sampling(0.7, top_p=0.9), Sampling(1.0, top_k=20), Sampling(0.6, top_p=0.95, top_k=50)],

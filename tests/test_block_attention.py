@@ -1,0 +1,144 @@
+"""Block attention for the compiled decode step: its block mask lists exactly the blocks a row sees, it
+attends as the dense masked attention does, and a rollout through it samples what the dense one samples.
+
+Run eagerly here (FlexAttention's reference implementation); tests/test_rollout_gpu.py runs it compiled.
+"""
+
+import warnings
+
+import pytest
+import torch
+from conftest import prompts
+
+from rlvr import block_attention
+from rlvr.errors import InputError
+from rlvr.generation import prompt_ids
+from rlvr.rollout import FastRollout, decode_attention
+from rlvr.sampling import Sampling
+
+BLOCK = block_attention.BLOCK
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def ring_masks(batch: int, length: int, seed: int) -> torch.Tensor:
+    """(batch, length) masks as the ring leaves them: each row a span that may wrap past the last column, with
+    holes (left padding, stalled columns), some spans a whole block or the whole ring, one a single column."""
+    generator = torch.Generator().manual_seed(seed)
+    visible = torch.zeros(batch, length, dtype=torch.bool)
+    for row in range(batch):
+        span = int(torch.randint(1, length + 1, (1,), generator=generator))
+        if row == 0:
+            span = length
+        elif row == 1:
+            span = 1
+        elif row == 2:
+            span = BLOCK
+        end = int(torch.randint(0, length, (1,), generator=generator))
+        columns = (end - torch.arange(span)) % length
+        visible[row, columns] = torch.rand(span, generator=generator) > 0.2
+        visible[row, end] = True  # the newest column is always seen
+    return visible
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_block_mask_lists_exactly_the_blocks_a_row_sees(seed):
+    length = BLOCK * 7
+    visible = ring_masks(9, length, seed)
+    if seed == 0:
+        visible[3, 2 * BLOCK : 3 * BLOCK] = True  # a block seen whole inside a span with holes
+
+    mask = block_attention.block_mask(visible)
+
+    blocks = visible.view(9, 7, BLOCK)
+    for row in range(9):
+        partial = [b for b in range(7) if blocks[row, b].any() and not blocks[row, b].all()]
+        whole = [b for b in range(7) if blocks[row, b].all()]
+        count = int(mask.kv_num_blocks[row, 0, 0])
+        full = int(mask.full_kv_num_blocks[row, 0, 0])
+        assert mask.kv_indices[row, 0, 0, :count].tolist() == partial
+        assert mask.full_kv_indices[row, 0, 0, :full].tolist() == whole
+    assert mask.shape == (9, 1, 1, length)
+    # the mask proper, evaluated where a partial block needs it, is the visible table itself
+    assert torch.equal(mask.to_dense()[:, 0, 0].bool(), blocks.any(-1))
+    assert bool(mask.mask_mod(torch.tensor(4), 0, 0, torch.tensor(5))) == bool(visible[4, 5])
+
+
+def test_a_width_that_is_not_whole_blocks_is_refused():
+    with pytest.raises(ValueError, match=f"multiple of {BLOCK}"):
+        block_attention.block_mask(torch.ones(2, BLOCK + 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (6, 1)])
+def test_block_attention_equals_dense_masked_attention(heads, kv_heads):
+    """Through the decode attention function, as a model's layers call it, over a cache longer than the mask
+    (the spare columns are never seen)."""
+    torch.manual_seed(0)
+    batch, length, dim = 7, BLOCK * 5, 16
+    visible = ring_masks(batch, length, seed=heads)
+    module = type("Attention", (), {"num_key_value_groups": heads // kv_heads, "training": False})()
+    query = torch.randn(batch, heads, 1, dim)
+    key, value = (torch.randn(batch, kv_heads, length + BLOCK, dim) for _ in range(2))
+
+    output, _ = decode_attention(module, query, key, value, block_attention.block_mask(visible), scaling=0.3)
+
+    groups = heads // kv_heads
+    repeated = [t[:, :, :length].repeat_interleave(groups, dim=1) for t in (key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, *repeated, attn_mask=visible[:, None, None, :], scale=0.3
+    )
+    assert output.shape == (batch, 1, heads, dim)
+    torch.testing.assert_close(output, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(0.0), Sampling(1.0, top_p=0.9), Sampling(0.7, top_k=20)])
+def test_refilled_slots_sample_the_same_through_blocks_as_densely(peaked_micro, sampling):
+    """A rollout of prompts of different lengths through few slots (refilled as sequences end, so spans sit
+    anywhere in the ring and wrap around it) draws the same tokens with the same log-probs either way."""
+    model, tokenizer = peaked_micro
+    texts = [[{"role": "user", "content": "1+" * (1 + (i * 5) % 9) + "1?"}] for i in range(6)]
+    ids = prompt_ids(tokenizer, texts)
+    options = dict(samples=3, max_new_tokens=70, stop_ids=[322], pad_id=320, seed=3, batch_size=4)
+    dense = FastRollout(model, compile=False, blocks=False).sample(ids, sampling, **options)
+    blocks = FastRollout(model, compile=False, blocks=True)
+    through_blocks = blocks.sample(ids, sampling, **options)
+
+    assert blocks.blocks
+    assert [[s.ids for s in p] for p in through_blocks] == [[s.ids for s in p] for p in dense]
+    assert max(s.emitted for p in dense for s in p) > BLOCK  # spans longer than a block
+
+
+def test_training_rollouts_decode_the_same_through_blocks(peaked_micro):
+    """The training path (`generate`: one batch, torch's generator) gives the same ids either way."""
+    model, tokenizer = peaked_micro
+    batch = prompts(tokenizer, 6)
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=322, pad_token_id=320)
+    outputs = []
+    for blocks in (False, True):
+        fast = FastRollout(model, compile=False, blocks=blocks)
+        outputs.append(fast.generate(batch["input_ids"], batch["attention_mask"], config))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_are_the_compiled_default_and_the_switch_is_checked(monkeypatch):
+    monkeypatch.delenv(block_attention.ENV, raising=False)
+    assert block_attention.wanted()
+    monkeypatch.setenv(block_attention.ENV, "Dense")
+    assert not block_attention.wanted()
+    monkeypatch.setenv(block_attention.ENV, "sparse")
+    with pytest.raises(InputError, match="RLVR_DECODE_ATTENTION='sparse' is neither blocks nor dense"):
+        block_attention.wanted()
+
+
+def test_an_eager_rollout_attends_densely_unless_asked(peaked_micro):
+    """Eagerly a step already reads only the columns in use; blocks stay off there unless asked for."""
+    model, tokenizer = peaked_micro
+    fast = FastRollout(model, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FlexAttention's eager warning would fail this
+        fast.sample(prompt_ids(tokenizer, [[{"role": "user", "content": "1+1?"}]]), Sampling(0.0), samples=1,
+                    max_new_tokens=4, stop_ids=[322], pad_id=320, seed=0)  # fmt: skip
+    assert fast.blocks is False
