@@ -93,9 +93,10 @@ def test_compiled_block_attention_never_reads_a_block_no_row_sees():
     torch.testing.assert_close(output.float(), expected, rtol=2e-2, atol=2e-2)
 
 
-def test_compiled_refilled_slots_sample_the_same_through_blocks_as_densely(compiled):
+def test_compiled_refilled_slots_decode_the_same_through_blocks_as_densely(compiled):
     """Evaluation's path, compiled: prompts of different lengths through few refilled slots (spans anywhere
-    in the ring, wrapping it), top-p sampling keyed per sequence: the same tokens either way."""
+    in the ring, wrapping it), greedy: the same tokens either way. (Sampled tokens are not compared: the two
+    kernels' fp32 rounding differs, and one near-tie drawn differently changes the rest of a sequence.)"""
     from rlvr.generation import prompt_ids
     from rlvr.rollout import FastRollout
     from rlvr.sampling import Sampling
@@ -103,12 +104,12 @@ def test_compiled_refilled_slots_sample_the_same_through_blocks_as_densely(compi
     model, tokenizer = compiled
     texts = [[{"role": "user", "content": "Add " + " and ".join(["7"] * (1 + 3 * i))}] for i in range(6)]
     ids = prompt_ids(tokenizer, texts)
-    options = dict(samples=4, max_new_tokens=150, stop_ids=[151645, 151643], pad_id=151643, seed=2,
-                   batch_size=8, device="cuda")  # fmt: skip
+    options = dict(samples=2, max_new_tokens=150, stop_ids=[151645, 151643], pad_id=151643, seed=2,
+                   batch_size=5, device="cuda")  # fmt: skip
     results = []
     for blocks in (True, False):
         fast = FastRollout(model, compile=True, blocks=blocks)
-        results.append(fast.sample(ids, Sampling(1.0, top_p=0.9), **options))
+        results.append(fast.sample(ids, Sampling(0.0), **options))
         assert fast.blocks is blocks
     through_blocks, dense = ([[s.ids for s in p] for p in r] for r in results)
     assert max(s.emitted for p in results[1] for s in p) > 128
