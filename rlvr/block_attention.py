@@ -42,6 +42,15 @@ def wanted() -> bool:
     return choice == "blocks"
 
 
+def supports(config) -> bool:
+    """Whether a model's attention fits the block kernel: a head size FlexAttention compiles for (a power of
+    two from 16 to 256), and key/value heads shared by whole groups of query heads."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and heads % kv_heads == 0
+
+
 def _listed(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1, 1) int32 counts and (B, 1, 1, blocks) int32 indices of the chosen blocks of each row, the chosen
     ones first in column order (the kernel reads the first `count` of them)."""

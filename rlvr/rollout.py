@@ -623,11 +623,13 @@ class FastRollout:
         self.calls = 0  # rollouts served, for tests and logs
 
     def _decide(self, device: torch.device) -> None:
-        """Settle what was left to the first rollout: compile on a GPU, and there attend by blocks."""
+        """Settle what was left to the first rollout: compile on a GPU, and there attend by blocks where the
+        model's attention fits the block kernel."""
         if self.compile is None:
             self.compile = device.type == "cuda"
         if self.blocks is None:
-            self.blocks = bool(self.compile) and block_attention.wanted()
+            fits = block_attention.supports(self.model.config)
+            self.blocks = bool(self.compile) and device.type == "cuda" and fits and block_attention.wanted()
 
     def prepare(self) -> None:
         """Check now that the model can be copied, so that a model it cannot copy is refused up front."""

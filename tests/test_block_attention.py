@@ -142,3 +142,45 @@ def test_an_eager_rollout_attends_densely_unless_asked(peaked_micro):
         fast.sample(prompt_ids(tokenizer, [[{"role": "user", "content": "1+1?"}]]), Sampling(0.0), samples=1,
                     max_new_tokens=4, stop_ids=[322], pad_id=320, seed=0)  # fmt: skip
     assert fast.blocks is False
+
+
+def test_the_block_mask_is_built_inside_the_one_compiled_graph(peaked_micro, monkeypatch):
+    """The compiled step with blocks traces without a graph break (CUDA graphs need one graph) and samples
+    what the eager dense step samples; here compiled with the eager backend, on the GPU by inductor."""
+    import torch._dynamo.utils
+
+    from rlvr import rollout
+
+    model, tokenizer = peaked_micro
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(
+        rollout, "_COMPILED_STEP", torch.compile(rollout._decode_step, backend="eager", fullgraph=True)
+    )
+    ids = prompt_ids(tokenizer, [[{"role": "user", "content": "1+" * i + "1?"}] for i in range(4)])
+    options = dict(samples=2, max_new_tokens=80, stop_ids=[322], pad_id=320, seed=1, batch_size=3)
+    sampling = Sampling(0.7, top_p=0.9, top_k=40)
+    fast = FastRollout(model, compile=True, blocks=True)
+    compiled = fast.sample(ids, sampling, **options)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    eager = FastRollout(model, compile=False).sample(ids, sampling, **options)
+    assert [[s.ids for s in p] for p in compiled] == [[s.ids for s in p] for p in eager]
+
+
+def test_a_compiled_step_off_the_gpu_or_for_an_unfit_model_attends_densely(peaked_micro):
+    model, _ = peaked_micro
+    fast = FastRollout(model, compile=True)
+    fast._decide(torch.device("cpu"))
+    assert fast.blocks is False  # inductor's CPU kernels for it are not what this project measured
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,fits",
+    [(16, 8, 128, True), (9, 3, 64, True), (32, 32, 80, False), (8, 8, 8, False), (12, 5, 64, False)],
+)
+def test_which_attention_shapes_the_block_kernel_takes(heads, kv_heads, head_dim, fits):
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                         hidden_size=heads * head_dim)  # fmt: skip
+    assert block_attention.supports(config) is fits
