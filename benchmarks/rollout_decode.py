@@ -6,6 +6,8 @@
     python benchmarks/rollout_decode.py --reasoning-vocab-size 151646 --new-tokens 4096
     python benchmarks/rollout_decode.py --attention sdpa      # decode under the model's own SDPA attention
     python benchmarks/rollout_decode.py --profile             # plus kernels of one rollout and the floor
+    python benchmarks/rollout_decode.py --top-p 0.95 --temperature 0.6 --reasoning-vocab-size 151646 \
+        --batch 500 --new-tokens 1024 --profile                # evaluation's path: keyed noise, top-p
 
 Builds the preset with random weights in fp32 (as training holds it), attaches the reasoning vocabulary and
 turns fast rollouts on with a bf16 decoding copy, exactly as the GRPO trainer does; `--fused false` keeps the
@@ -13,7 +15,9 @@ copy's projections apart (as before `rlvr.fused_decode`). Random weights never e
 decodes all `--new-tokens`. Each configuration (batch x fused) gets a fresh copy and compiles its own step;
 `--budget` starts none once less than `--reserve` seconds are left. Prints one JSON line per configuration:
 per-step milliseconds (median of `--repeats` rollouts after a warm-up one that compiles), tokens/s, peak GPU
-memory, and with `--hf` the same for `generate` under bf16 autocast.
+memory, and with `--hf` the same for `generate` under bf16 autocast. `--top-p` below 1 decodes through
+evaluation's path instead (`FastRollout.sample`: noise keyed per sequence, top-p, one sample per prompt, so
+all `--batch` sequences start together), which training's `generate` cannot ask for.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from transformers import GenerationConfig
 
 from rlvr import fused_decode, rollout
 from rlvr.models import load_model
+from rlvr.sampling import Sampling
 from rlvr.surgery import enable_fast_rollouts
 
 
@@ -65,6 +70,8 @@ def main() -> None:
         help="the compiled step attends by cache blocks (rlvr.block_attention): true, false (dense over the "
         "whole ring), or both",
     )
+    parser.add_argument("--top-p", type=float, default=1.0, help="below 1: evaluation's path, with top-p")
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--prompt-length", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
@@ -140,7 +147,7 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
     # and the request would go to HF `generate` instead of the fast path
     config = GenerationConfig(
         do_sample=True,
-        temperature=1.0,
+        temperature=args.temperature,
         max_new_tokens=args.new_tokens,
         top_k=0,
         top_p=1.0,
@@ -149,6 +156,16 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
     )
 
     def fast():
+        if args.top_p < 1:  # evaluation's path: FastRollout.sample, keyed noise and top-p
+            rows = [
+                row[mask_row.bool()].tolist() for row, mask_row in zip(prompt.cpu(), mask.cpu(), strict=True)
+            ]
+            sampled = model.fast_rollout.sample(
+                rows, Sampling(args.temperature, top_p=args.top_p), samples=1, max_new_tokens=args.new_tokens,
+                stop_ids=[], pad_id=tokenizer.pad_token_id, seed=0, batch_size=batch, device=device,
+            )  # fmt: skip
+            assert all(s.emitted == args.new_tokens for p in sampled for s in p), "a sequence stopped early"
+            return
         served = model.fast_rollout.calls
         out = model.generate(input_ids=prompt, attention_mask=mask, generation_config=config)
         assert out.shape[1] == args.prompt_length + args.new_tokens, out.shape
@@ -167,6 +184,7 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
         "fused": fused,
         "blocks": bool(model.fast_rollout.blocks),
         "new_tokens": args.new_tokens,
+        "sampling": {"temperature": args.temperature, "top_p": args.top_p} if args.top_p < 1 else "training",
         "attention": args.attention,
         "kv_bucket": args.kv_bucket,
         "first_rollout_s": round(compile_seconds, 2),
@@ -199,7 +217,7 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
             profile["runtime_calls_per_step"] = {
                 call: round(count / args.new_tokens, 1) for call, count in profile["runtime_calls"].items()
             }
-        shape = {"batch": batch, "fused": fused, "blocks": blocks}
+        shape = {"batch": batch, "fused": fused, "blocks": bool(model.fast_rollout.blocks)}
         print(json.dumps({"profile": profile, "floor": floor, **shape}), flush=True)
 
 
