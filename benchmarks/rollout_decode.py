@@ -66,9 +66,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--blocks",
-        default="true",
+        default="false",
         help="the compiled step attends by cache blocks (rlvr.block_attention): true, false (dense over the "
-        "whole ring), or both",
+        "whole ring, the default), or both",
     )
     parser.add_argument("--top-p", type=float, default=1.0, help="below 1: evaluation's path, with top-p")
     parser.add_argument("--temperature", type=float, default=1.0)

@@ -614,7 +614,7 @@ class FastRollout:
         self.model = model
         self._model_class = type(model)  # before sharding, which may swap the class for a wrapper
         self.compile = compile  # None: compile when the first rollout decodes on a GPU
-        # block attention (`rlvr.block_attention`); None: where the step is compiled, unless turned off there
+        # block attention (`rlvr.block_attention`); None: as `$RLVR_DECODE_ATTENTION` says, for compiled steps
         self.blocks = blocks
         self.dtype = dtype if dtype is not None and dtype != model.dtype else None
         self.copies = own_copy or self.dtype is not None
@@ -623,8 +623,8 @@ class FastRollout:
         self.calls = 0  # rollouts served, for tests and logs
 
     def _decide(self, device: torch.device) -> None:
-        """Settle what was left to the first rollout: compile on a GPU, and there attend by blocks where the
-        model's attention fits the block kernel."""
+        """Settle what was left to the first rollout: compile on a GPU, and there attend by blocks if asked to
+        and the model's attention fits the block kernel."""
         if self.compile is None:
             self.compile = device.type == "cuda"
         if self.blocks is None:

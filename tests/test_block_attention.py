@@ -123,13 +123,15 @@ def test_training_rollouts_decode_the_same_through_blocks(peaked_micro):
     torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-5, atol=1e-5)
 
 
-def test_blocks_are_the_compiled_default_and_the_switch_is_checked(monkeypatch):
+def test_blocks_are_asked_for_and_the_switch_is_checked(monkeypatch):
     monkeypatch.delenv(block_attention.ENV, raising=False)
+    assert not block_attention.wanted()  # dense until the sampled GPU divergence is understood
+    monkeypatch.setenv(block_attention.ENV, "Blocks")
     assert block_attention.wanted()
-    monkeypatch.setenv(block_attention.ENV, "Dense")
+    monkeypatch.setenv(block_attention.ENV, "dense")
     assert not block_attention.wanted()
     monkeypatch.setenv(block_attention.ENV, "sparse")
-    with pytest.raises(InputError, match="RLVR_DECODE_ATTENTION='sparse' is neither blocks nor dense"):
+    with pytest.raises(InputError, match="RLVR_DECODE_ATTENTION='sparse' is neither dense nor blocks"):
         block_attention.wanted()
 
 
@@ -167,8 +169,11 @@ def test_the_block_mask_is_built_inside_the_one_compiled_graph(peaked_micro, mon
     assert [[s.ids for s in p] for p in compiled] == [[s.ids for s in p] for p in eager]
 
 
-def test_a_compiled_step_off_the_gpu_or_for_an_unfit_model_attends_densely(peaked_micro):
+def test_a_compiled_step_off_the_gpu_attends_densely_even_when_blocks_are_asked_for(
+    peaked_micro, monkeypatch
+):
     model, _ = peaked_micro
+    monkeypatch.setenv(block_attention.ENV, "blocks")
     fast = FastRollout(model, compile=True)
     fast._decide(torch.device("cpu"))
     assert fast.blocks is False  # inductor's CPU kernels for it are not what this project measured
