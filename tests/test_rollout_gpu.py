@@ -93,6 +93,41 @@ def test_compiled_block_attention_never_reads_a_block_no_row_sees():
     torch.testing.assert_close(output.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (16, 8, 128), (9, 3, 64)])
+def test_compiled_block_attention_equals_dense_in_fp32_with_holes_inside_spans(heads, kv_heads, dim):
+    """fp32 and a tight tolerance, at the tiny test model's, Qwen3-0.6B's and SmolLM2-135M's head shapes:
+    spans that wrap the ring with single-column holes inside them (as stalled draws leave), so one column
+    wrongly seen or missed in a partial block shows."""
+    from rlvr import block_attention
+
+    torch.manual_seed(1)
+    batch, blocks = 24, 6
+    length = blocks * block_attention.BLOCK
+    visible = torch.zeros(batch, length, dtype=torch.bool, device="cuda")
+    for row in range(batch):
+        span, end = 2 + (row * 61) % (length - 2), (row * 149) % length
+        columns = (end - torch.arange(span, device="cuda")) % length
+        visible[row, columns] = True
+        visible[row, columns[1 :: 7 + row % 5]] = False  # holes inside the span
+        visible[row, end] = True
+    query = torch.randn(batch, heads, 1, dim, device="cuda")
+    key, value = (
+        torch.randn(batch, kv_heads, length + block_attention.BLOCK, dim, device="cuda") for _ in "kv"
+    )
+
+    step = torch.compile(
+        lambda q, k, v, seen: block_attention.attend(q, k, v, block_attention.block_mask(seen), 0.2)
+    )
+    output = step(query, key, value, visible)
+
+    keys, values = (t[:, :, :length].double().repeat_interleave(heads // kv_heads, 1) for t in (key, value))
+    scores = (query.double() @ keys.transpose(-1, -2) * 0.2).masked_fill(
+        ~visible[:, None, None, :], -torch.inf
+    )
+    expected = (scores.softmax(-1) @ values).transpose(1, 2)  # float64, dense
+    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_refilled_slots_decode_the_same_through_blocks_as_densely(compiled):
     """Evaluation's path, compiled: prompts of different lengths through few refilled slots (spans anywhere
     in the ring, wrapping it), greedy: the same tokens either way. (Sampled tokens are not compared: the two
