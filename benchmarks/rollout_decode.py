@@ -104,12 +104,11 @@ def main() -> None:
         "--reserve", type=float, default=75, help="seconds one configuration is expected to take"
     )
     args = parser.parse_args()
-    fused_choices = {"true": [True], "false": [False], "both": [True, False]}.get(args.fused)
-    if fused_choices is None:
-        parser.error("--fused must be true, false or both")
-    block_choices = {"true": [True], "false": [False], "both": [True, False]}.get(args.blocks)
-    if block_choices is None:
-        parser.error("--blocks must be true, false or both")
+    choices = {"true": [True], "false": [False], "both": [True, False]}
+    for option in ("fused", "blocks"):
+        if getattr(args, option) not in choices:
+            parser.error(f"--{option} must be true, false or both")
+    fused_choices, block_choices = choices[args.fused], choices[args.blocks]
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU run only checks that the script works
     if args.attention == "sdpa":
         rollout.DECODE_ATTENTION = "sdpa"

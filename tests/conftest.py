@@ -222,6 +222,27 @@ def peaked_micro():
     return model.eval(), tokenizer
 
 
+def ring_masks(batch: int, length: int, seed: int, block: int) -> torch.Tensor:
+    """(batch, length) masks as the ring leaves them: each row a span that may wrap past the last column, with
+    holes (left padding, stalled columns), some spans a whole block or the whole ring, one a single column
+    (`block`: columns per block of the block attention)."""
+    generator = torch.Generator().manual_seed(seed)
+    visible = torch.zeros(batch, length, dtype=torch.bool)
+    for row in range(batch):
+        span = int(torch.randint(1, length + 1, (1,), generator=generator))
+        if row == 0:
+            span = length
+        elif row == 1:
+            span = 1
+        elif row == 2:
+            span = block
+        end = int(torch.randint(0, length, (1,), generator=generator))
+        columns = (end - torch.arange(span)) % length
+        visible[row, columns] = torch.rand(span, generator=generator) > 0.2
+        visible[row, end] = True  # the newest column is always seen
+    return visible
+
+
 def bias_towards_forbidden(model, vocab: ReasoningVocab) -> None:
     """Make padding rows and control copies the likeliest tokens, reasoning ids next, and the think tags
     likely."""

@@ -8,7 +8,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import prompts
+from conftest import prompts, ring_masks
+from transformers import GenerationConfig
 
 from rlvr import block_attention
 from rlvr.errors import InputError
@@ -21,30 +22,10 @@ BLOCK = block_attention.BLOCK
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-def ring_masks(batch: int, length: int, seed: int) -> torch.Tensor:
-    """(batch, length) masks as the ring leaves them: each row a span that may wrap past the last column, with
-    holes (left padding, stalled columns), some spans a whole block or the whole ring, one a single column."""
-    generator = torch.Generator().manual_seed(seed)
-    visible = torch.zeros(batch, length, dtype=torch.bool)
-    for row in range(batch):
-        span = int(torch.randint(1, length + 1, (1,), generator=generator))
-        if row == 0:
-            span = length
-        elif row == 1:
-            span = 1
-        elif row == 2:
-            span = BLOCK
-        end = int(torch.randint(0, length, (1,), generator=generator))
-        columns = (end - torch.arange(span)) % length
-        visible[row, columns] = torch.rand(span, generator=generator) > 0.2
-        visible[row, end] = True  # the newest column is always seen
-    return visible
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_the_block_mask_lists_exactly_the_blocks_a_row_sees(seed):
     length = BLOCK * 7
-    visible = ring_masks(9, length, seed)
+    visible = ring_masks(9, length, seed, BLOCK)
     if seed == 0:
         visible[3, 2 * BLOCK : 3 * BLOCK] = True  # a block seen whole inside a span with holes
 
@@ -75,7 +56,7 @@ def test_block_attention_equals_dense_masked_attention(heads, kv_heads):
     (the spare columns are never seen)."""
     torch.manual_seed(0)
     batch, length, dim = 7, BLOCK * 5, 16
-    visible = ring_masks(batch, length, seed=heads)
+    visible = ring_masks(batch, length, heads, BLOCK)
     module = type("Attention", (), {"num_key_value_groups": heads // kv_heads, "training": False})()
     query = torch.randn(batch, heads, 1, dim)
     key, value = (torch.randn(batch, kv_heads, length + BLOCK, dim) for _ in range(2))
@@ -112,8 +93,6 @@ def test_training_rollouts_decode_the_same_through_blocks(peaked_micro):
     """The training path (`generate`: one batch, torch's generator) gives the same ids either way."""
     model, tokenizer = peaked_micro
     batch = prompts(tokenizer, 6)
-    from transformers import GenerationConfig
-
     config = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=322, pad_token_id=320)
     outputs = []
     for blocks in (False, True):
