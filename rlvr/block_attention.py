@@ -8,10 +8,11 @@ fill half of it on average). Here the mask becomes a FlexAttention block mask ov
 a block no position of the row sees is never read, a block it sees whole skips the mask, a block it sees in
 part applies it. A row then reads its own sequence's columns, rounded out to whole blocks.
 
-Off by default: `RLVR_DECODE_ATTENTION=blocks` turns it on (for compiled steps on a GPU); `dense`, the
-default, attends over the whole ring. On one H200 it took an evaluation from 20k to 28k tokens/s and passed
-the greedy, constraint and never-read checks, but one sampled comparison with the dense path diverged for a
-reason not yet found (BENCHMARKS.md), so it stays a choice until that is understood.
+On by default for compiled steps on a GPU; `RLVR_DECODE_ATTENTION=dense` attends over the whole ring instead.
+Two things it needs, both found on one H200 (BENCHMARKS.md): the step must be compiled with static shapes
+(a graph recompiled with symbolic shapes gave outputs off by whole units), and the query and key/value head
+counts must be powers of two (at 9 query heads over 3 key/value heads, SmolLM2-135M's shape, the compiled
+kernel's output was wrong even with static shapes); other models attend densely.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ _SKIPS_QUERY_SIDE = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_bl
 
 
 def wanted() -> bool:
-    """Whether compiled decode steps use block attention: `$RLVR_DECODE_ATTENTION` (dense, the default, or
-    blocks)."""
-    choice = os.environ.get(ENV, "dense").strip().lower() or "dense"
+    """Whether compiled decode steps use block attention: `$RLVR_DECODE_ATTENTION` (blocks, the default, or
+    dense)."""
+    choice = os.environ.get(ENV, "blocks").strip().lower() or "blocks"
     if choice not in CHOICES:
         raise InputError(
             f"{ENV}={os.environ[ENV]!r} is neither dense nor blocks; unset it or pass one of them."
@@ -46,11 +47,17 @@ def wanted() -> bool:
 
 def supports(config) -> bool:
     """Whether a model's attention fits the block kernel: a head size FlexAttention compiles for (a power of
-    two from 16 to 256), and key/value heads shared by whole groups of query heads."""
+    two from 16 to 256), and query and key/value head counts that are powers of two with whole groups (the
+    shapes measured exact on a GPU; 9 over 3 was not)."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and heads % kv_heads == 0
+    powers = all(_power_of_two(n) for n in (head_dim, heads, kv_heads))
+    return powers and 16 <= head_dim <= 256 and heads >= kv_heads
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def _listed(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

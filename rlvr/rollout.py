@@ -77,6 +77,7 @@ MEMORY_RESERVE = 2 << 30  # bytes left for the prefill's activations and the com
 SAMPLING_COPIES = 8  # fp32 (batch, vocabulary) buffers a sampling step holds at once, at most
 STALL_RATE = 0.003  # top-p: proposals per step are enough that all miss the nucleus at most this often
 MAX_PROPOSALS = 64
+RECOMPILE_LIMIT = 64  # compiled decode-step graphs one process may hold (one per cache shape and rule)
 CHECK_EVERY = 16  # decode steps between looks at which sequences ended (each look waits for the GPU)
 REPORT_SHARE = 0.8  # of the device's time for those steps, the most the host spends on ended sequences
 REFILL_SHARE = 8  # refill once 1/REFILL_SHARE of the slots are free (or the queue has no more than that)
@@ -381,7 +382,13 @@ def _compiled_step():
     global _COMPILED_STEP
     if _COMPILED_STEP is None:
         keep_compiled_kernels()
-        _COMPILED_STEP = torch.compile(_decode_step, mode="reduce-overhead", dynamic=None, fullgraph=False)
+        # static, never "automatically dynamic": a second cache shape would otherwise recompile the step with
+        # symbolic shapes, and on one H200 that graph's block attention gave different log-probs (1.7e-2 in
+        # fp32) from the static one (BENCHMARKS.md); each shape gets its own graph instead, so the limit on
+        # recompilations must leave room for every shape bucket of a process
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        _COMPILED_STEP = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False, fullgraph=False)
     return _COMPILED_STEP
 
 

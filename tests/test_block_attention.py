@@ -104,7 +104,7 @@ def test_training_rollouts_decode_the_same_through_blocks(peaked_micro):
 
 def test_blocks_are_asked_for_and_the_switch_is_checked(monkeypatch):
     monkeypatch.delenv(block_attention.ENV, raising=False)
-    assert not block_attention.wanted()  # dense until the sampled GPU divergence is understood
+    assert block_attention.wanted()  # on by default
     monkeypatch.setenv(block_attention.ENV, "Blocks")
     assert block_attention.wanted()
     monkeypatch.setenv(block_attention.ENV, "dense")
@@ -160,7 +160,15 @@ def test_a_compiled_step_off_the_gpu_attends_densely_even_when_blocks_are_asked_
 
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,fits",
-    [(16, 8, 128, True), (9, 3, 64, True), (32, 32, 80, False), (8, 8, 8, False), (12, 5, 64, False)],
+    [
+        (16, 8, 128, True),
+        (4, 2, 16, True),
+        (9, 3, 64, False),
+        (12, 4, 64, False),
+        (32, 32, 80, False),
+        (8, 8, 8, False),
+        (12, 5, 64, False),
+    ],
 )
 def test_which_attention_shapes_the_block_kernel_takes(heads, kv_heads, head_dim, fits):
     from transformers import Qwen3Config
