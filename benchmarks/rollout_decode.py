@@ -8,6 +8,8 @@
     python benchmarks/rollout_decode.py --profile             # plus kernels of one rollout and the floor
     python benchmarks/rollout_decode.py --top-p 0.95 --temperature 0.6 --reasoning-vocab-size 151646 \
         --batch 500 --new-tokens 1024 --profile                # evaluation's path: keyed noise, top-p
+    python benchmarks/rollout_decode.py --top-p 0.95 --temperature 0.6 --reasoning-vocab-size 151646 \
+        --batch 500 --new-tokens 1024 --waves 3 --profile      # ... with slots refilled, as an evaluation
 
 Builds the preset with random weights in fp32 (as training holds it), attaches the reasoning vocabulary and
 turns fast rollouts on with a bf16 decoding copy, exactly as the GRPO trainer does; `--fused false` keeps the
@@ -16,8 +18,10 @@ decodes all `--new-tokens`. Each configuration (batch x fused) gets a fresh copy
 `--budget` starts none once less than `--reserve` seconds are left. Prints one JSON line per configuration:
 per-step milliseconds (median of `--repeats` rollouts after a warm-up one that compiles), tokens/s, peak GPU
 memory, and with `--hf` the same for `generate` under bf16 autocast. `--top-p` below 1 decodes through
-evaluation's path instead (`FastRollout.sample`: noise keyed per sequence, top-p, one sample per prompt, so
-all `--batch` sequences start together), which training's `generate` cannot ask for.
+evaluation's path instead (`FastRollout.sample`: noise keyed per sequence, top-p, `--waves` samples per
+prompt through `--batch` slots, so the first wave starts together and each later one refills the slots as
+the one before ends), which training's `generate` cannot ask for. There a step is counted as `--batch`
+tokens: `--waves` x `--new-tokens` steps per rollout.
 """
 
 from __future__ import annotations
@@ -66,15 +70,21 @@ def main() -> None:
     )
     parser.add_argument(
         "--blocks",
-        default="false",
-        help="the compiled step attends by cache blocks (rlvr.block_attention): true, false (dense over the "
-        "whole ring, the default), or both",
+        default="true",
+        help="the compiled step attends by cache blocks (rlvr.block_attention): true (the default), false "
+        "(dense over the whole ring), or both",
     )
     parser.add_argument("--top-p", type=float, default=1.0, help="below 1: evaluation's path, with top-p")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--prompt-length", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--waves",
+        type=int,
+        default=1,
+        help="with --top-p below 1: samples per prompt, so slots are refilled this many times over",
+    )
     parser.add_argument(
         "--attention",
         choices=("decode", "sdpa"),
@@ -104,6 +114,8 @@ def main() -> None:
         "--reserve", type=float, default=75, help="seconds one configuration is expected to take"
     )
     args = parser.parse_args()
+    if args.waves < 1 or (args.waves > 1 and args.top_p >= 1):
+        parser.error("--waves must be at least 1, and above 1 only with --top-p below 1 (evaluation's path)")
     choices = {"true": [True], "false": [False], "both": [True, False]}
     for option in ("fused", "blocks"):
         if getattr(args, option) not in choices:
@@ -160,7 +172,8 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
                 row[mask_row.bool()].tolist() for row, mask_row in zip(prompt.cpu(), mask.cpu(), strict=True)
             ]
             sampled = model.fast_rollout.sample(
-                rows, Sampling(args.temperature, top_p=args.top_p), samples=1, max_new_tokens=args.new_tokens,
+                rows, Sampling(args.temperature, top_p=args.top_p), samples=args.waves,
+                max_new_tokens=args.new_tokens,
                 stop_ids=[], pad_id=tokenizer.pad_token_id, seed=0, batch_size=batch, device=device,
             )  # fmt: skip
             assert all(s.emitted == args.new_tokens for p in sampled for s in p), "a sequence stopped early"
@@ -174,6 +187,7 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = statistics.median(_timed(fast) for _ in range(args.repeats))
+    steps = args.waves * args.new_tokens  # steps of `batch` tokens each
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -183,12 +197,13 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
         "fused": fused,
         "blocks": bool(model.fast_rollout.blocks),
         "new_tokens": args.new_tokens,
+        "waves": args.waves,
         "sampling": {"temperature": args.temperature, "top_p": args.top_p} if args.top_p < 1 else "training",
         "attention": args.attention,
         "kv_bucket": args.kv_bucket,
         "first_rollout_s": round(compile_seconds, 2),
-        "fast_ms_per_step": round(1000 * seconds / args.new_tokens, 3),
-        "fast_tokens_per_s": round(batch * args.new_tokens / seconds),
+        "fast_ms_per_step": round(1000 * seconds / steps, 3),
+        "fast_tokens_per_s": round(batch * steps / seconds),
         "fast_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
     if args.hf:
@@ -211,10 +226,10 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
             fast()
         floor = decode_floor(model, args, batch)
         if profile:  # empty on a CPU
-            profile["ms_per_step"] = round(1000 * profile["wall_s"] / args.new_tokens, 3)
-            profile["kernel_ms_per_step"] = round(1000 * profile["kernel_s"] / args.new_tokens, 3)
+            profile["ms_per_step"] = round(1000 * profile["wall_s"] / steps, 3)
+            profile["kernel_ms_per_step"] = round(1000 * profile["kernel_s"] / steps, 3)
             profile["runtime_calls_per_step"] = {
-                call: round(count / args.new_tokens, 1) for call, count in profile["runtime_calls"].items()
+                call: round(count / steps, 1) for call, count in profile["runtime_calls"].items()
             }
         shape = {"batch": batch, "fused": fused, "blocks": bool(model.fast_rollout.blocks)}
         print(json.dumps({"profile": profile, "floor": floor, **shape}), flush=True)
