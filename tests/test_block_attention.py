@@ -176,3 +176,24 @@ def test_which_attention_shapes_the_block_kernel_takes(heads, kv_heads, head_dim
     config = Qwen3Config(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                          hidden_size=heads * head_dim)  # fmt: skip
     assert block_attention.supports(config) is fits
+
+
+def test_the_decode_step_is_compiled_with_static_shapes_and_room_for_every_shape(monkeypatch):
+    """A step recompiled with symbolic shapes (torch's default from a second shape on) gave wrong block
+    attention on a GPU (BENCHMARKS.md); every cache shape must get a static graph of its own, within the
+    compiler's limit on recompilations."""
+    from rlvr import rollout
+
+    asked = {}
+
+    def recording_compile(fn, **options):
+        asked.update(options)
+        return fn
+
+    monkeypatch.setattr(rollout, "_COMPILED_STEP", None)
+    monkeypatch.setattr(rollout, "keep_compiled_kernels", lambda: None)  # no cache directory set for it
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    assert rollout._compiled_step() is rollout._decode_step
+    assert asked["dynamic"] is False
+    assert torch._dynamo.config.recompile_limit >= rollout.RECOMPILE_LIMIT >= 32
