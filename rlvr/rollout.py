@@ -383,9 +383,9 @@ def _compiled_step():
     if _COMPILED_STEP is None:
         keep_compiled_kernels()
         # static, never "automatically dynamic": a second cache shape would otherwise recompile the step with
-        # symbolic shapes, and on one H200 that graph's block attention gave different log-probs (1.7e-2 in
-        # fp32) from the static one (BENCHMARKS.md); each shape gets its own graph instead, so the limit on
-        # recompilations must leave room for every shape bucket of a process
+        # symbolic shapes, and on one H200 that graph's block attention was wrong by whole units against
+        # float64 (BENCHMARKS.md); each shape gets its own graph instead, so the limit on recompilations must
+        # leave room for every shape bucket of a process
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED_STEP = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False, fullgraph=False)
