@@ -76,6 +76,10 @@ def run_row(name: str, model: Path, problems: int, args, env: dict, extra: list[
         "sampling_tok_s": round(metrics["progress/completion_tokens_per_s"]),
         "truncation_rate": metrics["eval/synthetic/truncation_rate"],
     }
+    # the fast decoder's loop: the host's seconds by part (rlvr.rollout.LoopTimes)
+    loop = {k.split("/", 1)[1]: round(v, 3) for k, v in metrics.items() if k.startswith("decode/")}
+    if loop:
+        row["decode_loop"] = loop
     print(json.dumps(row), flush=True)
     return row
 

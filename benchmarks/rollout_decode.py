@@ -21,7 +21,9 @@ memory, and with `--hf` the same for `generate` under bf16 autocast. `--top-p` b
 evaluation's path instead (`FastRollout.sample`: noise keyed per sequence, top-p, `--waves` samples per
 prompt through `--batch` slots, so the first wave starts together and each later one refills the slots as
 the one before ends), which training's `generate` cannot ask for. There a step is counted as `--batch`
-tokens: `--waves` x `--new-tokens` steps per rollout.
+tokens: `--waves` x `--new-tokens` steps per rollout, and `loop_s_per_rollout` splits the loop's host
+time by part (`rlvr.rollout.LoopTimes`: `wait` is the host waiting for the device; the rest leaves the
+device idle once the steps it queued are done).
 """
 
 from __future__ import annotations
@@ -186,7 +188,9 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
     compile_seconds = _timed(fast)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    model.fast_rollout.loop = rollout.LoopTimes()
     seconds = statistics.median(_timed(fast) for _ in range(args.repeats))
+    loop = model.fast_rollout.loop  # evaluation's path only: its loop's host time, by part
     steps = args.waves * args.new_tokens  # steps of `batch` tokens each
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -206,6 +210,11 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
         "fast_tokens_per_s": round(batch * steps / seconds),
         "fast_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
+    if loop.steps:
+        result["loop_s_per_rollout"] = {
+            name: round(value / args.repeats, 3) for name, value in loop.metrics("loop").items()
+            if name.endswith("_s")
+        }  # fmt: skip
     if args.hf:
 
         def plain():

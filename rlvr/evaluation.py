@@ -40,6 +40,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +67,7 @@ from rlvr.preprocess import SYNTHETIC, Options, preprocess
 from rlvr.progress import Progress
 from rlvr.rendering import PageEntry, completions_page, marked_text
 from rlvr.rewards import DEFAULT_INSTRUCTION, answer_groups, answer_is_correct, lenient_is_correct
-from rlvr.rollout import FastRollout, Sampled
+from rlvr.rollout import FastRollout, LoopTimes, Sampled
 from rlvr.sampling import Sampling
 from rlvr.settings import bf16_enabled, param
 from rlvr.tracking import registry
@@ -78,6 +79,7 @@ log = logging.getLogger(__name__)
 
 METRIC_PREFIX = "eval"
 COMPARE_PREFIX = "compare"
+LOOP_PREFIX = "decode"  # where the fast decoder's host time went (`LoopTimes`)
 SAMPLES_TABLE = "samples.json"
 SAMPLES_PAGE = "samples.html"
 COMPARISON_TABLE = "comparison.md"
@@ -668,6 +670,8 @@ def sample_and_score(
         progress.finished(index, sampled.emitted)
         scorer.add(index, sample_index, sampled)
 
+    if decoder is not None:
+        decoder.loop = LoopTimes()
     try:
         sample(
             model, tokenizer, [prompts[d][i] for d, i in mine], settings.sampling,
@@ -675,9 +679,14 @@ def sample_and_score(
             batch_size=batch_size(settings), seed=settings.seed, fast=decoder, device=state.device,
             uids=[(d << 32) + i for d, i in mine], on_finished=finished,
         )  # fmt: skip
+    except BaseException:
+        scorer.abandon()
+        raise
     finally:
         progress.close()
-    scored = list(zip(mine, scorer.scored, strict=True))
+    if decoder is not None and state.is_main_process:
+        mlflow.log_metrics(decoder.loop.metrics(LOOP_PREFIX))
+    scored = list(zip(mine, scorer.finish(), strict=True))
     gathered = dict(gather_object(scored)) if state.num_processes > 1 else dict(scored)
     if not state.is_main_process:
         return []
@@ -685,25 +694,46 @@ def sample_and_score(
 
 
 class _Scorer:
-    """Scores each problem as soon as all its samples have ended (while the decoder works on the others)."""
+    """Scores each problem as soon as all its samples have ended, on a thread of its own: the decoder's loop
+    only hands the samples over, so decoding the text and checking the answers (about 0.14 s a problem of 16
+    samples of 1024 tokens, measured on one H200's host) never holds up the next decode steps."""
 
     def __init__(self, sets, prompts, mine, samples: int, tokenizer, vocab):
         self.sets, self.prompts, self.mine, self.samples = sets, prompts, mine, samples
         self.tokenizer, self.vocab = tokenizer, vocab
         self.pending: list[list[Sampled | None]] = [[None] * samples for _ in mine]
         self.scored: list[ProblemScores | None] = [None] * len(mine)
+        # one thread: the tokenizer and the answer checkers are used by one caller at a time
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlvr-scoring")
+        self._jobs: list[Future] = []
 
     def add(self, index: int, sample_index: int, sampled: Sampled) -> None:
         self.pending[index][sample_index] = sampled
         if all(s is not None for s in self.pending[index]):
-            d, i = self.mine[index]
-            done = self.pending[index]
-            generated = describe_all(done, self.prompts[d][i], self.tokenizer, self.vocab)
-            truncated = [not s.stopped for s in done]
-            self.scored[index] = score_problem(
-                generated, truncated, self.sets[d].problems["solution"].iloc[i]
-            )
-            self.pending[index] = []
+            done, self.pending[index] = self.pending[index], []
+            self._jobs.append(self._worker.submit(self._score, index, done))
+
+    def _score(self, index: int, done: list[Sampled]) -> None:
+        d, i = self.mine[index]
+        generated = describe_all(done, self.prompts[d][i], self.tokenizer, self.vocab)
+        truncated = [not s.stopped for s in done]
+        self.scored[index] = score_problem(generated, truncated, self.sets[d].problems["solution"].iloc[i])
+
+    def finish(self) -> list[ProblemScores]:
+        """Every problem's scores, once the thread has scored the last; an error it met is raised here."""
+        try:
+            for job in self._jobs:
+                job.result()
+        finally:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+        missing = [self.mine[k] for k, scores in enumerate(self.scored) if scores is None]
+        if missing:
+            raise RuntimeError(f"problems {missing[:5]} ended sampling without all their samples")
+        return self.scored  # type: ignore[return-value]
+
+    def abandon(self) -> None:
+        """Stop scoring (sampling failed): what is queued is dropped, the problem in hand finishes."""
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
 
 # --- the job ------------------------------------------------------------------------------------------------

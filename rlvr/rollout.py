@@ -628,6 +628,7 @@ class FastRollout:
         self._shadow: PreTrainedModel | None = None
         self._caches: dict[tuple[int, int], SlotCache] = {}
         self.calls = 0  # rollouts served, for tests and logs
+        self.loop = LoopTimes()  # where `sample`'s host time went, summed over its calls
 
     def _decide(self, device: torch.device) -> None:
         """Settle what was left to the first rollout: compile on a GPU, and there attend by blocks if asked to
@@ -769,7 +770,7 @@ class FastRollout:
         group_size = PROMPT_BUCKET if self.compile else EAGER_GROUP
         for index in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
             groups.setdefault(_round_up(len(prompts[index]), group_size), []).append(index)
-        job = _Job(prompts, samples, stop_ids, pad_id, seed, uids, results, on_finished)
+        job = _Job(prompts, samples, stop_ids, pad_id, seed, uids, results, on_finished, self.loop)
         with _attention(runner.config, DECODE_ATTENTION):
             for members in groups.values():
                 bucket = _bucket(len(prompts[members[-1]]), self.compile)
@@ -812,6 +813,31 @@ class FastRollout:
 
 
 @dataclass
+class LoopTimes:
+    """Host seconds of `FastRollout.sample`'s loop, by what the host did: `first` (the first round of steps of
+    each cache shape, which compiles and records the step when the shape is new), then `fill` (starting
+    sequences in free slots: their prompts' prefill included), `launch` (queueing decode steps), `report` (the
+    callbacks for ended sequences), `wait` (waiting for the device to finish the queued steps, then reading
+    which ended), and the decode `steps` run after the first rounds. Where `wait` is most of the total the
+    device is the bottleneck; what the rest takes beyond the device's time is time the device sat idle."""
+
+    first: float = 0.0
+    fill: float = 0.0
+    launch: float = 0.0
+    report: float = 0.0
+    wait: float = 0.0
+    steps: int = 0
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        parts = {"fill": self.fill, "launch": self.launch, "report": self.report, "wait": self.wait}
+        metrics = {f"{prefix}/{name}_s": seconds for name, seconds in {"first": self.first, **parts}.items()}
+        metrics[f"{prefix}/steps"] = float(self.steps)
+        if self.steps:
+            metrics[f"{prefix}/ms_per_step"] = 1000 * sum(parts.values()) / self.steps
+        return metrics
+
+
+@dataclass
 class _Job:
     """The queue of one `FastRollout.sample` call, fed to the batch of each prompt-length group in turn."""
 
@@ -823,6 +849,7 @@ class _Job:
     uids: Sequence[int]
     results: list
     on_finished: Callable[[int, int, Sampled], None] | None
+    times: LoopTimes
 
     def run(self, slots: _Batch, members: Sequence[int], check_every: int) -> None:
         """Decode the group's sequences through `slots`. The callbacks for sequences that ended run while the
@@ -834,24 +861,40 @@ class _Job:
         threshold = max(1, slots.batch // REFILL_SHARE)
         ended: deque[tuple[int, int, Sampled]] = deque()
         interval = 0.0  # how long the device took for the last `check_every` steps
+        times, clock, first = self.times, time.perf_counter, True
         while queue or occupant:
+            started = clock()
             if queue and free and (len(free) >= min(threshold, len(queue)) or not occupant):
                 taken = [queue.popleft() for _ in range(min(len(free), len(queue)))]
                 chosen, free = free[: len(taken)], free[len(taken) :]
                 self._fill(slots, chosen, taken)
                 occupant.update(zip(chosen, taken, strict=True))
-            started = time.perf_counter()
+            filled = clock()
             for _ in range(check_every):
                 slots.step()
-            self._report(ended, started + REPORT_SHARE * interval)
+            launched = clock()
+            self._report(ended, filled + REPORT_SHARE * interval)
+            reported = clock()
             done = slots.finished(list(occupant))
-            interval = time.perf_counter() - started
             for slot, sampled in zip(done, slots.results(done, self.stop_ids) if done else [], strict=True):
                 i, j = occupant.pop(slot)
                 self.results[i][j] = sampled
                 free.append(slot)
                 ended.append((i, j, sampled))
+            waited = clock()
+            interval = waited - filled
+            if first:
+                times.first += waited - started
+                first = False
+                continue
+            times.fill += filled - started
+            times.launch += launched - filled
+            times.report += reported - launched
+            times.wait += waited - reported
+            times.steps += check_every
+        started = clock()
         self._report(ended, math.inf)
+        times.report += clock() - started
 
     def _report(self, ended: deque[tuple[int, int, Sampled]], until: float) -> None:
         """Call back for ended sequences, oldest first, until `until` (a `perf_counter` time): the rest wait

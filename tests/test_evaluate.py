@@ -320,6 +320,8 @@ def test_evaluate_scores_a_right_and_a_wrong_dataset(
     assert run.data.params["num_samples"] == "2" and run.data.params["reasoning_vocab_size"] == "1"
     done = client.get_metric_history(run.info.run_id, "progress/problems_done")
     assert len(done) >= 2 and done[0].value == 0 and max(m.value for m in done) == 5  # logged while it works
+    loop = {k for k in run.data.metrics if k.startswith("decode/")}  # the fast decoder's host time, by part
+    assert (loop and run.data.metrics["decode/steps"] >= 5) if fast == "true" else not loop
     test_split = load_split(str(eights), "test")
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
     assert inputs["eights.jsonl/test"].dataset.digest == test_split.digest  # as preprocess logged it
@@ -362,6 +364,40 @@ def test_several_models_are_scored_on_the_same_problems_and_compared_pairwise(
     key = f"compare/sevens/{model_label(sources[1])}_vs_{model_label(sources[0])}"
     assert parent.data.metrics[key] == -1.0 and parent.data.metrics[f"{key}_ci_high"] == -1.0
     assert "comparison.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_problems_are_scored_off_the_decoding_thread_and_its_errors_fail_the_run(
+    tracking_uri, answer_7_model, sevens, monkeypatch
+):
+    """Scoring (text and answer checks) runs on a thread of its own, so the decoder's loop never waits for it;
+    the scores are the same, and an error there fails the evaluation (nothing logged as finished)."""
+    import threading
+
+    from rlvr import evaluation
+
+    scored_on, original = [], evaluation.score_problem
+
+    def recording(*args, **kwargs):
+        scored_on.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "score_problem", recording)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-scoring-thread")
+    settings = EvalSettings(model=str(answer_7_model), data=str(sevens), fast_decoding="true", **FAST)
+    assert evaluate(settings).metrics[str(answer_7_model)][str(sevens)]["accuracy"] == 1.0
+    assert len(scored_on) == 3 and threading.main_thread() not in scored_on
+
+    def failing(*args, **kwargs):
+        raise ValueError("a scoring failure")
+
+    monkeypatch.setattr(evaluation, "score_problem", failing)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-scoring-fails")
+    with pytest.raises(ValueError, match="a scoring failure"):
+        evaluate(settings)
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("evaluate-scoring-fails").experiment_id])
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert not any(k.startswith("eval/") for r in runs for k in r.data.metrics)
 
 
 def test_mlflow_run_evaluates_a_registered_model_and_links_both_ways(tracking_uri, answer_7_model, sevens):

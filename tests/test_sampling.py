@@ -1,6 +1,8 @@
 """The sampling rules and the fast decoder's truncated sampling: top-k and top-p draw from exactly the
 distribution Hugging Face's warpers define, under the thought constraint, and confinement holds under them."""
 
+import time
+
 import pytest
 import torch
 from conftest import bias_towards_forbidden
@@ -214,6 +216,39 @@ def test_samples_do_not_depend_on_the_batch_that_draws_them(peaked_micro):
     assert [[s.ids for s in p] for p in few] == [[s.ids for s in p] for p in many]
     assert [s.ids for s in alone[0]] == [s.ids for s in few[3]]
     assert len({tuple(s.ids) for p in few for s in p}) > 10  # the samples do differ from each other
+
+
+def test_the_loop_accounts_for_its_host_time_by_part(peaked_micro):
+    """`FastRollout.loop` counts the decode steps and splits the loop's host time: callbacks for ended
+    sequences count as reporting (not as waiting for the device), and the parts add up to no more than the
+    call's wall time."""
+    model, tokenizer = peaked_micro
+    prompts = prompt_ids(tokenizer, [[{"role": "user", "content": "2*" * i + "3?"}] for i in range(5)])
+    fast = FastRollout(model, compile=False)
+    ended = []
+
+    def slow_callback(i, j, sampled):
+        time.sleep(0.01)
+        ended.append(sampled)
+
+    started = time.perf_counter()
+    sampled = fast.sample(
+        prompts, Sampling(0.8, top_p=0.9), samples=3, max_new_tokens=20, stop_ids=[322], pad_id=320, seed=5,
+        batch_size=3, on_finished=slow_callback,
+    )  # fmt: skip
+    wall = time.perf_counter() - started
+    loop, emitted = fast.loop, sum(s.emitted for p in sampled for s in p)
+    assert len(ended) == 15 and emitted > 15
+    # the first round (one step on a CPU) is counted apart
+    assert emitted / 3 - 1 <= loop.steps <= emitted + 15 * Rule.of(Sampling(0.8, top_p=0.9)).stall_budget(20)
+    parts = (loop.first, loop.fill, loop.launch, loop.report, loop.wait)
+    assert min(parts) >= 0 and loop.report >= 15 * 0.01 and sum(parts) <= wall
+    metrics = loop.metrics("decode")
+    assert metrics["decode/steps"] == loop.steps and metrics["decode/report_s"] == loop.report
+    assert metrics["decode/ms_per_step"] == pytest.approx(1000 * sum(parts[1:]) / loop.steps)
+    before = loop.steps
+    fast.sample(prompts[:1], Sampling(0.8), samples=1, max_new_tokens=4, stop_ids=[322], pad_id=320, seed=0)
+    assert fast.loop.steps > before  # a later call adds to the same account
 
 
 def test_one_compiled_step_serves_batches_and_models_of_the_same_shape(monkeypatch):
