@@ -80,6 +80,9 @@ log = logging.getLogger(__name__)
 METRIC_PREFIX = "eval"
 COMPARE_PREFIX = "compare"
 LOOP_PREFIX = "decode"  # where the fast decoder's host time went (`LoopTimes`)
+# score finished problems on a thread of their own: None, when sampling on an accelerator (on a 2-core CPU the
+# demo's evaluation took 20-31 s with it against 20-24 s without, BENCHMARKS.md)
+SCORING_THREAD: bool | None = None
 SAMPLES_TABLE = "samples.json"
 SAMPLES_PAGE = "samples.html"
 COMPARISON_TABLE = "comparison.md"
@@ -664,7 +667,8 @@ def sample_and_score(
     progress = Progress(
         len(mine), settings.num_samples, label, to_mlflow=state.is_main_process, show=state.is_main_process
     )
-    scorer = _Scorer(sets, prompts, mine, settings.num_samples, tokenizer, model.reasoning_vocab)
+    threaded = SCORING_THREAD if SCORING_THREAD is not None else torch.device(state.device).type != "cpu"
+    scorer = _Scorer(sets, prompts, mine, settings.num_samples, tokenizer, model.reasoning_vocab, threaded)
 
     def finished(index: int, sample_index: int, sampled: Sampled) -> None:
         progress.finished(index, sampled.emitted)
@@ -694,24 +698,31 @@ def sample_and_score(
 
 
 class _Scorer:
-    """Scores each problem as soon as all its samples have ended, on a thread of its own: the decoder's loop
-    only hands the samples over, so decoding the text and checking the answers (about 0.14 s a problem of 16
-    samples of 1024 tokens, measured on one H200's host) never holds up the next decode steps."""
+    """Scores each problem as soon as all its samples have ended; `threaded`, on a thread of its own: the
+    decoder's loop only hands the samples over, so decoding the text and checking the answers (about 0.14 s a
+    problem of 16 samples of 1024 tokens, measured on one H200's host) never holds up the decode steps queued
+    on the accelerator. On a CPU the decoder's own steps need the interpreter, so there a thread only
+    contends with them (SCORING_THREAD)."""
 
-    def __init__(self, sets, prompts, mine, samples: int, tokenizer, vocab):
+    def __init__(self, sets, prompts, mine, samples: int, tokenizer, vocab, threaded: bool):
         self.sets, self.prompts, self.mine, self.samples = sets, prompts, mine, samples
         self.tokenizer, self.vocab = tokenizer, vocab
         self.pending: list[list[Sampled | None]] = [[None] * samples for _ in mine]
         self.scored: list[ProblemScores | None] = [None] * len(mine)
         # one thread: the tokenizer and the answer checkers are used by one caller at a time
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlvr-scoring")
+        self._worker = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlvr-scoring") if threaded else None
+        )
         self._jobs: list[Future] = []
 
     def add(self, index: int, sample_index: int, sampled: Sampled) -> None:
         self.pending[index][sample_index] = sampled
         if all(s is not None for s in self.pending[index]):
             done, self.pending[index] = self.pending[index], []
-            self._jobs.append(self._worker.submit(self._score, index, done))
+            if self._worker is None:
+                self._score(index, done)
+            else:
+                self._jobs.append(self._worker.submit(self._score, index, done))
 
     def _score(self, index: int, done: list[Sampled]) -> None:
         d, i = self.mine[index]
@@ -725,7 +736,8 @@ class _Scorer:
             for job in self._jobs:
                 job.result()
         finally:
-            self._worker.shutdown(wait=True, cancel_futures=True)
+            if self._worker is not None:
+                self._worker.shutdown(wait=True, cancel_futures=True)
         missing = [self.mine[k] for k, scores in enumerate(self.scored) if scores is None]
         if missing:
             raise RuntimeError(f"problems {missing[:5]} ended sampling without all their samples")
@@ -733,7 +745,8 @@ class _Scorer:
 
     def abandon(self) -> None:
         """Stop scoring (sampling failed): what is queued is dropped, the problem in hand finishes."""
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
 
 
 # --- the job ------------------------------------------------------------------------------------------------

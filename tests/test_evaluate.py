@@ -369,8 +369,9 @@ def test_several_models_are_scored_on_the_same_problems_and_compared_pairwise(
 def test_problems_are_scored_off_the_decoding_thread_and_its_errors_fail_the_run(
     tracking_uri, answer_7_model, sevens, monkeypatch
 ):
-    """Scoring (text and answer checks) runs on a thread of its own, so the decoder's loop never waits for it;
-    the scores are the same, and an error there fails the evaluation (nothing logged as finished)."""
+    """Scoring (text and answer checks) runs on a thread of its own where it is asked to (by default when
+    sampling on an accelerator), so the decoder's loop never waits for it; the scores are the same, and an
+    error there fails the evaluation (nothing logged as finished). On a CPU it stays on the main thread."""
     import threading
 
     from rlvr import evaluation
@@ -384,6 +385,10 @@ def test_problems_are_scored_off_the_decoding_thread_and_its_errors_fail_the_run
     monkeypatch.setattr(evaluation, "score_problem", recording)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-scoring-thread")
     settings = EvalSettings(model=str(answer_7_model), data=str(sevens), fast_decoding="true", **FAST)
+    assert evaluate(settings).metrics[str(answer_7_model)][str(sevens)]["accuracy"] == 1.0
+    assert scored_on == [threading.main_thread()] * 3  # a CPU: on the decoder's thread
+    scored_on.clear()
+    monkeypatch.setattr(evaluation, "SCORING_THREAD", True)
     assert evaluate(settings).metrics[str(answer_7_model)][str(sevens)]["accuracy"] == 1.0
     assert len(scored_on) == 3 and threading.main_thread() not in scored_on
 
