@@ -80,8 +80,8 @@ log = logging.getLogger(__name__)
 METRIC_PREFIX = "eval"
 COMPARE_PREFIX = "compare"
 LOOP_PREFIX = "decode"  # where the fast decoder's host time went (`LoopTimes`)
-# score finished problems on a thread of their own: None, when sampling on an accelerator (on a 2-core CPU the
-# demo's evaluation took 20-31 s with it against 20-24 s without, BENCHMARKS.md)
+# score finished problems on a thread of their own: None, when sampling on an accelerator (on a CPU the eager
+# decode steps need the interpreter themselves, so a thread only contends with them; BENCHMARKS.md)
 SCORING_THREAD: bool | None = None
 SAMPLES_TABLE = "samples.json"
 SAMPLES_PAGE = "samples.html"
