@@ -27,6 +27,11 @@ from rlvr.errors import InputError
 
 BLOCK = 64  # cache columns per block; a ring and every visible slice of it are whole multiples of it
 QUERY_BLOCK = 128  # one block of queries: a decode step has a single query position
+# Triton options of the decode kernel, passed to `flex_attention` as `kernel_options` (empty: torch's own
+# choice). torch 2.11 picks one pipeline stage on an H200, which left the kernel at 2.7 TB/s for an
+# evaluation's 500 rows; two stages read the same blocks at 3.1 TB/s (`benchmarks/decode_parts.py --sweep`,
+# BENCHMARKS.md)
+KERNEL_OPTIONS: dict = {"BLOCK_N": 64, "num_stages": 2, "num_warps": 2}
 ENV = "RLVR_DECODE_ATTENTION"
 CHOICES = ("blocks", "dense")
 # torch releases before `compute_q_blocks` always build the transposed (query-side) index, which only a
@@ -102,7 +107,8 @@ def attend(
     Returns (B, 1, Hq, D), the layout Hugging Face's attention functions return."""
     length = mask.seq_lengths[1]
     key, value = key[:, :, :length], value[:, :, :length]
+    extra = {"kernel_options": dict(KERNEL_OPTIONS)} if KERNEL_OPTIONS else {}
     output = flex_attention(
-        query, key, value, block_mask=mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+        query, key, value, block_mask=mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1], **extra
     )
     return output.transpose(1, 2)

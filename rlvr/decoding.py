@@ -67,13 +67,15 @@ class FaithfulDecodeMixin:
         vocab = self.reasoning_vocab
         ids = [int(i) for i in token_ids]
         stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        step, backend, multiplicity = stream.step, self.backend_tokenizer, vocab.multiplicity_of
         pieces: list[str] = []
         spans: list[TokenSpan] = []
         position = 0
-        for token_id in ids:
-            piece = stream.step(self.backend_tokenizer, vocab.to_standard([token_id])[0]) or ""
+        # the ids mapped to their twins in one pass: per token, the loop only steps the stream
+        for token_id, twin in zip(ids, vocab.to_standard(ids), strict=True):
+            piece = step(backend, twin) or ""
             pieces.append(piece)
-            spans.append(TokenSpan(position, position + len(piece), vocab.multiplicity_of(token_id)))
+            spans.append(TokenSpan(position, position + len(piece), multiplicity(token_id)))
             position += len(piece)
         streamed = "".join(pieces)
         text = self.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)

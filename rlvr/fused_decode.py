@@ -9,6 +9,11 @@ computes, in fewer kernels.
 
 The weights are concatenated once, when the copy is built; each rollout then copies the model's current
 weights into their slices (`decode_targets`), as it does for every other parameter.
+
+The copy's output head gets rows appended up to a multiple of `HEAD_ROWS` (`pad_head`): with N = 151646
+reasoning rows a Qwen3 head has 303,582 rows, and a logits row of that many bf16 values is not 16-byte
+aligned, which on one H200 sent the unembedding product to a slower fallback kernel (BENCHMARKS.md). The rows
+appended hold zeros and are forbidden to every draw, like the vocabulary's own padding rows.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ FUSABLE = {
     ("gate_proj", "up_proj"): {"Qwen3MLP", "Qwen2MLP", "LlamaMLP", "MistralMLP"},
 }
 _TARGETS = "_rlvr_decode_targets"
+HEAD_ROWS = 64  # the decoding copy's output head has a multiple of this many rows
 
 
 class _Slice(nn.Module):
@@ -100,3 +106,35 @@ def decode_targets(twin: PreTrainedModel) -> dict[str, torch.Tensor]:
     """Where each parameter of the model goes in its decoding copy, by the model's parameter names: the
     copy's own parameter, or a fused projection's slice of its concatenated weight."""
     return getattr(twin, _TARGETS, None) or dict(twin.named_parameters())
+
+
+def pad_head(twin: PreTrainedModel, multiple: int = HEAD_ROWS) -> PreTrainedModel:
+    """Append zero rows to `twin`'s output head (a bias-free linear layer) up to a multiple of `multiple`, in
+    place; returns it. The model's parameter that fills the head (the input embedding, when the two are tied)
+    then fills the head's leading rows (`decode_targets`). The logits have `logit_rows(twin)` columns; those
+    past the vocabulary must be masked by whoever draws from them."""
+    head = twin.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return twin
+    rows, width = head.weight.shape
+    padded_rows = -(-rows // multiple) * multiple
+    if padded_rows == rows:
+        return twin
+    old = head.weight
+    padded = torch.zeros(padded_rows, width, dtype=old.dtype, device=old.device)
+    padded[:rows] = old.detach()
+    leading = nn.Parameter(padded[:rows], requires_grad=False)  # shares the padded storage
+    embedding = twin.get_input_embeddings()
+    if embedding is not None and embedding.weight is old:
+        embedding.weight = leading
+    head.weight = nn.Parameter(padded, requires_grad=False)
+    targets = decode_targets(twin)
+    setattr(twin, _TARGETS, {name: leading if t is old else t for name, t in targets.items()})
+    return twin
+
+
+def logit_rows(model: PreTrainedModel) -> int:
+    """Columns of the logits `model` computes: its vocabulary, padded as `pad_head` left its head."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)

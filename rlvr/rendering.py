@@ -40,14 +40,19 @@ class Segment:
 def segments(text: str, spans: Sequence[TokenSpan]) -> list[Segment]:
     """`text` as maximal runs of characters that came from tokens of one multiplicity."""
     out: list[Segment] = []
+    pieces: list[str] = []  # the run in hand, joined once it ends: linear in the text's length
+    current = 0
     for span in spans:
         piece = text[span.start : span.end]
         if not piece:
             continue
-        if out and out[-1].multiplicity == span.multiplicity:
-            out[-1] = Segment(out[-1].text + piece, span.multiplicity)
-        else:
-            out.append(Segment(piece, span.multiplicity))
+        if pieces and span.multiplicity != current:
+            out.append(Segment("".join(pieces), current))
+            pieces = []
+        pieces.append(piece)
+        current = span.multiplicity
+    if pieces:
+        out.append(Segment("".join(pieces), current))
     return out
 
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.distributed.tensor import DTensor
@@ -54,7 +55,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from rlvr import block_attention, thoughts
 from rlvr.cache import cache_dir
 from rlvr.errors import InputError
-from rlvr.fused_decode import decode_targets, fuse_projections
+from rlvr.fused_decode import decode_targets, fuse_projections, logit_rows, pad_head
 from rlvr.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -435,7 +436,8 @@ class _Batch:
         self.prefix, self.length, self.max_new, self.pad = prefix, length - SPARE_COLUMNS, max_new, pad
         vocab = fast.model.reasoning_vocab
         self.tags = Tags(vocab.think_start_id, vocab.think_end_id)
-        self.forbidden = vocab.forbidden_table(device)
+        forbidden = vocab.forbidden_table(device)  # columns the head adds past the vocabulary: never drawn
+        self.forbidden = F.pad(forbidden, (0, logit_rows(runner) - forbidden.shape[1]), value=True)
         self.eos = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         self.inv_temperature = torch.tensor(inv_temperature, device=device)
         self.limits = torch.tensor([max_new, rule.stall_budget(max_new)], device=device)
@@ -663,7 +665,7 @@ class FastRollout:
             for name, buffer in self.model.named_buffers():  # rotary frequencies stay in their own dtype
                 shadow.get_buffer(name).copy_(buffer)
             _require_same_parameters(self.model, shadow)
-            self._shadow = fuse_projections(shadow.eval().requires_grad_(False))
+            self._shadow = pad_head(fuse_projections(shadow.eval().requires_grad_(False)))
         shadow_parameters = decode_targets(self._shadow)
         with torch.no_grad():
             for name, parameter in self.model.named_parameters():

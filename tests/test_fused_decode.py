@@ -76,3 +76,24 @@ def test_each_rollout_decodes_with_the_models_current_weights(model, qwen_tok):
     attention = model.model.layers[0].self_attn
     expected = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
     torch.testing.assert_close(layer.self_attn.weight, expected.to(torch.bfloat16))
+
+
+def test_the_copys_head_is_padded_to_whole_rows_that_no_draw_reaches(model, qwen_tok):
+    enable_fast_rollouts(model, compile=False, own_copy=True)
+    sampled = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    decode(model, qwen_tok, **sampled)
+    twin = model.fast_rollout._shadow
+    weight = model.get_output_embeddings().weight
+    head = twin.get_output_embeddings().weight
+    rows = weight.shape[0]
+    assert rows % fused_decode.HEAD_ROWS and head.shape[0] == -(-rows // 64) * 64
+    assert fused_decode.logit_rows(twin) == head.shape[0]
+    assert torch.equal(head[:rows], weight) and not head[rows:].any()
+    if model.config.tie_word_embeddings:  # one storage, filled once per rollout
+        assert twin.get_input_embeddings().weight.data_ptr() == head.data_ptr()
+    with torch.no_grad():  # rows past the vocabulary that would win every draw were they not forbidden
+        head[rows:] = 50 * torch.randn_like(head[rows:])
+    torch.manual_seed(0)
+    out = decode(model, qwen_tok, **sampled)
+    assert int(out.max()) < rows
+    assert torch.equal(head[:rows], weight)  # the refresh wrote the vocabulary's rows, and only those
