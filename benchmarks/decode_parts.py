@@ -26,7 +26,7 @@ from rlvr.sampling import Sampling
 COPY_BYTES_PER_S = 4.3e12  # profiling.COPY_BYTES_PER_S, without importing the profiler
 CANDIDATES = (  # (BLOCK_N, num_stages, num_warps[, SPLIT_KV]); the first is the project's default
     block_attention.KERNEL_OPTIONS,
-    {},  # torch's own choice (on an H200: 64, 1, 2)
+    {},  # torch's own choice
     {"BLOCK_N": 64, "num_stages": 2, "num_warps": 2},
     {"BLOCK_N": 64, "num_stages": 3, "num_warps": 2},
     {"BLOCK_N": 64, "num_stages": 3, "num_warps": 4},
