@@ -28,8 +28,8 @@ from rlvr.errors import InputError
 BLOCK = 64  # cache columns per block; a ring and every visible slice of it are whole multiples of it
 QUERY_BLOCK = 128  # one block of queries: a decode step has a single query position
 # Triton options of the decode kernel, passed to `flex_attention` as `kernel_options` (empty: torch's own
-# choice). On one H200 under torch 2.11, torch's choice read an evaluation's 500 rows of blocks at 2.7 TB/s and
-# these options at 3.1 TB/s, and were faster at 64 rows too (`benchmarks/decode_parts.py --sweep`,
+# choice). On one H200 under torch 2.11, torch's choice read an evaluation's 500 rows of blocks at 2.7
+# TB/s and these options at 3.1 TB/s, and were faster at 64 rows too (`benchmarks/decode_parts.py --sweep`,
 # BENCHMARKS.md)
 KERNEL_OPTIONS: dict = {"BLOCK_N": 64, "num_stages": 2, "num_warps": 2}
 ENV = "RLVR_DECODE_ATTENTION"
