@@ -37,7 +37,7 @@ import profiling
 import torch
 from transformers import GenerationConfig
 
-from rlvr import fused_decode, rollout
+from rlvr import block_attention, fused_decode, rollout
 from rlvr.models import load_model
 from rlvr.sampling import Sampling
 from rlvr.surgery import enable_fast_rollouts
@@ -75,6 +75,13 @@ def main() -> None:
         default="true",
         help="the compiled step attends by cache blocks (rlvr.block_attention): true (the default), false "
         "(dense over the whole ring), or both",
+    )
+    parser.add_argument(
+        "--kernel-options",
+        choices=("project", "torch", "both"),
+        default="project",
+        help="block attention's Triton options: the project's (rlvr.block_attention.KERNEL_OPTIONS), "
+        "torch's own choice, or both, one after the other",
     )
     parser.add_argument("--top-p", type=float, default=1.0, help="below 1: evaluation's path, with top-p")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -123,6 +130,8 @@ def main() -> None:
         if getattr(args, option) not in choices:
             parser.error(f"--{option} must be true, false or both")
     fused_choices, block_choices = choices[args.fused], choices[args.blocks]
+    kernel_choices = ["project", "torch"] if args.kernel_options == "both" else [args.kernel_options]
+    project_options = dict(block_attention.KERNEL_OPTIONS)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU run only checks that the script works
     if args.attention == "sdpa":
         rollout.DECODE_ATTENTION = "sdpa"
@@ -132,12 +141,14 @@ def main() -> None:
     model, tokenizer = load_model(args.preset, args.reasoning_vocab_size, device=device)
     fusable = fused_decode.FUSABLE
     for batch in (int(b) for b in args.batch.split(",")):
-        for fused, blocks in ((f, b) for f in fused_choices for b in block_choices):
+        configurations = ((f, b, k) for f in fused_choices for b in block_choices for k in kernel_choices)
+        for fused, blocks, kernel in configurations:
             if deadline is not None and deadline - time.monotonic() < args.reserve:
-                skipped = {"batch": batch, "fused": fused, "blocks": blocks}
+                skipped = {"batch": batch, "fused": fused, "blocks": blocks, "kernel_options": kernel}
                 print(json.dumps({"skipped": skipped, "reason": "budget"}), flush=True)
                 continue
             fused_decode.FUSABLE = fusable if fused else {}
+            block_attention.KERNEL_OPTIONS = project_options if kernel == "project" else {}
             measure(model, tokenizer, args, batch, fused, blocks, device)
             model.fast_rollout = None  # the next configuration builds its own copy and compiles its own step
             torch._dynamo.reset()
@@ -205,6 +216,7 @@ def measure(model, tokenizer, args, batch: int, fused: bool, blocks: bool, devic
         "sampling": {"temperature": args.temperature, "top_p": args.top_p} if args.top_p < 1 else "training",
         "attention": args.attention,
         "kv_bucket": args.kv_bucket,
+        "kernel_options": block_attention.KERNEL_OPTIONS or "torch's own",
         "first_rollout_s": round(compile_seconds, 2),
         "fast_ms_per_step": round(1000 * seconds / steps, 3),
         "fast_tokens_per_s": round(batch * steps / seconds),
