@@ -9,6 +9,8 @@ included, with the fast constrained decoder against Hugging Face `generate`.
 Rows, each its own `python -m entrypoints.evaluate` process (so no compiled graph or allocation carries over):
 - `fast`: the preset with N = --reasoning-vocab-size reasoning rows, `--problems` synthetic problems x
   `--samples` samples x `--new-tokens` new tokens at T = 0.6, top-p 0.95, batch size auto;
+- `fast-warm`: `fast` again in a new process after it, so compilation reads the kernel cache the first left
+  (`$RLVR_CACHE`), as a second evaluation on the same machine does;
 - `fast N=0`: the same at N = 0, on `--baseline-problems` problems (its sustained rate is what compares);
 - `generate`: N as in `fast` through HF `generate` (`fast_decoding=false`), on `--hf-problems` problems, all
   their samples in one batch.
@@ -100,14 +102,15 @@ def main() -> None:
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto")
     parser.add_argument(
         "--rows", default="fast,generate,fast-N0",
-        help="rows to run (comma-separated), always in the order fast, generate, fast-N0",
+        help="rows to run (comma-separated), always in the order fast, fast-warm, generate, fast-N0",
     )  # fmt: skip
     args = parser.parse_args()
     rows_asked = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = sorted(set(rows_asked) - {"fast", "generate", "fast-N0"})
+    unknown = sorted(set(rows_asked) - {"fast", "fast-warm", "generate", "fast-N0"})
     if unknown or not rows_asked:
         parser.error(
-            f"--rows {args.rows!r}: unknown or no row {unknown}; choose among fast, generate, fast-N0"
+            f"--rows {args.rows!r}: unknown or no row {unknown}; "
+            "choose among fast, fast-warm, generate, fast-N0"
         )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if args.device == "cpu":
@@ -121,10 +124,12 @@ def main() -> None:
         env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
         rows = []
-        if "fast" in rows_asked or ("generate" in rows_asked and args.hf_problems):
+        fast_rows = {"fast", "fast-warm"} & set(rows_asked)
+        if fast_rows or ("generate" in rows_asked and args.hf_problems):
             reasoning = save_preset(args.preset, args.reasoning_vocab_size, root / "reasoning", gpu)
-        if "fast" in rows_asked:
-            rows.append(run_row("fast", reasoning, args.problems, args, env, []))
+        for name in ("fast", "fast-warm"):
+            if name in rows_asked:
+                rows.append(run_row(name.replace("-", " "), reasoning, args.problems, args, env, []))
         if "generate" in rows_asked and args.hf_problems:
             batch = ["--batch_size", str(args.hf_problems * args.samples), "--fast_decoding", "false"]
             rows.append(run_row("generate", reasoning, args.hf_problems, args, env, batch))
