@@ -19,11 +19,11 @@ import json
 import statistics
 
 import torch
+from profiling import COPY_BYTES_PER_S
 
 from rlvr import block_attention, fused_decode, rollout
 from rlvr.sampling import Sampling
 
-COPY_BYTES_PER_S = 4.3e12  # profiling.COPY_BYTES_PER_S, without importing the profiler
 CANDIDATES = (  # (BLOCK_N, num_stages, num_warps[, SPLIT_KV]); the first is the project's default
     block_attention.KERNEL_OPTIONS,
     {},  # torch's own choice

@@ -86,7 +86,8 @@ def test_the_copys_head_is_padded_to_whole_rows_that_no_draw_reaches(model, qwen
     weight = model.get_output_embeddings().weight
     head = twin.get_output_embeddings().weight
     rows = weight.shape[0]
-    assert rows % fused_decode.HEAD_ROWS and head.shape[0] == -(-rows // 64) * 64
+    whole = fused_decode.HEAD_ROWS
+    assert rows % whole and head.shape[0] == -(-rows // whole) * whole
     assert fused_decode.logit_rows(twin) == head.shape[0]
     assert torch.equal(head[:rows], weight) and not head[rows:].any()
     if model.config.tie_word_embeddings:  # one storage, filled once per rollout
