@@ -82,6 +82,11 @@ def run_row(name: str, model: Path, problems: int, args, env: dict, extra: list[
     loop = {k.split("/", 1)[1]: round(v, 3) for k, v in metrics.items() if k.startswith("decode/")}
     if loop:
         row["decode_loop"] = loop
+    # the model's evaluation by phase (rlvr.evaluation.Phases); `rest`: the process's start, imports, the
+    # run's setup and the problems' preparation, which no phase covers
+    phases = {k.split("/", 1)[1]: round(v, 2) for k, v in metrics.items() if k.startswith("time/")}
+    if phases:
+        row["phases_s"] = {**phases, "rest_s": round(wall - sum(phases.values()), 2)}
     print(json.dumps(row), flush=True)
     return row
 

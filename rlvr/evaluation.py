@@ -26,7 +26,9 @@ them and logs one run, as one process would.
 A run points at the model it evaluated: tags name the source (and, for registry URIs, the version and the
 training run), the metrics are linked to the MLflow LoggedModel so its page lists them, and a registered
 version gets a tag naming the run. Its artifacts: a samples table, an HTML page with reasoning tokens
-coloured, and accuracy by thought length (a figure and its table).
+coloured, and accuracy by thought length (a figure and its table). `time/<phase>_s` says where one model's
+evaluation spent its seconds: `load` (weights from disk), `prepare` (the decoding copy), `sampling`,
+`scoring_tail` (the problems still being scored when sampling ended), `logging` (metrics and artifacts).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import logging
 import math
 import re
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,6 +83,7 @@ log = logging.getLogger(__name__)
 METRIC_PREFIX = "eval"
 COMPARE_PREFIX = "compare"
 LOOP_PREFIX = "decode"  # where the fast decoder's host time went (`LoopTimes`)
+TIME_PREFIX = "time"  # the seconds of one model's evaluation by phase (`Phases`)
 # score finished problems on a thread of their own: None, when sampling on an accelerator (on a CPU the eager
 # decode steps need the interpreter themselves, so a thread only contends with them; BENCHMARKS.md)
 SCORING_THREAD: bool | None = None
@@ -656,6 +660,7 @@ def sample_and_score(
     settings: EvalSettings,
     decoder: FastRollout | None,
     label: str,
+    phases: Phases | None = None,
 ) -> list[list[ProblemScores]]:
     """Every problem of every set sampled and scored, the problems shared among the processes (problem j of
     the whole list goes to process j mod their number), gathered in the main process, in order (elsewhere:
@@ -674,15 +679,17 @@ def sample_and_score(
         progress.finished(index, sampled.emitted)
         scorer.add(index, sample_index, sampled)
 
+    phases = phases if phases is not None else Phases()
     if decoder is not None:
         decoder.loop = LoopTimes()
     try:
-        sample(
-            model, tokenizer, [prompts[d][i] for d, i in mine], settings.sampling,
-            max_new_tokens=settings.max_new_tokens, num_samples=settings.num_samples,
-            batch_size=batch_size(settings), seed=settings.seed, fast=decoder, device=state.device,
-            uids=[(d << 32) + i for d, i in mine], on_finished=finished,
-        )  # fmt: skip
+        with phases("sampling"):
+            sample(
+                model, tokenizer, [prompts[d][i] for d, i in mine], settings.sampling,
+                max_new_tokens=settings.max_new_tokens, num_samples=settings.num_samples,
+                batch_size=batch_size(settings), seed=settings.seed, fast=decoder, device=state.device,
+                uids=[(d << 32) + i for d, i in mine], on_finished=finished,
+            )  # fmt: skip
     except BaseException:
         scorer.abandon()
         raise
@@ -690,7 +697,8 @@ def sample_and_score(
         progress.close()
     if decoder is not None and state.is_main_process:
         mlflow.log_metrics(decoder.loop.metrics(LOOP_PREFIX))
-    scored = list(zip(mine, scorer.finish(), strict=True))
+    with phases("scoring_tail"):
+        scored = list(zip(mine, scorer.finish(), strict=True))
     gathered = dict(gather_object(scored)) if state.num_processes > 1 else dict(scored)
     if not state.is_main_process:
         return []
@@ -750,6 +758,25 @@ class _Scorer:
 
 
 # --- the job ------------------------------------------------------------------------------------------------
+class Phases:
+    """Wall seconds by phase of one model's evaluation, logged as `time/<phase>_s`: where an evaluation's
+    time outside decoding goes (loading, the decoding copy, the scoring left when sampling ends, logging)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{TIME_PREFIX}/{name}_s": seconds for name, seconds in self.seconds.items()}
+
+
 @contextlib.contextmanager
 def _model_run(source: str, several: bool, main: bool) -> Iterator[None]:
     """Where one model's results go: the evaluation's run for one model, a child run of it for several."""
@@ -773,8 +800,13 @@ def evaluate_model(
     state = process_state()
     device = torch.device(state.device)
     fast = fast_decoding(settings, device)
-    model, tokenizer = load_for_evaluation(location, settings, device, decoding_copy=fast and decoders.copies)
-    decoder = decoders.for_model(model) if fast else None
+    phases = Phases()
+    with phases("load"):
+        model, tokenizer = load_for_evaluation(
+            location, settings, device, decoding_copy=fast and decoders.copies
+        )
+    with phases("prepare"):
+        decoder = decoders.for_model(model) if fast else None
     prompts = [prompt_ids(tokenizer, list(eval_set.problems["prompt"])) for eval_set in sets]
     for eval_set, ids in zip(sets, prompts, strict=True):
         check_prompt_lengths(eval_set, model, ids)
@@ -799,21 +831,25 @@ def evaluate_model(
             ", ".join(s.label for s in sets),
             settings.num_samples,
         )
-        scored = sample_and_score(model, tokenizer, sets, prompts, settings, decoder, model_label(source))
+        scored = sample_and_score(
+            model, tokenizer, sets, prompts, settings, decoder, model_label(source), phases
+        )
         if link is None:
             return None
         ks = k_values(settings)
         results = {}
-        for eval_set, problems in zip(sets, scored, strict=True):
-            metrics = dataset_metrics(problems, ks)
-            prefixed = {metric_key(eval_set.label, name): value for name, value in metrics.items()}
-            mlflow.log_metrics(prefixed, model_id=link.model_id, dataset=eval_set.dataset)
-            results[eval_set.key] = metrics
-        log_artifacts(source, list(zip(sets, scored, strict=True)), settings.max_new_tokens)
-        if link.version is not None:
-            record_on_version(
-                link.version, mlflow.active_run().info.run_id, {s.label: results[s.key] for s in sets}
-            )
+        with phases("logging"):
+            for eval_set, problems in zip(sets, scored, strict=True):
+                metrics = dataset_metrics(problems, ks)
+                prefixed = {metric_key(eval_set.label, name): value for name, value in metrics.items()}
+                mlflow.log_metrics(prefixed, model_id=link.model_id, dataset=eval_set.dataset)
+                results[eval_set.key] = metrics
+            log_artifacts(source, list(zip(sets, scored, strict=True)), settings.max_new_tokens)
+            if link.version is not None:
+                record_on_version(
+                    link.version, mlflow.active_run().info.run_id, {s.label: results[s.key] for s in sets}
+                )
+        mlflow.log_metrics(phases.metrics())
     per_problem = {
         eval_set.key: pd.Series(
             [sum(s.correct for s in p.samples) / len(p.samples) for p in problems],

@@ -322,6 +322,9 @@ def test_evaluate_scores_a_right_and_a_wrong_dataset(
     assert len(done) >= 2 and done[0].value == 0 and max(m.value for m in done) == 5  # logged while it works
     loop = {k for k in run.data.metrics if k.startswith("decode/")}  # the fast decoder's host time, by part
     assert (loop and run.data.metrics["decode/steps"] >= 5) if fast == "true" else not loop
+    phases = {k: v for k, v in run.data.metrics.items() if k.startswith("time/")}  # where its seconds went
+    assert set(phases) == {f"time/{p}_s" for p in ("load", "prepare", "sampling", "scoring_tail", "logging")}
+    assert all(v >= 0 for v in phases.values()) and phases["time/sampling_s"] > 0
     test_split = load_split(str(eights), "test")
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
     assert inputs["eights.jsonl/test"].dataset.digest == test_split.digest  # as preprocess logged it
