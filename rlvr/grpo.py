@@ -34,7 +34,7 @@ from rlvr.rendering import marked_text
 from rlvr.rollout import keep_compiled_kernels, rollout_weights
 from rlvr.sampling import SAMPLING_NEUTRAL, distribution_changes, training_changes
 from rlvr.settings import check_schedule, param, trainer_arguments
-from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
+from rlvr.surgery import attach, bypass_kernel_routing, enable_fast_rollouts, resolve_generation_config
 from rlvr.tracking.metrics import MlflowMetrics
 from rlvr.vocab import ReasoningVocab
 
@@ -293,7 +293,7 @@ def compile_decoder_layers(model) -> None:
         return
     keep_compiled_kernels()
     for layer in layers:
-        layer.compile(dynamic=True)
+        bypass_kernel_routing(layer).compile(dynamic=True)
 
 
 def fast_rollouts_enabled(value: str) -> bool:

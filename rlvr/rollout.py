@@ -57,6 +57,7 @@ from rlvr.cache import cache_dir
 from rlvr.errors import InputError
 from rlvr.fused_decode import decode_targets, fuse_projections, logit_rows, pad_head
 from rlvr.sampling import Sampling
+from rlvr.surgery import bypass_kernel_routing
 
 log = logging.getLogger(__name__)
 
@@ -658,14 +659,15 @@ class FastRollout:
     def _runner(self, device: torch.device) -> PreTrainedModel:
         """The module that decodes: the model, or its copy (on `device`) with current, whole weights."""
         if not self.copies:
-            return self.model
+            return bypass_kernel_routing(self.model)
         if self._shadow is None or self._shadow.device != device:
             shadow = self._empty_copy(device)
             shadow.tie_weights()
             for name, buffer in self.model.named_buffers():  # rotary frequencies stay in their own dtype
                 shadow.get_buffer(name).copy_(buffer)
             _require_same_parameters(self.model, shadow)
-            self._shadow = pad_head(fuse_projections(shadow.eval().requires_grad_(False)))
+            shadow = bypass_kernel_routing(shadow.eval().requires_grad_(False))
+            self._shadow = pad_head(fuse_projections(shadow))
         shadow_parameters = decode_targets(self._shadow)
         with torch.no_grad():
             for name, parameter in self.model.named_parameters():
