@@ -16,8 +16,8 @@ Runs, in this order (`--only` picks some), each in a process of its own:
 - `decode`: `rollout_decode.py`, ms per decode step at 64 and 256 sequences (fused projections), attending by
   cache blocks and densely over the whole ring;
 - `baseline-warm`: train_baseline again, its first step now from the kernels the runs above left on disk;
-- `baseline-compiled-layers`: train_baseline with every decoder layer compiled for training
-  (`RLVR_COMPILE_LAYERS=1`);
+- `baseline-eager-layers`: train_baseline with its decoder layers left uncompiled for training
+  (`RLVR_COMPILE_LAYERS=0`; compiled is the default on a GPU);
 - `baseline-micro32`: train_baseline with the same 64 completions per step in micro-batches of 32;
 - `reasoning-1024`, `reasoning-4096`: train_reasoning with 1024 and (gradient checkpointing) 4096 completion
   tokens, one measured step each.
@@ -78,10 +78,10 @@ PARTS = [
     ),
     Part("baseline-warm", *_step("baseline", " ".join(REFERENCE)), 60),
     Part(
-        "baseline-compiled-layers",
+        "baseline-eager-layers",
         *_step("baseline", " ".join(REFERENCE)),
-        120,
-        env=(("RLVR_COMPILE_LAYERS", "1"),),
+        90,
+        env=(("RLVR_COMPILE_LAYERS", "0"),),
     ),
     Part(
         "baseline-micro32",

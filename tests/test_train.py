@@ -17,7 +17,8 @@ from trl import GRPOTrainer
 
 from rlvr import load_model, thoughts
 from rlvr.dataset import load_split
-from rlvr.grpo import NO_GRAD_TOKENS, ReasoningGRPOTrainer
+from rlvr.errors import InputError
+from rlvr.grpo import COMPILE_LAYERS_ENV, NO_GRAD_TOKENS, ReasoningGRPOTrainer, layers_compiled
 from rlvr.preprocess import Options, preprocess
 
 SMALL = [  # a GRPO step in seconds on CPU: 2 prompts x 4 completions of 12 tokens
@@ -548,3 +549,21 @@ def test_log_prob_passes_without_gradients_score_more_sequences_at_once(monkeypa
     with torch.no_grad():
         trainer._get_per_token_logps_and_entropies(None, long_ids, None, 500, batch_size=8)
     assert seen == [NO_GRAD_TOKENS // 600, 8, 8]
+
+
+def test_decoder_layers_compile_by_default_only_where_measured(monkeypatch):
+    monkeypatch.delenv(COMPILE_LAYERS_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert layers_compiled(gradient_checkpointing=False, sharded=False)
+    assert not layers_compiled(gradient_checkpointing=True, sharded=False)  # not measured with checkpointing
+    assert not layers_compiled(gradient_checkpointing=False, sharded=True)  # nor with DeepSpeed or FSDP
+    monkeypatch.setenv(COMPILE_LAYERS_ENV, "0")
+    assert not layers_compiled(gradient_checkpointing=False, sharded=False)
+    monkeypatch.setenv(COMPILE_LAYERS_ENV, "1")
+    assert layers_compiled(gradient_checkpointing=True, sharded=True)  # asked for: the user's call
+    monkeypatch.setenv(COMPILE_LAYERS_ENV, "yes")
+    with pytest.raises(InputError, match=f"{COMPILE_LAYERS_ENV}='yes'"):
+        layers_compiled(gradient_checkpointing=False, sharded=False)
+    monkeypatch.setenv(COMPILE_LAYERS_ENV, "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not layers_compiled(gradient_checkpointing=False, sharded=False)  # never off a GPU
