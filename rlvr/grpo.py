@@ -302,7 +302,7 @@ def compile_decoder_layers(model) -> bool:
     """Compile each decoder layer of `model` for the training forward and backward (regional compilation:
     the layers share one compiled graph, with dynamic sequence lengths), so its norms, rotary embedding,
     activations and residual adds run fused instead of as one small kernel each (on one H200 it took the
-    reference step's training half from 1.28 to 0.71 s and its peak memory down 4 GiB, BENCHMARKS.md).
+    reference step's training half from 1.29 to 0.70 s and its peak memory down 4 GiB, BENCHMARKS.md).
     Returns whether it did: not for a model without a `layers` list."""
     layers = getattr(model.base_model, "layers", None)
     if layers is None:
