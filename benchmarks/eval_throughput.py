@@ -54,12 +54,12 @@ def run_row(name: str, model: Path, problems: int, args, env: dict, extra: list[
         "--num_samples", str(args.samples), "--max_new_tokens", str(args.new_tokens), "--temperature", "0.6",
         "--top_p", "0.95", *extra,
     ]  # fmt: skip
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     # the row's log and progress bar go straight to this process's stderr, so a run stopped by a time limit
     # still shows how far each row got and at what rate
     done = subprocess.run(command, cwd=ROOT, env={**env, "MLFLOW_EXPERIMENT_NAME": experiment}, check=False,
                           stdout=subprocess.PIPE, text=True)  # fmt: skip
-    wall = time.perf_counter() - started
+    wall, ended_at = time.perf_counter() - started, time.time()
     if done.returncode:
         raise SystemExit(f"row {name} failed with exit status {done.returncode}: its log is above")
     from mlflow.tracking import MlflowClient
@@ -86,7 +86,15 @@ def run_row(name: str, model: Path, problems: int, args, env: dict, extra: list[
     # run's setup and the problems' preparation, which no phase covers
     phases = {k.split("/", 1)[1]: round(v, 2) for k, v in metrics.items() if k.startswith("time/")}
     if phases:
-        row["phases_s"] = {**phases, "rest_s": round(wall - sum(phases.values()), 2)}
+        # the rest split by the MLflow run's own start and end: before it (interpreter, imports), inside it
+        # outside every phase (problems, tokenizing, parameters), after it (the process's exit)
+        before = run.info.start_time / 1000 - started_at
+        after = ended_at - run.info.end_time / 1000
+        rest = wall - sum(phases.values())
+        row["phases_s"] = {
+            **phases, "rest_s": round(rest, 2), "rest_before_run_s": round(before, 2),
+            "rest_in_run_s": round(rest - before - after, 2), "rest_after_run_s": round(after, 2),
+        }  # fmt: skip
     print(json.dumps(row), flush=True)
     return row
 
