@@ -28,13 +28,14 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rlvr import rewards, thoughts
 from rlvr.errors import InputError, flag, require_at_least_one, require_finite
+from rlvr.fused_decode import bypass_kernel_routing
 from rlvr.generation import describe
 from rlvr.job import TrainerSetup, process_state, run_job
 from rlvr.rendering import marked_text
 from rlvr.rollout import keep_compiled_kernels, rollout_weights
 from rlvr.sampling import SAMPLING_NEUTRAL, distribution_changes, training_changes
 from rlvr.settings import check_schedule, param, trainer_arguments
-from rlvr.surgery import attach, bypass_kernel_routing, enable_fast_rollouts, resolve_generation_config
+from rlvr.surgery import attach, enable_fast_rollouts, resolve_generation_config
 from rlvr.tracking.metrics import MlflowMetrics
 from rlvr.vocab import ReasoningVocab
 

@@ -55,9 +55,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from rlvr import block_attention, thoughts
 from rlvr.cache import cache_dir
 from rlvr.errors import InputError
-from rlvr.fused_decode import decode_targets, fuse_projections, logit_rows, pad_head
+from rlvr.fused_decode import bypass_kernel_routing, decode_targets, fuse_projections, logit_rows, pad_head
 from rlvr.sampling import Sampling
-from rlvr.surgery import bypass_kernel_routing
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ Attributes set on a model (`attach`, `enable_fast_rollouts`):
 - `fast_rollout`: the `rlvr.rollout.FastRollout` serving plain sampling requests.
 - on a module whose class carries the kernel-routing wrapper of Hugging Face's `kernels` package
   (`use_kernelized_func`, as transformers >= 5.25 puts on its attention classes), `forward`: the class's own
-  forward under the wrapper (`bypass_kernel_routing`), on every module rlvr compiles (the decoding copy, or
-  the model it decodes on; compiled decoder layers). Under `torch.compile` the wrapper's context variable
-  is left in its global mode after the first call, so the second call recompiles the whole graph; rlvr
-  never swaps in hub kernels, which is all the routing is for.
+  forward under the wrapper (`rlvr.fused_decode.bypass_kernel_routing`), on every module rlvr compiles (the
+  decoding copy, or the model it decodes on; compiled decoder layers). Under `torch.compile` the wrapper's
+  context variable is left in its global mode after the first call, so the second call recompiles the whole
+  graph; rlvr never swaps in hub kernels, which is all the routing is for.
 On a tokenizer (`make_faithful`): its class becomes a subclass with `rlvr.decoding.FaithfulDecodeMixin`, and
 `reasoning_vocab` is set.
 On a model whose tokenizer lacks the thought tags (`rlvr.thought_tags.add_thought_tags`, at load): the tags
@@ -246,18 +246,6 @@ def enable_fast_rollouts(
         raise ValueError("attach a reasoning vocabulary (rlvr.surgery.attach) before enabling fast rollouts")
     model.fast_rollout = FastRollout(model, compile=compile, dtype=dtype, own_copy=own_copy)
     model.fast_rollout.prepare()
-    return model
-
-
-def bypass_kernel_routing(model: torch.nn.Module) -> torch.nn.Module:
-    """Give each submodule of `model` that carries `kernels`' routing wrapper its class's forward beneath it
-    (an instance attribute; in place, idempotent); returns `model`. The functions the wrapper would route
-    (e.g. the rotary embedding) then run as they would with no kernel mapped, which is what they run here
-    anyway: only the context variable the wrapper sets, which a compiled graph leaves set, goes."""
-    for module in model.modules():
-        wrapped = getattr(type(module).forward, "__wrapped__", None)
-        if wrapped is not None and "_kernel_funcs" in module.__dict__ and "forward" not in module.__dict__:
-            module.forward = types.MethodType(wrapped, module)
     return model
 
 

@@ -9,6 +9,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from transformers import GenerationConfig
 
 from rlvr import load_model, thoughts
+from rlvr.fused_decode import bypass_kernel_routing
 from rlvr.rollout import (
     DECODE_ATTENTION,
     INDUCTOR_CACHE_ENV,
@@ -21,7 +22,7 @@ from rlvr.rollout import (
     ring_columns,
     sequence_keys,
 )
-from rlvr.surgery import bypass_kernel_routing, enable_fast_rollouts
+from rlvr.surgery import enable_fast_rollouts
 from rlvr.vocab import ReasoningVocab
 
 STOP = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
