@@ -287,16 +287,17 @@ def grpo_config(settings: TrainSettings, extra: dict[str, Any]) -> GRPOConfig:
 COMPILE_LAYERS_ENV = "RLVR_COMPILE_LAYERS"
 
 
-def layers_compiled(gradient_checkpointing: bool, sharded: bool) -> bool:
+def layers_compiled(gradient_checkpointing: bool, distributed: bool) -> bool:
     """Whether training compiles each decoder layer (`compile_decoder_layers`): `RLVR_COMPILE_LAYERS=1` or
-    `0` decides; unset, on a GPU in the configurations measured, without gradient checkpointing or sharded
-    weights (DeepSpeed, FSDP). Never off a GPU: inductor's CPU kernels for it were not measured."""
+    `0` decides; unset, on a GPU in the configuration measured: one process, without gradient checkpointing
+    (`distributed`: several processes, or weights sharded by DeepSpeed or FSDP). Never off a GPU: inductor's
+    CPU kernels for it were not measured."""
     chosen = os.environ.get(COMPILE_LAYERS_ENV, "")
     if chosen not in ("", "0", "1"):
         raise InputError(f"{COMPILE_LAYERS_ENV}={chosen!r}: use 1 (compile the decoder layers), 0, or unset")
     if not torch.cuda.is_available():
         return False
-    return chosen == "1" if chosen else not (gradient_checkpointing or sharded)
+    return chosen == "1" if chosen else not (gradient_checkpointing or distributed)
 
 
 def compile_decoder_layers(model) -> bool:
@@ -339,8 +340,8 @@ class ReasoningGRPOTrainer(GRPOTrainer):
         self.vocab: ReasoningVocab = self.model.reasoning_vocab
         request = self._sampling_request()
         head_fp32 = bool(self.args.cast_lm_head_to_fp32)
-        sharded = bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        compiled = layers_compiled(bool(self.args.gradient_checkpointing), sharded)
+        distributed = self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled
+        compiled = layers_compiled(bool(self.args.gradient_checkpointing), bool(distributed))
         for model in (self.model, self.ref_model):
             if model is not None:
                 attach(model, self.vocab, temperature=request.temperature, head_fp32=head_fp32)

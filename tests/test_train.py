@@ -554,16 +554,16 @@ def test_log_prob_passes_without_gradients_score_more_sequences_at_once(monkeypa
 def test_decoder_layers_compile_by_default_only_where_measured(monkeypatch):
     monkeypatch.delenv(COMPILE_LAYERS_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert layers_compiled(gradient_checkpointing=False, sharded=False)
-    assert not layers_compiled(gradient_checkpointing=True, sharded=False)  # not measured with checkpointing
-    assert not layers_compiled(gradient_checkpointing=False, sharded=True)  # nor with DeepSpeed or FSDP
+    assert layers_compiled(gradient_checkpointing=False, distributed=False)
+    assert not layers_compiled(gradient_checkpointing=True, distributed=False)  # not measured: checkpointing,
+    assert not layers_compiled(gradient_checkpointing=False, distributed=True)  # several processes, sharding
     monkeypatch.setenv(COMPILE_LAYERS_ENV, "0")
-    assert not layers_compiled(gradient_checkpointing=False, sharded=False)
+    assert not layers_compiled(gradient_checkpointing=False, distributed=False)
     monkeypatch.setenv(COMPILE_LAYERS_ENV, "1")
-    assert layers_compiled(gradient_checkpointing=True, sharded=True)  # asked for: the user's call
+    assert layers_compiled(gradient_checkpointing=True, distributed=True)  # asked for: the user's call
     monkeypatch.setenv(COMPILE_LAYERS_ENV, "yes")
     with pytest.raises(InputError, match=f"{COMPILE_LAYERS_ENV}='yes'"):
-        layers_compiled(gradient_checkpointing=False, sharded=False)
+        layers_compiled(gradient_checkpointing=False, distributed=False)
     monkeypatch.setenv(COMPILE_LAYERS_ENV, "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert not layers_compiled(gradient_checkpointing=False, sharded=False)  # never off a GPU
+    assert not layers_compiled(gradient_checkpointing=False, distributed=False)  # never off a GPU
