@@ -660,7 +660,7 @@ def sample_and_score(
     settings: EvalSettings,
     decoder: FastRollout | None,
     label: str,
-    phases: Phases | None = None,
+    phases: Phases,
 ) -> list[list[ProblemScores]]:
     """Every problem of every set sampled and scored, the problems shared among the processes (problem j of
     the whole list goes to process j mod their number), gathered in the main process, in order (elsewhere:
@@ -679,7 +679,6 @@ def sample_and_score(
         progress.finished(index, sampled.emitted)
         scorer.add(index, sample_index, sampled)
 
-    phases = phases if phases is not None else Phases()
     if decoder is not None:
         decoder.loop = LoopTimes()
     try:
